@@ -1,0 +1,2 @@
+"""graphopt."""
+__version__ = "0.1.0"

@@ -1,0 +1,165 @@
+"""`graphopt export`: a checkpoint to a KV-cache ONNX decoder in a model directory, validated.
+
+The graph is one decoder that serves prefill, one-token decode and a multi-token forward on a
+cache. Validation compares ONNX Runtime against the checkpoint's own PyTorch model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import pathlib
+import time
+from typing import Callable
+
+import numpy as np
+
+import graphopt
+from graphopt import checkpoint as checkpoint_lib
+from graphopt.errors import ValidationError
+from graphopt.modeldir import MODEL_FILE, ModelDir, atomic_output
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 18
+VALIDATION_PROMPT = "The capital of France is"
+
+
+def io_names(layers: int) -> tuple[list[str], list[str]]:
+    cache = [f"{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    inputs = ["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{name}" for name in cache]
+    outputs = ["logits"] + [f"present.{name}" for name in cache]
+    return inputs, outputs
+
+
+def export_module(module, facts: dict, path: pathlib.Path, opset: int = DEFAULT_OPSET) -> None:
+    """torch.onnx.export (dynamo) with dynamic batch, sequence and past axes; weights as external data."""
+    import torch
+
+    layers, kv_heads, head_dim = facts["layers"], facts["kv_heads"], facts["head_dim"]
+    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    past, total = torch.export.Dim("past_sequence"), torch.export.Dim("total_sequence")
+    ids = torch.tensor([[1, 2, 3]], dtype=torch.int64).repeat(2, 1)
+    past_len = 4
+    example = (ids, torch.ones(2, past_len + 3, dtype=torch.int64), torch.arange(past_len, past_len + 3)[None].repeat(2, 1),
+               [torch.zeros(2, kv_heads, past_len, head_dim) for _ in range(2 * layers)])
+    dynamic_shapes = {
+        "input_ids": {0: batch, 1: sequence},
+        "attention_mask": {0: batch, 1: total},
+        "position_ids": {0: batch, 1: sequence},
+        "past_key_values": [{0: batch, 2: past} for _ in range(2 * layers)],
+    }
+    inputs, outputs = io_names(layers)
+    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+        program = torch.onnx.export(module, example, dynamo=True, dynamic_shapes=dynamic_shapes, input_names=inputs,
+                                    output_names=outputs, opset_version=opset, optimize=True, verbose=False)
+    program.save(str(path), external_data=True)
+
+
+def _ort_logits(decoder, token_ids: list[int], split: int) -> np.ndarray:
+    """Prefill ``token_ids[:split]`` then run the rest on the cache; logits for every position."""
+    decoder.reset()
+    first = decoder.forward(token_ids[:split])
+    rest = decoder.forward(token_ids[split:])
+    return np.concatenate([first, rest], axis=0)
+
+
+def validate(model_dir: pathlib.Path, hf_model, prompt_ids: list[int], vocab_size: int, tolerance: float,
+             greedy_steps: int = 32, seed: int = 0) -> dict:
+    """ORT vs PyTorch: logits on random and real inputs (prefill and decode on a cache), greedy tokens.
+
+    Raises:
+        ValidationError: logits differ by more than ``tolerance`` or greedy tokens diverge.
+    """
+    import torch
+
+    from graphopt.runtime.decoder import Decoder
+
+    decoder = Decoder(model_dir / MODEL_FILE, ep="cpu")
+    rng = np.random.default_rng(seed)
+    random_ids = rng.integers(0, vocab_size, size=12).tolist()
+    figures = {}
+    for label, ids in (("random", random_ids), ("prompt", prompt_ids)):
+        split = max(1, len(ids) // 2)
+        with torch.no_grad():
+            reference = hf_model(torch.tensor([ids])).logits[0].float().numpy()
+        ours = _ort_logits(decoder, ids, split)
+        figures[f"max_abs_logits_diff_{label}_prefill"] = float(np.abs(ours[:split] - reference[:split]).max())
+        figures[f"max_abs_logits_diff_{label}_decode"] = float(np.abs(ours[split:] - reference[split:]).max())
+    worst = max(figures.values())
+    figures["tolerance"] = tolerance
+    if worst > tolerance:
+        raise ValidationError(f"export does not match PyTorch: max |logits diff| {worst:.3g} > tolerance {tolerance:g}")
+
+    with torch.no_grad():
+        expected = hf_model.generate(torch.tensor([prompt_ids]), max_new_tokens=greedy_steps, min_new_tokens=greedy_steps,
+                                     do_sample=False, pad_token_id=0)[0, len(prompt_ids):].tolist()
+    decoder.reset()
+    logits = decoder.forward(prompt_ids)[-1]
+    produced = []
+    for _ in range(greedy_steps):
+        token = int(np.argmax(logits))
+        produced.append(token)
+        logits = decoder.forward([token])[-1]
+    agree = next((i for i, (a, b) in enumerate(zip(produced, expected)) if a != b), greedy_steps)
+    figures["greedy_steps_agreeing"] = agree
+    if agree < greedy_steps:
+        raise ValidationError(f"greedy tokens diverge from PyTorch at step {agree} of {greedy_steps}")
+    return figures
+
+
+def export(src: str, output: str | os.PathLike, force: bool = False, run_validation: bool = True,
+           tolerance: float = 1e-3, opset: int = DEFAULT_OPSET,
+           progress: Callable[[str], None] = lambda message: None) -> ModelDir:
+    """Export SRC to a new model directory at ``output``; returns it.
+
+    Nothing is written at ``output`` unless every step, validation included, succeeds.
+    """
+    from graphopt.models import adapter_for
+    from graphopt.modeldir import check_output
+
+    check_output(output, force)
+    progress(f"loading {src}")
+    started = time.perf_counter()
+    loaded = checkpoint_lib.load(src)
+    hf_model = loaded.model
+    adapter = adapter_for(hf_model.config.model_type)
+    facts = adapter.describe(hf_model.config)
+    module = adapter.build(hf_model).eval()
+    inputs, outputs = io_names(facts["layers"])
+    with atomic_output(output, force=force) as scratch:
+        progress(f"exporting {facts['family']} ({facts['layers']} layers) to ONNX; this takes a while for large models")
+        export_module(module, facts, scratch / MODEL_FILE, opset=opset)
+        tokenizer = loaded.tokenizer
+        if tokenizer is not None:
+            tokenizer.save_pretrained(scratch)
+        eos = hf_model.generation_config.eos_token_id if hf_model.generation_config is not None else None
+        eos = eos if eos is not None else hf_model.config.eos_token_id
+        eos_ids = sorted({int(token) for token in (eos if isinstance(eos, list) else [eos]) if token is not None})
+        manifest = {
+            "format": 1,
+            "graphopt_version": graphopt.__version__,
+            **facts,
+            "dtype": "float32",
+            "opset": opset,
+            "inputs": inputs,
+            "outputs": outputs,
+            "cache": {"layout": "batch, kv_heads, sequence, head_dim",
+                      "kv_heads": [facts["kv_heads"]] * facts["layers"], "head_dim": facts["head_dim"]},
+            "eos_token_ids": eos_ids,
+            "bos_token_id": hf_model.config.bos_token_id,
+            "add_bos_token": bool(getattr(tokenizer, "add_bos_token", False)),
+            "source": loaded.source,
+            "lineage": [],
+        }
+        step = {"pass": "export", "parameters": {"opset": opset, "validate": run_validation, "tolerance": tolerance}}
+        if run_validation:
+            progress("validating ONNX Runtime against PyTorch (prefill, decode on a cache, 32 greedy tokens)")
+            prompt_ids = tokenizer.encode(VALIDATION_PROMPT) if tokenizer is not None else [1, 2, 3, 4, 5]
+            step["figures"] = validate(scratch, hf_model, prompt_ids, facts["vocab_size"], tolerance)
+        step["seconds"] = round(time.perf_counter() - started, 1)
+        manifest["lineage"].append(step)
+        ModelDir(scratch).write_manifest(manifest)
+    return ModelDir(output)

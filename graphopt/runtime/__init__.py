@@ -1,0 +1,14 @@
+"""graphopt's runtime: generation over ONNX Runtime sessions.
+
+Needs only onnxruntime, numpy, tokenizers and jinja2 (no torch), so it ships to edge devices.
+"""
+
+from __future__ import annotations
+
+from graphopt.runtime.decoder import Decoder
+from graphopt.runtime.generator import GenerationResult, Generator
+from graphopt.runtime.sampling import GREEDY, Sampling
+from graphopt.runtime.session import EXECUTION_PROVIDERS, make_session, resolve_providers
+
+__all__ = ["Decoder", "EXECUTION_PROVIDERS", "GREEDY", "GenerationResult", "Generator", "Sampling",
+           "make_session", "resolve_providers"]

@@ -1,0 +1,122 @@
+"""Text generation over a model directory with ONNX Runtime: prefill, decode, sampling, streaming."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pathlib
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from graphopt.errors import GraphoptError
+from graphopt.modeldir import ModelDir
+from graphopt.runtime.decoder import Decoder
+from graphopt.runtime.sampling import GREEDY, Sampling, choose
+from graphopt.runtime.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """What one generate call produced, with its timings."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]  # generated ids, EOS included when produced
+    text: str
+    prefill_ms: float
+    decode_s: float
+    stopped_on_eos: bool
+    provider: str
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens delivered per second of decoding (the first token comes from prefill)."""
+        decoded = len(self.token_ids) - 1
+        return decoded / self.decode_s if decoded > 0 and self.decode_s > 0 else 0.0
+
+    def to_json(self, prompt: str) -> dict:
+        return {
+            "prompt": prompt,
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "prompt_tokens": len(self.prompt_ids),
+            "new_tokens": len(self.token_ids),
+            "stopped_on_eos": self.stopped_on_eos,
+            "prefill_ms": round(self.prefill_ms, 3),
+            "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
+            "provider": self.provider,
+            **self.extra,
+        }
+
+
+class Generator:
+    """Owns an ORT decoder session, its KV cache and the tokenizer of a model directory.
+
+    Example:
+        >>> generator = Generator("smollm2-onnx")
+        >>> generator.generate_text("What is the capital of France?", chat=True).text
+    """
+
+    def __init__(self, model_dir: str | os.PathLike, ep: str = "cpu", threads: int | None = None):
+        self.model_dir = ModelDir.open(model_dir)
+        self.manifest = self.model_dir.manifest
+        self.decoder = Decoder(self.model_dir.model_path, ep=ep, threads=threads)
+        self.tokenizer = Tokenizer(self.model_dir.path)
+        self.eos_token_ids = set(self.manifest.get("eos_token_ids", []))
+        self.max_positions = int(self.manifest.get("max_positions", 1 << 30))
+
+    @property
+    def provider(self) -> str:
+        return self.decoder.provider
+
+    def encode_prompt(self, prompt: str, chat: bool = False) -> list[int]:
+        if chat:
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+            return self.tokenizer.encode(text)
+        ids = self.tokenizer.encode(prompt)
+        bos = self.manifest.get("bos_token_id")
+        if self.manifest.get("add_bos_token") and bos is not None and (not ids or ids[0] != bos):
+            ids = [bos, *ids]
+        return ids
+
+    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int = 128, sampling: Sampling = GREEDY,
+                 on_token: Callable[[int], None] | None = None, stop_on_eos: bool = True) -> GenerationResult:
+        """Generate up to ``max_new_tokens`` after ``prompt_ids``; ``on_token`` sees each new id."""
+        prompt_ids = [int(token) for token in prompt_ids]
+        if not prompt_ids:
+            raise GraphoptError("the prompt is empty")
+        if len(prompt_ids) + max_new_tokens > self.max_positions:
+            raise GraphoptError(f"prompt ({len(prompt_ids)} tokens) plus {max_new_tokens} new tokens exceeds "
+                                f"the model's context of {self.max_positions}")
+        rng = np.random.default_rng(sampling.seed)
+        self.decoder.reset()
+        started = time.perf_counter()
+        logits = self.decoder.forward(prompt_ids)[-1]
+        token = choose(logits, sampling, rng)
+        prefill_ms = (time.perf_counter() - started) * 1e3
+        generated = [token]
+        decode_started = time.perf_counter()
+        stopped = False
+        while True:
+            if on_token is not None:
+                on_token(token)
+            if stop_on_eos and token in self.eos_token_ids:
+                stopped = True
+                break
+            if len(generated) >= max_new_tokens:
+                break
+            logits = self.decoder.forward([token])[-1]
+            token = choose(logits, sampling, rng)
+            generated.append(token)
+        decode_s = time.perf_counter() - decode_started
+        return GenerationResult(prompt_ids=prompt_ids, token_ids=generated,
+                                text=self.tokenizer.decode(generated), prefill_ms=prefill_ms,
+                                decode_s=decode_s, stopped_on_eos=stopped, provider=self.provider)
+
+    def generate_text(self, prompt: str, chat: bool = False, **options) -> GenerationResult:
+        return self.generate(self.encode_prompt(prompt, chat=chat), **options)

@@ -1,0 +1,69 @@
+"""ONNX Runtime sessions for a model directory: execution-provider choice with CPU fallback."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import warnings
+
+logger = logging.getLogger(__name__)
+
+EXECUTION_PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+def tensorrt_options(cache_dir: str | os.PathLike | None = None, fp16: bool = False, int8: bool = False) -> dict:
+    """TensorRT execution-provider options: engine cache beside the model, explicit QDQ for int8."""
+    options = {"trt_fp16_enable": fp16, "trt_int8_enable": int8}
+    if cache_dir is not None:
+        options.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(cache_dir),
+                       trt_timing_cache_enable=True, trt_timing_cache_path=str(cache_dir))
+    return options
+
+
+def resolve_providers(ep: str, available: list[str] | None = None, model_dir: str | os.PathLike | None = None):
+    """Map ``cpu|cuda|tensorrt`` to an ORT provider list, dropping what this onnxruntime lacks.
+
+    Falls back to CPU with a warning when the requested provider is unavailable.
+    """
+    import onnxruntime as ort
+
+    if ep not in EXECUTION_PROVIDERS:
+        raise ValueError(f"unknown execution provider {ep!r}; choose from {', '.join(EXECUTION_PROVIDERS)}")
+    available = ort.get_available_providers() if available is None else available
+    wanted = EXECUTION_PROVIDERS[ep]
+    providers = [name for name in wanted if name in available] or ["CPUExecutionProvider"]
+    if providers[0] != wanted[0]:
+        warnings.warn(f"{wanted[0]} is not available in this onnxruntime "
+                      f"(has {', '.join(available)}); falling back to {providers[0]}", stacklevel=2)
+    resolved = []
+    for name in providers:
+        if name == "TensorrtExecutionProvider":
+            cache = pathlib.Path(model_dir) / "trt_cache" if model_dir is not None else None
+            resolved.append((name, tensorrt_options(cache)))
+        else:
+            resolved.append(name)
+    return resolved
+
+
+def make_session(model_path: str | os.PathLike, ep: str = "cpu", threads: int | None = None,
+                 optimization: str = "all"):
+    """An InferenceSession on the requested provider; ``session.get_providers()[0]`` is what ran."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[optimization]
+    if threads:
+        options.intra_op_num_threads = threads
+    model_path = pathlib.Path(model_path)
+    providers = resolve_providers(ep, model_dir=model_path.parent)
+    return ort.InferenceSession(str(model_path), sess_options=options, providers=providers)

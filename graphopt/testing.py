@@ -1,0 +1,73 @@
+"""Tiny seeded checkpoints built in code, for tests and quick experiments.
+
+``tiny_checkpoint("llama", path)`` writes a Hugging Face checkpoint directory (config.json,
+safetensors, a small byte-level BPE tokenizer with a chat template) that ``graphopt export`` takes
+like any other. Weights are random but seeded, with a wide init so greedy decoding has clear
+winners instead of near-ties.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+CORPUS = """The capital of France is Paris. The capital of Italy is Rome. Graphs of operators run on
+many devices. A small model answers simple questions; a larger one answers harder ones. Numbers such as
+0 1 2 3 4 5 6 7 8 9 appear in text, and so do words like attention, cache, token, layer and head.""".split("\n")
+
+TINY_CONFIGS = {
+    "llama": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True, initializer_range=0.2),
+    "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256,
+                  rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False, initializer_range=0.2),
+    "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=256, initializer_range=0.2),
+}
+
+
+def tiny_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE trained on a few sentences, with special tokens and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   unk_token="<|endoftext|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
+
+
+def tiny_model(family: str, seed: int = 0, **overrides):
+    """A seeded random ``*ForCausalLM`` of the given family (``llama``, ``qwen2``, ``gpt2``)."""
+    import torch
+    import transformers
+
+    settings = {**TINY_CONFIGS[family], **overrides}
+    model_type = settings.pop("model_type")
+    tokenizer = tiny_tokenizer()
+    settings.setdefault("vocab_size", len(tokenizer))
+    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+               "pad_token_id": tokenizer.pad_token_id}
+    config = transformers.AutoConfig.for_model(model_type, **settings, **special)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def tiny_checkpoint(family: str, path: str | pathlib.Path, seed: int = 0, **overrides) -> pathlib.Path:
+    """Write a tiny seeded checkpoint directory (weights + tokenizer) and return its path."""
+    path = pathlib.Path(path)
+    model, tokenizer = tiny_model(family, seed=seed, **overrides)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

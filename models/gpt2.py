@@ -1,0 +1,79 @@
+"""GPT-2 decoder as an exportable module: learned positions, LayerNorm, fused QKV, GELU (tanh).
+
+Multi-head attention (as many KV heads as query heads); the fused ``c_attn`` projection is split
+into query, key and value after one MatMul, as in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from graphopt.models._common import attend, causal_mask
+
+MODEL_TYPES = ("gpt2",)
+
+
+class GPT2Decoder(nn.Module):
+    """Decoder with an explicit KV cache: (ids, mask, positions, past...) -> (logits, present...)."""
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        config = hf_model.config
+        self.config = config
+        self.num_layers = config.n_layer
+        self.num_heads = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        self.hf = hf_model
+
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values):
+        transformer = self.hf.transformer
+        hidden = transformer.wte(input_ids) + transformer.wpe(position_ids)
+        batch, seq_len, width = hidden.shape
+        past_len = past_key_values[0].shape[2]
+        mask = causal_mask(attention_mask, seq_len, past_len, hidden.dtype)
+        scale = self.head_dim**-0.5
+        presents = []
+        for index, block in enumerate(transformer.h):
+            residual = hidden
+            hidden = block.ln_1(hidden)
+            attn = block.attn
+            qkv = torch.addmm(attn.c_attn.bias, hidden.reshape(-1, width), attn.c_attn.weight)
+            query, key, value = qkv.view(batch, seq_len, 3 * width).split(width, dim=2)
+            query = query.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+            key = key.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+            value = value.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+            key = torch.cat((past_key_values[2 * index], key), dim=2)
+            value = torch.cat((past_key_values[2 * index + 1], value), dim=2)
+            presents.extend((key, value))
+            context = attend(query, key, value, mask, scale)
+            context = context.transpose(1, 2).reshape(batch, seq_len, width)
+            hidden = residual + attn.c_proj(context)
+
+            residual = hidden
+            mlp = block.mlp
+            hidden = residual + mlp.c_proj(nn.functional.gelu(mlp.c_fc(block.ln_2(hidden)), approximate="tanh"))
+
+        logits = self.hf.lm_head(transformer.ln_f(hidden))
+        return (logits, *presents)
+
+
+def describe(config) -> dict:
+    """The shape facts graphopt.json records for this family."""
+    return {
+        "family": "gpt2",
+        "model_type": config.model_type,
+        "layers": config.n_layer,
+        "heads": config.n_head,
+        "kv_heads": config.n_head,
+        "head_dim": config.n_embd // config.n_head,
+        "hidden_size": config.n_embd,
+        "intermediate_size": config.n_inner or 4 * config.n_embd,
+        "vocab_size": config.vocab_size,
+        "max_positions": config.n_positions,
+        "tied_embeddings": bool(getattr(config, "tie_word_embeddings", True)),
+    }
+
+
+def build(hf_model: nn.Module) -> nn.Module:
+    return GPT2Decoder(hf_model)

@@ -1,0 +1,109 @@
+"""Llama-family decoder (Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2) as an exportable module.
+
+GQA with rotary position embedding, RMSNorm and a SwiGLU MLP. The module is written against the
+Hugging Face checkpoint's own weights so that the exported graph has one plain, predictable shape
+per layer (what the fusion pass matches) whatever the installed transformers version does inside.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from graphopt.models._common import attend, causal_mask, repeat_kv
+
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    variance = x.pow(2).mean(-1, keepdim=True)
+    return weight * (x * torch.rsqrt(variance + eps))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LlamaDecoder(nn.Module):
+    """Decoder with an explicit KV cache: (ids, mask, positions, past...) -> (logits, present...)."""
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        config = hf_model.config
+        self.config = config
+        self.num_layers = config.num_hidden_layers
+        self.num_heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.eps = config.rms_norm_eps
+        self.hf = hf_model
+        rotary = hf_model.model.rotary_emb
+        self.register_buffer("inv_freq", rotary.inv_freq.detach().float().clone(), persistent=False)
+        self.rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))
+
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values):
+        model = self.hf.model
+        hidden = model.embed_tokens(input_ids)
+        batch, seq_len, _ = hidden.shape
+        past_len = past_key_values[0].shape[2]
+        mask = causal_mask(attention_mask, seq_len, past_len, hidden.dtype)
+
+        freqs = position_ids[..., None].float() * self.inv_freq
+        angles = torch.cat((freqs, freqs), dim=-1)
+        cos = (angles.cos() * self.rope_scaling).to(hidden.dtype)[:, None, :, :]
+        sin = (angles.sin() * self.rope_scaling).to(hidden.dtype)[:, None, :, :]
+
+        presents = []
+        scale = self.head_dim**-0.5
+        groups = self.num_heads // self.kv_heads
+        for index, layer in enumerate(model.layers):
+            attn = layer.self_attn
+            residual = hidden
+            hidden = _rms_norm(hidden, layer.input_layernorm.weight, self.eps)
+            query = attn.q_proj(hidden).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+            key = attn.k_proj(hidden).view(batch, seq_len, self.kv_heads, self.head_dim).transpose(1, 2)
+            value = attn.v_proj(hidden).view(batch, seq_len, self.kv_heads, self.head_dim).transpose(1, 2)
+            query = query * cos + _rotate_half(query) * sin
+            key = key * cos + _rotate_half(key) * sin
+            key = torch.cat((past_key_values[2 * index], key), dim=2)
+            value = torch.cat((past_key_values[2 * index + 1], value), dim=2)
+            presents.extend((key, value))
+            context = attend(query, repeat_kv(key, groups), repeat_kv(value, groups), mask, scale)
+            context = context.transpose(1, 2).reshape(batch, seq_len, self.num_heads * self.head_dim)
+            hidden = residual + attn.o_proj(context)
+
+            residual = hidden
+            hidden = _rms_norm(hidden, layer.post_attention_layernorm.weight, self.eps)
+            mlp = layer.mlp
+            hidden = residual + mlp.down_proj(nn.functional.silu(mlp.gate_proj(hidden)) * mlp.up_proj(hidden))
+
+        hidden = _rms_norm(hidden, model.norm.weight, self.eps)
+        logits = self.hf.lm_head(hidden)
+        return (logits, *presents)
+
+
+def describe(config) -> dict:
+    """The shape facts graphopt.json records for this family."""
+    heads = config.num_attention_heads
+    return {
+        "family": "llama",
+        "model_type": config.model_type,
+        "layers": config.num_hidden_layers,
+        "heads": heads,
+        "kv_heads": config.num_key_value_heads,
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "vocab_size": config.vocab_size,
+        "max_positions": config.max_position_embeddings,
+        "tied_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
+    }
+
+
+def build(hf_model: nn.Module) -> nn.Module:
+    sliding = getattr(hf_model.config, "sliding_window", None)
+    if getattr(hf_model.config, "use_sliding_window", bool(sliding)) and sliding:
+        # Full attention equals sliding-window attention while the context fits in the window.
+        hf_model.config.max_position_embeddings = min(hf_model.config.max_position_embeddings, sliding)
+    return LlamaDecoder(hf_model)
