@@ -59,9 +59,10 @@ def progress(message: str) -> None:
 
 
 def _register() -> None:
-    from graphopt.commands import export, fetch, generate, inspect
+    from graphopt.commands import draft, export, fetch, fuse, generate, inspect, quantize
+    from graphopt.commands import eval as evaluate
 
-    for module in (fetch, export, generate, inspect):
+    for module in (fetch, export, fuse, generate, inspect, draft, quantize, evaluate):
         main.add_command(module.command)
 
 

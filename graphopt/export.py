@@ -6,11 +6,13 @@ cache. Validation compares ONNX Runtime against the checkpoint's own PyTorch mod
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import io
 import logging
 import os
 import pathlib
+import re
 import time
 from typing import Callable
 
@@ -55,7 +57,62 @@ def export_module(module, facts: dict, path: pathlib.Path, opset: int = DEFAULT_
     with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
         program = torch.onnx.export(module, example, dynamo=True, dynamic_shapes=dynamic_shapes, input_names=inputs,
                                     output_names=outputs, opset_version=opset, optimize=True, verbose=False)
-    program.save(str(path), external_data=True)
+    tidy(program.model)
+    from graphopt import ir as graphopt_ir
+
+    graphopt_ir.save(program.model, path)
+
+
+_KEPT_METADATA = ("pkg.torch.onnx.name_scopes",)
+
+
+def _module_scope(node) -> str:
+    """The checkpoint module a node came from, e.g. ``model.layers.0.self_attn.q_proj``."""
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if not scopes:
+        return ""
+    parts = ast.literal_eval(scopes)
+    scope = parts[-2] if len(parts) >= 2 else ""
+    if scope.startswith("_"):  # the exporter's placeholder for "no module"
+        return ""
+    return scope[len("hf."):] if scope.startswith("hf.") else scope
+
+
+def tidy(model) -> None:
+    """Name nodes and weights after the checkpoint modules they implement; drop bulky export metadata.
+
+    Nodes become ``/model/layers.0/self_attn/q_proj/MatMul`` and a MatMul's weight (stored
+    ``(in_features, out_features)``) becomes ``model.layers.0.self_attn.q_proj.weight``, so
+    ``--exclude`` patterns and pruning can address parts of the model by name. Stack traces and fx
+    node dumps (with local file paths) are removed; the module scope is kept.
+    """
+    used_names: set[str] = set()
+    initializers = model.graph.initializers
+    for node in model.graph:
+        scope = _module_scope(node)
+        path = re.sub(r"\.(\d+)(?=\.|$)", r"#\1", scope).replace(".", "/").replace("#", ".")
+        base = f"/{path}/{node.op_type}" if scope else f"/{node.op_type}"
+        name, suffix = base, 0
+        while name in used_names:
+            suffix += 1
+            name = f"{base}_{suffix}"
+        used_names.add(name)
+        node.name = name
+        for key in list(node.metadata_props):
+            if key not in _KEPT_METADATA:
+                del node.metadata_props[key]
+        if node.op_type == "MatMul" and scope and len(node.inputs) == 2:
+            weight = node.inputs[1]
+            if weight is not None and weight.is_initializer() and len(weight.uses()) == 1 \
+                    and f"{scope}.weight" not in initializers:
+                initializers.pop(weight.name)
+                weight.name = f"{scope}.weight"
+                initializers[weight.name] = weight
+    for name in list(initializers):
+        if name.startswith("hf."):
+            value = initializers.pop(name)
+            value.name = name[len("hf."):]
+            initializers[value.name] = value
 
 
 def _ort_logits(decoder, token_ids: list[int], split: int) -> np.ndarray:

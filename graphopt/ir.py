@@ -20,9 +20,9 @@ def load(path: str | os.PathLike) -> ir.Model:
 
 
 def save(model: ir.Model, path: str | os.PathLike) -> None:
-    """Save ``model`` to ``path`` with every initializer in one external data file beside it."""
+    """Save ``model`` to ``path`` with initializers over 1 KiB in one external data file beside it."""
     path = pathlib.Path(path)
-    ir.save(model, str(path), external_data=EXTERNAL_DATA_FILE, size_threshold_bytes=0)
+    ir.save(model, str(path), external_data=EXTERNAL_DATA_FILE, size_threshold_bytes=1024)
 
 
 def parameter_count(model) -> int:

@@ -59,6 +59,11 @@ def tiny_model(family: str, seed: int = 0, **overrides):
     config = transformers.AutoConfig.for_model(model_type, **settings, **special)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        # Norm scales and biases start as ones and zeros; give them spread, like trained weights.
+        for name, parameter in model.named_parameters():
+            if "norm" in name or "ln_" in name or name.endswith(".bias"):
+                parameter.add_(torch.randn_like(parameter) * 0.1)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

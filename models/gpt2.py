@@ -38,8 +38,7 @@ class GPT2Decoder(nn.Module):
             residual = hidden
             hidden = block.ln_1(hidden)
             attn = block.attn
-            qkv = torch.addmm(attn.c_attn.bias, hidden.reshape(-1, width), attn.c_attn.weight)
-            query, key, value = qkv.view(batch, seq_len, 3 * width).split(width, dim=2)
+            query, key, value = attn.c_attn(hidden).split(width, dim=2)
             query = query.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
             key = key.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
             value = value.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)

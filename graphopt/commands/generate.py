@@ -1,4 +1,9 @@
-"""`graphopt generate MODEL_DIR --prompt TEXT`: stream text from a model directory with ONNX Runtime."""
+"""`graphopt generate MODEL_DIR --prompt TEXT [--draft DRAFT_DIR]`: stream text with ONNX Runtime.
+
+With ``--draft``, decoding is speculative: the draft proposes tokens that the target verifies, and
+the output is still the target's (identical tokens when greedy, the target's distribution when
+sampling).
+"""
 
 from __future__ import annotations
 
@@ -22,15 +27,28 @@ from graphopt.runtime.session import EXECUTION_PROVIDERS
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--ep", type=click.Choice(list(EXECUTION_PROVIDERS)), default="cpu", show_default=True,
               help="ONNX Runtime execution provider (falls back to CPU when unavailable).")
+@click.option("--draft", "draft_dir", type=click.Path(), default=None,
+              help="Speculative decoding with this draft model directory (same tokenizer as MODEL_DIR).")
+@click.option("--gamma", default="auto", show_default=True, callback=lambda ctx, param, value: _gamma(value),
+              help="Draft tokens proposed per step: a number, or auto (adaptive).")
+@click.option("--draft-ep", type=click.Choice(list(EXECUTION_PROVIDERS)), default=None,
+              help="Execution provider of the draft (default: --ep).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
-def command(model_dir, prompt, chat, greedy, temperature, top_k, top_p, seed, max_new_tokens, ep, as_json):
+def command(model_dir, prompt, chat, greedy, temperature, top_k, top_p, seed, max_new_tokens, ep, draft_dir, gamma,
+            draft_ep, as_json):
     """Generate text after PROMPT with the model in MODEL_DIR."""
     from graphopt.runtime import Generator, Sampling
+    from graphopt.runtime.speculative import SpeculativeGenerator
 
     if greedy and temperature > 0:
         raise click.UsageError("--greedy and --temperature > 0 contradict each other")
+    if draft_dir is None and draft_ep is not None:
+        raise click.UsageError("--draft-ep needs --draft")
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    generator = Generator(model_dir, ep=ep)
+    if draft_dir is None:
+        generator = Generator(model_dir, ep=ep)
+    else:
+        generator = SpeculativeGenerator(model_dir, draft_dir, gamma=gamma, ep=ep, draft_ep=draft_ep)
     prompt_ids = generator.encode_prompt(prompt, chat=chat)
     streamed: list[int] = []
     printed = ""
@@ -51,5 +69,21 @@ def command(model_dir, prompt, chat, greedy, temperature, top_k, top_p, seed, ma
         click.echo(json.dumps(result.to_json(prompt)))
         return
     sys.stdout.write(result.text[len(printed):] + "\n")
+    speculation = ""
+    if draft_dir is not None:
+        speculation = (f", acceptance {result.extra['acceptance_rate']:.2f}, "
+                       f"{result.extra['tokens_per_target_call']:.2f} tokens per target call")
     click.echo(f"[{len(result.token_ids)} tokens, prefill {result.prefill_ms:.0f} ms, "
-               f"decode {result.decode_tokens_per_s:.1f} tokens/s on {result.provider}]", err=True)
+               f"decode {result.decode_tokens_per_s:.1f} tokens/s on {result.provider}{speculation}]", err=True)
+
+
+def _gamma(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        gamma = int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither a number nor auto") from None
+    if gamma < 1:
+        raise click.BadParameter("must be at least 1")
+    return gamma

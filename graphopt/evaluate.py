@@ -1,0 +1,118 @@
+"""Quality of a model directory: perplexity on a text, and agreement with a reference model.
+
+Perplexity follows one fixed protocol so figures compare across models: the text is tokenized
+with the model's tokenizer as is (no special tokens added), cut into windows of ``window + 1``
+tokens starting every ``window`` tokens; each window runs from an empty cache and scores its
+``window`` next-token predictions. Needs no torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+from typing import Callable
+
+import numpy as np
+
+from graphopt.errors import GraphoptError
+from graphopt.modeldir import ModelDir
+from graphopt.runtime.decoder import Decoder
+from graphopt.runtime.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TEXT = pathlib.Path(__file__).parent / "data" / "eval-gpl3.txt"
+
+
+def read_text(path: str | pathlib.Path) -> str:
+    """Read a UTF-8 text file, refusing binary files with a clear error."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise GraphoptError(f"{path}: no such file")
+    raw = path.read_bytes()
+    if b"\x00" in raw[:65536]:
+        raise GraphoptError(f"{path}: looks like a binary file, expected UTF-8 text")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise GraphoptError(f"{path}: not UTF-8 text") from None
+
+
+def text_windows(token_ids: list[int], window: int, max_windows: int | None = None) -> list[list[int]]:
+    """Windows of ``window + 1`` tokens starting every ``window`` tokens (the last partial one dropped)."""
+    starts = range(0, len(token_ids) - window, window)
+    windows = [token_ids[start:start + window + 1] for start in starts]
+    return windows[:max_windows] if max_windows else windows
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """Perplexity over scored tokens; agreement and KL against a reference when one was given."""
+
+    perplexity: float
+    tokens: int
+    windows: int
+    window: int
+    token_agreement: float | None = None
+    mean_kl: float | None = None
+
+    def to_json(self) -> dict:
+        return {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
+
+
+def evaluate(model_dir: str | pathlib.Path, text_path: str | pathlib.Path = DEFAULT_TEXT, window: int = 512,
+             reference_dir: str | pathlib.Path | None = None, max_windows: int | None = None, ep: str = "cpu",
+             progress: Callable[[int, int], None] | None = None) -> Evaluation:
+    """Perplexity of ``model_dir`` on the text; with ``reference_dir``, greedy agreement and mean KL(ref || model).
+
+    Agreement is the fraction of scored positions where both models' argmax next token is the same;
+    KL is averaged over the same positions.
+    """
+    directory = ModelDir.open(model_dir)
+    if window < 1:
+        raise GraphoptError("window must be at least 1 token")
+    tokenizer = Tokenizer(directory.path)
+    token_ids = tokenizer.encode(read_text(text_path))
+    windows = text_windows(token_ids, window, max_windows)
+    if not windows:
+        raise GraphoptError(f"{text_path}: {len(token_ids)} tokens, too short for one window of {window + 1}")
+    max_positions = directory.manifest.get("max_positions")
+    if max_positions and window + 1 > max_positions:
+        raise GraphoptError(f"window {window} exceeds the model's context of {max_positions}")
+    decoder = Decoder(directory.model_path, ep=ep)
+    reference = None
+    if reference_dir is not None:
+        reference_directory = ModelDir.open(reference_dir)
+        if Tokenizer(reference_directory.path).encode(read_text(text_path)) != token_ids:
+            raise GraphoptError("the reference model tokenizes the text differently; compare models with one tokenizer")
+        reference = Decoder(reference_directory.model_path, ep=ep)
+    negative_log_likelihood = 0.0
+    agreeing = 0
+    kl_total = 0.0
+    scored = 0
+    for index, ids in enumerate(windows):
+        decoder.reset()
+        logprobs = log_softmax(decoder.forward(ids[:-1]))
+        targets = np.asarray(ids[1:])
+        negative_log_likelihood -= float(logprobs[np.arange(len(targets)), targets].sum())
+        if reference is not None:
+            reference.reset()
+            reference_logprobs = log_softmax(reference.forward(ids[:-1]))
+            agreeing += int((reference_logprobs.argmax(-1) == logprobs.argmax(-1)).sum())
+            kl_total += float((np.exp(reference_logprobs) * (reference_logprobs - logprobs)).sum())
+        scored += len(targets)
+        if progress is not None:
+            progress(index + 1, len(windows))
+    result = Evaluation(perplexity=float(np.exp(negative_log_likelihood / scored)), tokens=scored,
+                        windows=len(windows), window=window)
+    if reference is not None:
+        result.token_agreement = agreeing / scored
+        result.mean_kl = kl_total / scored
+    return result

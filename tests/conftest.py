@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny seeded checkpoints and their exported model directories (built once per run)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+
+from graphopt.export import export
+from graphopt.testing import tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, pathlib.Path]:
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {family: tiny_checkpoint(family, root / family) for family in ("llama", "qwen2", "gpt2")}
+
+
+def _exported(checkpoints, tmp_path_factory, family: str) -> pathlib.Path:
+    output = tmp_path_factory.mktemp("exported") / family
+    export(str(checkpoints[family]), output)
+    return output
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(checkpoints, tmp_path_factory) -> pathlib.Path:
+    """An exported, validated tiny Llama (GQA: 4 heads, 2 KV heads, 2 layers) model directory."""
+    return _exported(checkpoints, tmp_path_factory, "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(checkpoints, tmp_path_factory) -> pathlib.Path:
+    """An exported tiny Qwen2 (q/k/v biases, 4 heads sharing 1 KV head, untied embeddings)."""
+    return _exported(checkpoints, tmp_path_factory, "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(checkpoints, tmp_path_factory) -> pathlib.Path:
+    """An exported tiny GPT-2 (fused QKV, LayerNorm, learned positions, 2 layers)."""
+    return _exported(checkpoints, tmp_path_factory, "gpt2")
+
+
+@pytest.fixture(scope="session")
+def graphopt_home(tmp_path_factory) -> pathlib.Path:
+    """Where the real model is cached: $GRAPHOPT_HOME if set, else a per-run folder."""
+    return pathlib.Path(os.environ.get("GRAPHOPT_HOME") or tmp_path_factory.mktemp("graphopt-home"))

@@ -1,0 +1,62 @@
+"""End to end on the real SmolLM2-135M-Instruct: fetch, export (validated), chat, match transformers."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from click.testing import CliRunner
+
+from graphopt.cli import main
+
+pytestmark = pytest.mark.slow
+
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir(graphopt_home, tmp_path_factory):
+    """Fetch (twice: the second is a no-op) and export the real model once for this module."""
+    os.environ["GRAPHOPT_HOME"] = str(graphopt_home)
+    runner = CliRunner()
+    fetched = runner.invoke(main, ["fetch", "smollm2-135m"])
+    assert fetched.exit_code == 0, fetched.output
+    path = fetched.output.strip().splitlines()[-1]
+    assert path.endswith(".gguf")
+    again = runner.invoke(main, ["fetch", "smollm2-135m"])
+    assert again.output.strip().splitlines()[-1] == path
+    output = tmp_path_factory.mktemp("smollm2") / "onnx"
+    exported = runner.invoke(main, ["export", "smollm2-135m", "-o", str(output)])
+    assert exported.exit_code == 0, exported.output
+    return output
+
+
+def test_export_validated_against_pytorch(smollm2_dir):
+    manifest = json.loads((smollm2_dir / "graphopt.json").read_text())
+    assert (manifest["layers"], manifest["heads"], manifest["kv_heads"], manifest["head_dim"]) == (30, 9, 3, 64)
+    figures = manifest["lineage"][0]["figures"]
+    assert figures["greedy_steps_agreeing"] == 32
+    assert max(value for key, value in figures.items() if key.startswith("max_abs")) < figures["tolerance"]
+
+
+def test_chat_answer_names_paris(smollm2_dir):
+    result = CliRunner().invoke(main, ["generate", str(smollm2_dir), "--prompt", QUESTION, "--chat",
+                                       "--max-new-tokens", "32", "--json"])
+    assert result.exit_code == 0, result.output
+    assert "Paris" in json.loads(result.output)["text"]
+
+
+def test_greedy_tokens_match_transformers_generate(smollm2_dir):
+    import torch
+
+    from graphopt.checkpoint import load
+    from graphopt.runtime import Generator
+
+    generator = Generator(smollm2_dir)
+    prompt_ids = generator.encode_prompt(QUESTION, chat=True)
+    ours = generator.generate(prompt_ids, max_new_tokens=32, stop_on_eos=False).token_ids
+    model = load("smollm2-135m").model
+    with torch.no_grad():
+        theirs = model.generate(torch.tensor([prompt_ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    assert ours == theirs[0, len(prompt_ids):].tolist()
