@@ -40,6 +40,9 @@ def export_module(module, facts: dict, path: pathlib.Path, opset: int = DEFAULT_
     """torch.onnx.export (dynamo) with dynamic batch, sequence and past axes; weights as external data."""
     import torch
 
+    if not logger.isEnabledFor(logging.INFO):
+        # torch configures its loggers on import; quiet the exporter's notes about absent torchvision.
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     layers, kv_heads, head_dim = facts["layers"], facts["kv_heads"], facts["head_dim"]
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
     past, total = torch.export.Dim("past_sequence"), torch.export.Dim("total_sequence")
@@ -127,6 +130,10 @@ def validate(model_dir: pathlib.Path, hf_model, prompt_ids: list[int], vocab_siz
              greedy_steps: int = 32, seed: int = 0) -> dict:
     """ORT vs PyTorch: logits on random and real inputs (prefill and decode on a cache), greedy tokens.
 
+    Greedy decoding follows the reference's tokens for ``greedy_steps`` steps; a step where ORT's
+    argmax differs passes only if it is a numerical tie (the reference scores both tokens within
+    ``tolerance``); such steps are counted in ``greedy_numerical_ties``.
+
     Raises:
         ValidationError: logits differ by more than ``tolerance`` or greedy tokens diverge.
     """
@@ -153,17 +160,25 @@ def validate(model_dir: pathlib.Path, hf_model, prompt_ids: list[int], vocab_siz
     with torch.no_grad():
         expected = hf_model.generate(torch.tensor([prompt_ids]), max_new_tokens=greedy_steps, min_new_tokens=greedy_steps,
                                      do_sample=False, pad_token_id=0)[0, len(prompt_ids):].tolist()
+    # Step through the reference's greedy sequence. Where ORT's argmax differs, it is accepted only
+    # as a numerical tie: the reference's own logits for the two tokens within ``tolerance``.
     decoder.reset()
     logits = decoder.forward(prompt_ids)[-1]
-    produced = []
-    for _ in range(greedy_steps):
-        token = int(np.argmax(logits))
-        produced.append(token)
+    agreeing, ties = 0, 0
+    for step, token in enumerate(expected):
+        ours = int(np.argmax(logits))
+        if ours != token:
+            with torch.no_grad():
+                reference = hf_model(torch.tensor([prompt_ids + expected[:step]])).logits[0, -1].float().numpy()
+            if reference[token] - reference[ours] > tolerance:
+                break
+            ties += 1
+        agreeing += 1
         logits = decoder.forward([token])[-1]
-    agree = next((i for i, (a, b) in enumerate(zip(produced, expected)) if a != b), greedy_steps)
-    figures["greedy_steps_agreeing"] = agree
-    if agree < greedy_steps:
-        raise ValidationError(f"greedy tokens diverge from PyTorch at step {agree} of {greedy_steps}")
+    figures["greedy_steps_agreeing"] = agreeing
+    figures["greedy_numerical_ties"] = ties
+    if agreeing < greedy_steps:
+        raise ValidationError(f"greedy tokens diverge from PyTorch at step {agreeing} of {greedy_steps}")
     return figures
 
 

@@ -6,9 +6,10 @@ Needs only onnxruntime, numpy, tokenizers and jinja2 (no torch), so it ships to 
 from __future__ import annotations
 
 from graphopt.runtime.decoder import Decoder
+from graphopt.runtime.device import DeviceDecoder, open_decoder
 from graphopt.runtime.generator import GenerationResult, Generator
 from graphopt.runtime.sampling import GREEDY, Sampling
 from graphopt.runtime.session import EXECUTION_PROVIDERS, make_session, resolve_providers
 
-__all__ = ["Decoder", "EXECUTION_PROVIDERS", "GREEDY", "GenerationResult", "Generator", "Sampling",
-           "make_session", "resolve_providers"]
+__all__ = ["Decoder", "DeviceDecoder", "EXECUTION_PROVIDERS", "GREEDY", "GenerationResult", "Generator", "Sampling",
+           "make_session", "open_decoder", "resolve_providers"]

@@ -13,7 +13,7 @@ import numpy as np
 
 from graphopt.errors import GraphoptError
 from graphopt.modeldir import ModelDir
-from graphopt.runtime.decoder import Decoder
+from graphopt.runtime.device import open_decoder
 from graphopt.runtime.sampling import GREEDY, Sampling, choose
 from graphopt.runtime.tokenizer import Tokenizer
 
@@ -65,7 +65,7 @@ class Generator:
     def __init__(self, model_dir: str | os.PathLike, ep: str = "cpu", threads: int | None = None):
         self.model_dir = ModelDir.open(model_dir)
         self.manifest = self.model_dir.manifest
-        self.decoder = Decoder(self.model_dir.model_path, ep=ep, threads=threads)
+        self.decoder = open_decoder(self.model_dir.model_path, ep=ep, threads=threads)
         self.tokenizer = Tokenizer(self.model_dir.path)
         self.eos_token_ids = set(self.manifest.get("eos_token_ids", []))
         self.max_positions = int(self.manifest.get("max_positions", 1 << 30))

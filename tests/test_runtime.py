@@ -1,0 +1,67 @@
+"""The torch-free runtime: sampling transforms, provider fallback, device-resident cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from graphopt.modeldir import ModelDir
+from graphopt.runtime import Decoder, DeviceDecoder, Sampling, resolve_providers
+from graphopt.runtime.sampling import choose, probabilities
+
+
+def test_probabilities_apply_temperature_top_k_and_top_p():
+    logits = np.log(np.array([0.5, 0.2, 0.15, 0.1, 0.05]))
+    np.testing.assert_allclose(probabilities(logits, Sampling(temperature=1.0)), [0.5, 0.2, 0.15, 0.1, 0.05])
+    top2 = probabilities(logits, Sampling(temperature=1.0, top_k=2))
+    np.testing.assert_allclose(top2, [0.5 / 0.7, 0.2 / 0.7, 0, 0, 0])
+    # top-p 0.8 keeps the smallest prefix whose mass reaches 0.8: 0.5 + 0.2 + 0.15.
+    nucleus = probabilities(logits, Sampling(temperature=1.0, top_p=0.8))
+    np.testing.assert_allclose(nucleus, np.array([0.5, 0.2, 0.15, 0, 0]) / 0.85)
+    cold = probabilities(logits, Sampling(temperature=0.5))
+    np.testing.assert_allclose(cold, np.array([0.5, 0.2, 0.15, 0.1, 0.05]) ** 2 / np.sum(np.array([0.5, 0.2, 0.15, 0.1, 0.05]) ** 2))
+
+
+def test_sampling_follows_the_distribution_and_greedy_takes_argmax():
+    logits = np.log(np.array([0.6, 0.3, 0.1]))
+    rng = np.random.default_rng(0)
+    draws = np.bincount([choose(logits, Sampling(temperature=1.0), rng) for _ in range(6000)], minlength=3) / 6000
+    np.testing.assert_allclose(draws, [0.6, 0.3, 0.1], atol=0.03)
+    assert choose(logits, Sampling(), rng) == 0
+
+
+def test_bad_sampling_settings_are_refused():
+    with pytest.raises(ValueError):
+        Sampling(temperature=-1)
+    with pytest.raises(ValueError):
+        Sampling(top_p=0.0)
+
+
+def test_missing_provider_falls_back_to_cpu_with_a_warning():
+    with pytest.warns(UserWarning, match="CUDAExecutionProvider is not available"):
+        assert resolve_providers("cuda", available=["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    with pytest.raises(ValueError, match="unknown execution provider"):
+        resolve_providers("npu")
+
+
+def test_tensorrt_gets_engine_cache_options(tmp_path):
+    providers = resolve_providers("tensorrt", available=["TensorrtExecutionProvider", "CUDAExecutionProvider",
+                                                         "CPUExecutionProvider"], model_dir=tmp_path)
+    name, options = providers[0]
+    assert name == "TensorrtExecutionProvider"
+    assert options["trt_engine_cache_enable"] and options["trt_engine_cache_path"] == str(tmp_path / "trt_cache")
+    assert providers[1:] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_device_decoder_matches_the_numpy_decoder(tiny_llama_dir):
+    """The IOBinding path (device-resident cache on CUDA) run on CPU: same logits, same rollback."""
+    path = ModelDir.open(tiny_llama_dir).model_path
+    plain, bound = Decoder(path), DeviceDecoder(path, ep="cpu")
+    ids = list(range(7, 19))
+    np.testing.assert_array_equal(plain.forward(ids[:5]), bound.forward(ids[:5]))
+    for decoder in (plain, bound):
+        decoder.forward([3, 4, 5])
+        decoder.truncate(5)
+    assert bound.length == 5
+    np.testing.assert_array_equal(plain.forward(ids[5:]), bound.forward(ids[5:]))
+    np.testing.assert_array_equal(plain.forward([9]), bound.forward([9]))
