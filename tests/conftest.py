@@ -45,3 +45,24 @@ def tiny_gpt2_dir(checkpoints, tmp_path_factory) -> pathlib.Path:
 def graphopt_home(tmp_path_factory) -> pathlib.Path:
     """Where the real model is cached: $GRAPHOPT_HOME if set, else a per-run folder."""
     return pathlib.Path(os.environ.get("GRAPHOPT_HOME") or tmp_path_factory.mktemp("graphopt-home"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(graphopt_home, tmp_path_factory) -> pathlib.Path:
+    """The real SmolLM2-135M-Instruct, fetched and exported (validated) once per test run.
+
+    ``$GRAPHOPT_SMOLLM2_DIR`` names an existing export to reuse instead (a developer's shortcut;
+    CI exports it here). Tests must not modify it: write outputs to their own tmp_path.
+    """
+    existing = os.environ.get("GRAPHOPT_SMOLLM2_DIR")
+    if existing:
+        return pathlib.Path(existing)
+    from click.testing import CliRunner
+
+    from graphopt.cli import main
+
+    os.environ["GRAPHOPT_HOME"] = str(graphopt_home)
+    output = tmp_path_factory.mktemp("smollm2") / "onnx"
+    exported = CliRunner().invoke(main, ["export", "smollm2-135m", "-o", str(output)])
+    assert exported.exit_code == 0, exported.output
+    return output

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 from click.testing import CliRunner
@@ -15,21 +14,20 @@ pytestmark = pytest.mark.slow
 QUESTION = "What is the capital of France?"
 
 
-@pytest.fixture(scope="module")
-def smollm2_dir(graphopt_home, tmp_path_factory):
-    """Fetch (twice: the second is a no-op) and export the real model once for this module."""
-    os.environ["GRAPHOPT_HOME"] = str(graphopt_home)
+def test_fetch_is_cached_and_verified(graphopt_home, monkeypatch):
+    monkeypatch.setenv("GRAPHOPT_HOME", str(graphopt_home))
     runner = CliRunner()
     fetched = runner.invoke(main, ["fetch", "smollm2-135m"])
     assert fetched.exit_code == 0, fetched.output
     path = fetched.output.strip().splitlines()[-1]
-    assert path.endswith(".gguf")
+    assert path.endswith(".gguf") and path.startswith(str(graphopt_home))
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a cached model must not be downloaded again")
+
+    monkeypatch.setattr("graphopt.sources.subprocess.run", no_download)
     again = runner.invoke(main, ["fetch", "smollm2-135m"])
-    assert again.output.strip().splitlines()[-1] == path
-    output = tmp_path_factory.mktemp("smollm2") / "onnx"
-    exported = runner.invoke(main, ["export", "smollm2-135m", "-o", str(output)])
-    assert exported.exit_code == 0, exported.output
-    return output
+    assert again.exit_code == 0 and again.output.strip().splitlines()[-1] == path
 
 
 def test_export_validated_against_pytorch(smollm2_dir):

@@ -1,0 +1,34 @@
+"""`graphopt fuse MODEL_DIR -o OUT --target cpu|cuda|tensorrt|onnx`: one fused op per attention layer."""
+
+from __future__ import annotations
+
+import click
+
+from graphopt.fusion import TARGETS
+
+
+@click.command("fuse")
+@click.argument("model_dir", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="Model directory to create.")
+@click.option("--target", required=True, type=click.Choice(list(TARGETS)),
+              help="Where the model will run: cpu/cuda use ONNX Runtime contrib ops, tensorrt/onnx standard opset 23.")
+@click.option("--explain", is_flag=True, help="Say why each rule that fused nothing did not match.")
+@click.option("--require", is_flag=True, help="Fail (exit 2) unless every attention layer fuses.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--validate/--no-validate", default=True, show_default=True,
+              help="Compare fused and source logits on CPU (prefill, decode, multi-token on cache).")
+def command(model_dir: str, output: str, target: str, explain: bool, require: bool, force: bool, validate: bool) -> None:
+    """Fuse attention, norms and GELU of MODEL_DIR for TARGET into OUTPUT."""
+    from graphopt.cli import progress
+    from graphopt.fusion import fuse
+
+    fused, counts = fuse(model_dir, output, target, require=require, explain=explain, force=force, validate=validate,
+                         progress=progress)
+    step = fused.manifest["lineage"][-1]
+    for name, count in counts.items():
+        progress(f"  {name}: {count}")
+    if not counts:
+        progress("  nothing fused (model unchanged)")
+    for name, value in step.get("figures", {}).items():
+        progress(f"  {name}: {value:.3g}" if isinstance(value, float) else f"  {name}: {value}")
+    click.echo(str(fused.path))
