@@ -10,6 +10,7 @@ from graphopt.runtime.device import DeviceDecoder, open_decoder
 from graphopt.runtime.generator import GenerationResult, Generator
 from graphopt.runtime.sampling import GREEDY, Sampling
 from graphopt.runtime.session import EXECUTION_PROVIDERS, make_session, resolve_providers
+from graphopt.runtime.speculative import SpeculativeGenerator
 
 __all__ = ["Decoder", "DeviceDecoder", "EXECUTION_PROVIDERS", "GREEDY", "GenerationResult", "Generator", "Sampling",
-           "make_session", "open_decoder", "resolve_providers"]
+           "SpeculativeGenerator", "make_session", "open_decoder", "resolve_providers"]

@@ -103,11 +103,16 @@ class DeviceDecoder(Decoder):
         self._length = length
 
 
-def open_decoder(model_path: str | os.PathLike, ep: str = "cpu", threads: int | None = None) -> Decoder:
-    """The right decoder for where the session runs: device-resident cache on CUDA, numpy on CPU."""
+def open_decoder(model_path: str | os.PathLike, ep: str = "cpu", threads: int | None = None,
+                 device_cache: bool = True) -> Decoder:
+    """The right decoder for where the session runs: device-resident cache on CUDA, numpy on CPU.
+
+    ``device_cache=False`` forces the numpy cache (a host round trip per step) even on a GPU, the
+    naive baseline the GPU benchmark compares against.
+    """
     from graphopt.runtime.session import make_session
 
     session = make_session(model_path, ep=ep, threads=threads)
-    if _DEVICE_OF_PROVIDER.get(session.get_providers()[0], "cpu") != "cpu":
+    if device_cache and _DEVICE_OF_PROVIDER.get(session.get_providers()[0], "cpu") != "cpu":
         return DeviceDecoder(model_path, session=session)
     return Decoder(model_path, session=session)

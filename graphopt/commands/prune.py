@@ -1,0 +1,47 @@
+"""`graphopt prune MODEL_DIR -o OUT`: remove attention heads, MLP channels or whole layers from the graph."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("prune")
+@click.argument("model_dir", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="Model directory to create.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--heads", type=float, default=None, metavar="F",
+              help="Fraction of query heads to remove, as whole KV groups (the KV cache shrinks with them).")
+@click.option("--channels", type=float, default=None, metavar="F", help="Fraction of every layer's MLP channels to remove.")
+@click.option("--layers", type=int, default=None, metavar="N", help="Number of decoder layers to drop.")
+@click.option("--params", type=float, default=None, metavar="F",
+              help="Fraction of all parameters to remove, divided as --split says (not with the three above).")
+@click.option("--split", type=click.Choice(["uniform", "channels", "layers"]), default="channels", show_default=True,
+              help="For --params: channels only, heads and channels at one fraction, or layers first.")
+@click.option("--importance", type=click.Choice(["measured", "random"]), default="measured", show_default=True,
+              help="Measured on calibration data, or seeded random (the control).")
+@click.option("--calib-text", type=click.Path(), default=None, help="Calibration text (UTF-8), cut into windows.")
+@click.option("--calib-npz", type=click.Path(), default=None, help="Calibration token ids (samples, seq_len).")
+@click.option("--calib-samples", type=int, default=16, show_default=True, help="Calibration sequences.")
+@click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per calibration sequence.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the data-free calibration, the window choice and --importance random.")
+def command(model_dir, output, force, heads, channels, layers, params, split, importance, calib_text, calib_npz,
+            calib_samples, seq_len, seed) -> None:
+    """Prune MODEL_DIR into OUTPUT (an unfused or fused float model; prune before quantizing).
+
+    Example: graphopt prune smollm2 -o smollm2-pruned --params 0.25
+    """
+    from graphopt.calibration import CalibrationSpec
+    from graphopt.cli import progress
+    from graphopt.errors import GraphoptError
+    from graphopt.pruning import prune
+
+    if not any(value is not None for value in (heads, channels, layers, params)):
+        raise GraphoptError("say what to remove: --heads F, --channels F, --layers N or --params F")
+    result = prune(model_dir, output, heads=heads, channels=channels, layers=layers, params=params, split=split,
+                   importance=importance, seed=seed, force=force, progress=progress,
+                   calib=CalibrationSpec(text=calib_text, npz=calib_npz, samples=calib_samples, seq_len=seq_len,
+                                         seed=seed))
+    for name, value in result.manifest["lineage"][-1]["figures"].items():
+        progress(f"  {name}: {value}")
+    click.echo(str(result.path))
