@@ -1,0 +1,356 @@
+"""`graphopt quantize`: calibrate, pick what to quantize, run the quantization passes, write a model directory.
+
+Three schemes (``QuantizeConfig.scheme``):
+
+* ``w8a8``: static int8 QDQ (``passes.quantize_qdq``), optionally after SmoothQuant
+  (``passes.smooth_quant``), with activation ranges from streaming collectors (``graphopt.ranges``);
+* ``int8`` / ``int4``: weight-only MatMulNBits (``passes.quantize_weights``), RTN or GPTQ.
+
+Pipeline (order matters, each step reads what the one before wrote):
+
+1. calibration sequences (text, .npz, or sampled from the model itself) - only when a step needs data;
+2. SmoothQuant: per-channel max |x| of each linear input, folded into norms / up projections;
+3. ranges: a ``RangeCollector`` per linear input over the (smoothed) model's activations;
+4. QDQ insertion, or MatMulNBits with GPTQ Hessians ``sum x x^T`` collected the same streaming way;
+5. with ``max_ppl_increase``: layers ranked by their own quantization error, the worst kept in
+   float until the perplexity on the calibration sequences is within the bound.
+
+Supported orders: fuse then quantize (recommended, tested: MatMuls stay MatMuls, fused norms take
+SmoothQuant's factors through their scale input, ORT runs GroupQueryAttention next to
+MatMulIntegerToFloat / MatMulNBits) and quantize then fuse (the attention rules do not look at
+the linear layers' weights; checked by hand on the tiny Llama, not in the tests). Needs no torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+import time
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt import ir as graph_io
+from graphopt.calibration import CalibrationSpec, calibration_sequences
+from graphopt.errors import GraphoptError
+from graphopt.modeldir import ModelDir, atomic_output, derive
+from graphopt.passes.quantize_common import QUANTIZABLE_OPS, check_patterns, linear_sites, quantized_ops
+from graphopt.ranges import METHODS as CALIBRATION_METHODS
+from graphopt.ranges import QuantParams, RangeCollector, fake_quantize, quantization_parameters
+
+logger = logging.getLogger(__name__)
+
+SCHEMES = ("w8a8", "int8", "int4")
+HEAD_CHOICES = ("auto", "float", "int8", "int4")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeConfig:
+    """Everything that decides the output model; recorded in the lineage."""
+
+    weights: str = "int8"
+    activations: str = "int8"
+    symmetric: bool = False
+    reduce_range: bool = True
+    calibration: str = "mse"
+    percentile: float = 99.99
+    block_size: int = 32
+    method: str = "rtn"
+    head: str = "auto"
+    exclude: tuple[str, ...] = ()
+    op_types: tuple[str, ...] = ("MatMul",)
+    smooth: float | None = None
+    max_ppl_increase: float | None = None
+    calib: CalibrationSpec = CalibrationSpec()
+
+    @property
+    def scheme(self) -> str:
+        if self.activations == "int8":
+            if self.weights != "int8":
+                raise GraphoptError(f"--activations int8 needs --weights int8 (got --weights {self.weights}); "
+                                    "int4 weights run with int8 activations inside MatMulNBits already")
+            return "w8a8"
+        if self.activations != "none":
+            raise GraphoptError(f"--activations must be int8 or none, got {self.activations}")
+        if self.weights not in ("int8", "int4"):
+            raise GraphoptError(f"--weights must be int8 or int4, got {self.weights}")
+        return self.weights
+
+    def validate(self) -> None:
+        scheme = self.scheme
+        if self.calibration not in CALIBRATION_METHODS:
+            raise GraphoptError(f"unknown calibration {self.calibration!r}; choose from {', '.join(CALIBRATION_METHODS)}")
+        unsupported = [op for op in self.op_types if op not in QUANTIZABLE_OPS]
+        if unsupported:
+            raise GraphoptError(f"cannot quantize op type {unsupported[0]}: these passes quantize "
+                                f"{', '.join(QUANTIZABLE_OPS)} with a constant weight")
+        if self.head not in HEAD_CHOICES:
+            raise GraphoptError(f"--head must be one of {', '.join(HEAD_CHOICES)}")
+        if scheme == "w8a8" and self.head == "int4":
+            raise GraphoptError("--head int4 needs weight-only quantization (--activations none)")
+        if scheme != "w8a8" and (self.smooth is not None or self.max_ppl_increase is not None):
+            raise GraphoptError("--smooth and --max-ppl-increase apply to W8A8 (--activations int8)")
+        if self.method != "rtn" and scheme == "w8a8":
+            raise GraphoptError(f"--method {self.method} applies to weight-only quantization")
+        if self.max_ppl_increase is not None and self.max_ppl_increase < 0:
+            raise GraphoptError("--max-ppl-increase is a percentage of at least 0")
+
+    def head_bits(self) -> int | None:
+        """Bits of the LM head for weight-only schemes (None keeps it in float)."""
+        if self.head == "float":
+            return None
+        if self.head == "auto":
+            return 8
+        return int(self.head[3:])
+
+    def describe(self) -> dict:
+        record = {"scheme": self.scheme, "weights": self.weights, "activations": self.activations,
+                  "head": self.head, "exclude": list(self.exclude)}
+        if self.scheme == "w8a8":
+            record.update(symmetric=self.symmetric, reduce_range=self.reduce_range, calibration=self.calibration, smooth=self.smooth,
+                          max_ppl_increase=self.max_ppl_increase)
+            if self.calibration == "percentile":
+                record["percentile"] = self.percentile
+        else:
+            record.update(block_size=self.block_size, method=self.method)
+        if self.needs_calibration:
+            record["calibration_data"] = self.calib.describe()
+        return record
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.scheme == "w8a8" or self.method == "gptq"
+
+
+def refuse_quantized(directory: ModelDir, model: ir.Model) -> None:
+    ops = quantized_ops(model)
+    earlier = [step for step in directory.manifest.get("lineage", []) if step.get("pass") == "quantize"]
+    if ops or earlier:
+        found = f"it holds {', '.join(ops)}" if ops else "its lineage has a quantize step"
+        raise GraphoptError(f"{directory.path} is already quantized ({found}); quantize the float model instead")
+
+
+def collect(model_path: pathlib.Path, names: list[str], sequences: list[list[int]],
+            update: Callable[[str, np.ndarray], None]) -> None:
+    """Stream each sequence's activations ``names`` through ``update(name, values)``; nothing is kept."""
+    from graphopt.capture import capture
+
+    for activations in capture(model_path, names, sequences):
+        for name, values in activations.items():
+            update(name, values)
+
+
+def activation_ranges(model_path: pathlib.Path, names: list[str], sequences: list[list[int]]) -> dict[str, RangeCollector]:
+    collectors = {name: RangeCollector(name) for name in names}
+    collect(model_path, names, sequences, lambda name, values: collectors[name].update(values))
+    return collectors
+
+
+def channel_absmax(model_path: pathlib.Path, names: list[str], sequences: list[list[int]]) -> dict[str, np.ndarray]:
+    absmax: dict[str, np.ndarray] = {}
+
+    def update(name, values):
+        values = np.abs(values.reshape(-1, values.shape[-1])).max(axis=0)
+        if not np.isfinite(values).all():
+            raise GraphoptError(f"calibration saw NaN or inf in {name}")
+        absmax[name] = np.maximum(absmax[name], values) if name in absmax else values
+
+    collect(model_path, names, sequences, update)
+    return absmax
+
+
+def hessians(model_path: pathlib.Path, names: list[str], sequences: list[list[int]]) -> dict[str, np.ndarray]:
+    """``sum x x^T`` over all calibration tokens for each linear input (float64, ``[K, K]`` each)."""
+    totals: dict[str, np.ndarray] = {}
+
+    def update(name, values):
+        rows = values.reshape(-1, values.shape[-1]).astype(np.float64)
+        if not np.isfinite(rows).all():
+            raise GraphoptError(f"calibration saw NaN or inf in {name}")
+        totals[name] = totals.get(name, 0) + rows.T @ rows
+
+    collect(model_path, names, sequences, update)
+    return totals
+
+
+def sequence_perplexity(model_path: pathlib.Path, sequences: list[list[int]]) -> float:
+    """Perplexity of the model on its calibration sequences (each from an empty cache)."""
+    from graphopt.evaluate import log_softmax
+    from graphopt.runtime.decoder import Decoder
+
+    decoder = Decoder(model_path)
+    total, count = 0.0, 0
+    for ids in sequences:
+        decoder.reset()
+        logprobs = log_softmax(decoder.forward(ids[:-1]))
+        total -= float(logprobs[np.arange(len(ids) - 1), ids[1:]].sum())
+        count += len(ids) - 1
+    return float(np.exp(total / count))
+
+
+def site_errors(model: ir.Model, model_path: pathlib.Path, params: dict[str, QuantParams],
+                sequences: list[list[int]], head: bool, reduce_range: bool) -> dict[str, float]:
+    """Squared output error of each linear site quantized alone (activation and weight), summed over tokens.
+
+    Absolute, not relative: what a site adds to the residual stream is what hurts, and a site with
+    large outputs (down_proj on outlier channels) hurts more at the same relative error.
+    """
+    from graphopt.passes.quantize_qdq import per_channel_weight
+
+    sites = linear_sites(model.graph, head=head)
+    weights = {}
+    for site in sites:
+        codes, scale = per_channel_weight(site.weight(), reduce_range)
+        weights[site.name] = (site.weight(), codes.astype(np.float32) * scale)
+    errors = {site.name: 0.0 for site in sites}
+    by_activation: dict[str, list] = {}
+    for site in sites:
+        by_activation.setdefault(site.activation.name, []).append(site.name)
+
+    def update(name, values):
+        rows = values.reshape(-1, values.shape[-1])
+        quantized_rows = fake_quantize(rows, params[name]).astype(np.float32)
+        for site_name in by_activation[name]:
+            weight, quantized_weight = weights[site_name]
+            reference = rows @ weight
+            errors[site_name] += float(((quantized_rows @ quantized_weight - reference) ** 2).sum())
+
+    collect(model_path, list(by_activation), sequences, update)
+    return errors
+
+
+def quantize(model_dir: str | pathlib.Path, output: str | pathlib.Path, config: QuantizeConfig = QuantizeConfig(),
+             force: bool = False, progress: Callable[[str], None] = lambda message: None,
+             measure_windows: int | None = None) -> ModelDir:
+    """Quantize ``model_dir`` into a new model directory ``output`` (atomic; see the module docstring).
+
+    With ``measure_windows``, the perplexity of the float and the quantized model on the default
+    evaluation text (that many windows of 512 tokens) goes into the lineage step's figures.
+    """
+    config.validate()
+    source = ModelDir.open(model_dir)
+    model = graph_io.load(source.model_path)
+    refuse_quantized(source, model)
+    check_patterns(model.graph, config.exclude)
+    head = config.head != "float"
+    sites = linear_sites(model.graph, config.exclude, head=head)
+    if not sites:
+        raise GraphoptError(f"{source.path}: no MatMul with a constant weight left to quantize")
+    started = time.perf_counter()
+    figures: dict = {}
+    with atomic_output(output, force) as scratch:
+        sequences = []
+        if config.needs_calibration:
+            progress(f"calibration data: {config.calib.describe()['source']}, {config.calib.samples} x "
+                     f"{config.calib.seq_len} tokens")
+            sequences = calibration_sequences(source.path, config.calib)
+        if config.scheme == "w8a8":
+            model, counts, extra = _w8a8(source, model, config, sequences, scratch, progress)
+        else:
+            model, counts, extra = _weight_only(source, model, config, sequences, progress)
+        figures.update(extra)
+        graph_io.save(model, scratch / "model.onnx")
+        for leftover in scratch.glob("stage*"):
+            leftover.unlink()
+        figures.update(counts=counts, size_bytes=sum(f.stat().st_size for f in scratch.iterdir() if f.is_file()),
+                       seconds=round(time.perf_counter() - started, 1))
+        step = {"pass": "quantize", "parameters": config.describe(), "figures": figures}
+        manifest = derive(source, scratch, step, quantization=config.scheme)
+        if measure_windows:
+            figures.update(measure_perplexity(source.path, scratch, measure_windows, progress))
+            ModelDir(scratch).write_manifest(manifest)
+    return ModelDir(output)
+
+
+def measure_perplexity(reference: pathlib.Path, quantized: pathlib.Path, max_windows: int,
+                       progress: Callable[[str], None]) -> dict:
+    """Perplexity of both models on the default evaluation text, and their agreement."""
+    from graphopt.evaluate import DEFAULT_TEXT, evaluate
+
+    window = min(512, (ModelDir.open(reference).manifest.get("max_positions") or 513) - 1)
+    progress(f"measuring perplexity on {DEFAULT_TEXT.name} ({max_windows} windows of {window})")
+    float_result = evaluate(reference, DEFAULT_TEXT, window=window, max_windows=max_windows)
+    result = evaluate(quantized, DEFAULT_TEXT, window=window, reference_dir=reference, max_windows=max_windows)
+    return {"eval_text": DEFAULT_TEXT.name, "eval_window": window, "eval_tokens": result.tokens,
+            "perplexity_float": round(float_result.perplexity, 4), "perplexity": round(result.perplexity, 4),
+            "perplexity_increase_percent": round(100 * (result.perplexity / float_result.perplexity - 1), 3),
+            "token_agreement": round(result.token_agreement, 4), "mean_kl": round(result.mean_kl, 6)}
+
+
+def _stage(model: ir.Model, scratch: pathlib.Path, name: str) -> pathlib.Path:
+    """Save an intermediate model in the scratch directory (removed before the rename)."""
+    path = scratch / f"stage-{name}.onnx"
+    ir.save(model, str(path), external_data=f"stage-{name}.onnx.data", size_threshold_bytes=1024)
+    return path
+
+
+def _w8a8(source: ModelDir, model: ir.Model, config: QuantizeConfig, sequences, scratch: pathlib.Path, progress):
+    from graphopt.passes.quantize_qdq import QDQQuantizePass
+    from graphopt.passes.smooth_quant import SmoothQuantPass
+
+    head = config.head != "float"
+    extra: dict = {}
+    model_path = source.model_path
+    names = sorted({site.activation.name for site in linear_sites(model.graph, head=head)})
+    if config.smooth is not None:
+        progress(f"SmoothQuant alpha {config.smooth}: collecting per-channel maxima")
+        smooth = SmoothQuantPass(config.smooth, channel_absmax(model_path, names, sequences))
+        smooth(model)
+        extra["smooth_folded"] = smooth.counts
+        model_path = _stage(model, scratch, "smoothed")
+    progress(f"collecting {config.calibration} ranges of {len(names)} activations")
+    collectors = activation_ranges(model_path, names, sequences)
+    params = {name: quantization_parameters(*collector.range(config.calibration, config.percentile, config.symmetric),
+                                            symmetric=config.symmetric)
+              for name, collector in collectors.items()}
+    exclude = list(config.exclude)
+    if config.max_ppl_increase is not None:
+        exclude += _sensitive_sites(model, model_path, params, config, sequences, scratch, progress, extra)
+        extra["kept_float"] = exclude[len(config.exclude):]
+    qdq = QDQQuantizePass(params, exclude, head=head, reduce_range=config.reduce_range)
+    qdq(model)
+    return model, qdq.counts, extra
+
+
+def _sensitive_sites(model, model_path, params, config, sequences, scratch, progress, extra) -> list[str]:
+    """Names of the sites to keep in float so the calibration perplexity rises at most ``max_ppl_increase`` %."""
+    from graphopt.passes.quantize_qdq import QDQQuantizePass
+
+    head = config.head != "float"
+    baseline = sequence_perplexity(model_path, sequences)
+    errors = site_errors(model, model_path, params, sequences[:2], head, config.reduce_range)
+    ranked = sorted(errors, key=lambda name: -errors[name])
+    extra["calibration_perplexity_float"] = round(baseline, 4)
+    kept: list[str] = []
+    count = 0
+    while True:
+        candidate = graph_io.load(model_path)
+        QDQQuantizePass(params, [*config.exclude, *kept], head=head, reduce_range=config.reduce_range)(candidate)
+        perplexity = sequence_perplexity(_stage(candidate, scratch, "candidate"), sequences)
+        increase = 100 * (perplexity / baseline - 1)
+        progress(f"{len(kept)} layer(s) kept in float: calibration perplexity {perplexity:.3f} ({increase:+.2f}%)")
+        if increase <= config.max_ppl_increase or count >= len(ranked):
+            extra["calibration_perplexity_quantized"] = round(perplexity, 4)
+            return kept
+        count = max(1, count * 2)
+        kept = ranked[:count]
+
+
+def _weight_only(source: ModelDir, model: ir.Model, config: QuantizeConfig, sequences, progress):
+    from graphopt.passes.quantize_weights import WeightOnlyQuantizePass
+
+    bits = 8 if config.scheme == "int8" else 4
+    head_bits = config.head_bits()
+    extra: dict = {}
+    layer_hessians = None
+    if config.method == "gptq":
+        names = sorted({site.activation.name for site in linear_sites(model.graph, config.exclude, head=False)})
+        progress(f"GPTQ: collecting Hessians of {len(names)} layer inputs")
+        layer_hessians = hessians(source.model_path, names, sequences)
+    progress(f"quantizing weights to int{bits}, block {config.block_size}, {config.method}"
+             + ("" if head_bits == bits else f", LM head {'float' if head_bits is None else f'int{head_bits}'}"))
+    weights = WeightOnlyQuantizePass(bits, config.block_size, config.method, config.exclude, head_bits, layer_hessians)
+    weights(model)
+    return model, weights.counts, extra
