@@ -59,10 +59,10 @@ def progress(message: str) -> None:
 
 
 def _register() -> None:
-    from graphopt.commands import draft, export, fetch, fuse, generate, inspect, quantize
+    from graphopt.commands import convert, draft, export, fetch, fuse, generate, inspect, optimize, prune, quantize
     from graphopt.commands import eval as evaluate
 
-    for module in (fetch, export, fuse, generate, inspect, draft, quantize, evaluate):
+    for module in (fetch, export, fuse, generate, inspect, draft, quantize, prune, evaluate, convert, optimize):
         main.add_command(module.command)
 
 

@@ -44,7 +44,8 @@ def test_missing_provider_falls_back_to_cpu_with_a_warning():
         resolve_providers("npu")
 
 
-def test_tensorrt_gets_engine_cache_options(tmp_path):
+def test_tensorrt_gets_engine_cache_options(tmp_path, monkeypatch):
+    monkeypatch.setattr("graphopt.runtime.session.tensorrt_missing_library", lambda: None)
     providers = resolve_providers("tensorrt", available=["TensorrtExecutionProvider", "CUDAExecutionProvider",
                                                          "CPUExecutionProvider"], model_dir=tmp_path)
     name, options = providers[0]

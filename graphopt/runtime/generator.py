@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import pathlib
 import time
 from typing import Callable, Sequence
 

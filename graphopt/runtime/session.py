@@ -25,6 +25,22 @@ def tensorrt_options(cache_dir: str | os.PathLike | None = None, fp16: bool = Fa
     return options
 
 
+TENSORRT_LIBRARIES = ("libnvinfer.so.10", "nvinfer_10.dll")
+
+
+def tensorrt_missing_library() -> str | None:
+    """The TensorRT runtime library this process cannot load, or None when it loads."""
+    import ctypes
+    import sys
+
+    name = TENSORRT_LIBRARIES[1] if sys.platform == "win32" else TENSORRT_LIBRARIES[0]
+    try:
+        ctypes.CDLL(name)
+    except OSError:
+        return name
+    return None
+
+
 def resolve_providers(ep: str, available: list[str] | None = None, model_dir: str | os.PathLike | None = None):
     """Map ``cpu|cuda|tensorrt`` to an ORT provider list, dropping what this onnxruntime lacks.
 
@@ -37,7 +53,14 @@ def resolve_providers(ep: str, available: list[str] | None = None, model_dir: st
     available = ort.get_available_providers() if available is None else available
     wanted = EXECUTION_PROVIDERS[ep]
     providers = [name for name in wanted if name in available] or ["CPUExecutionProvider"]
-    if providers[0] != wanted[0]:
+    if "TensorrtExecutionProvider" in providers and tensorrt_missing_library() is not None:
+        # onnxruntime-gpu lists the TensorRT provider whether or not TensorRT is installed; without
+        # its libraries the session would fail (or fall back) with a long loader error.
+        providers.remove("TensorrtExecutionProvider")
+        warnings.warn(f"TensorRT libraries not found ({tensorrt_missing_library()}): install TensorRT 10 "
+                      f"(pip install tensorrt) or add its lib directory to LD_LIBRARY_PATH; "
+                      f"falling back to {providers[0]}", stacklevel=2)
+    elif providers[0] != wanted[0]:
         warnings.warn(f"{wanted[0]} is not available in this onnxruntime "
                       f"(has {', '.join(available)}); falling back to {providers[0]}", stacklevel=2)
     resolved = []

@@ -1,0 +1,66 @@
+"""`graphopt optimize [SRC] -o OUT [--recipe NAME]`: checkpoint to a deployable, measured target and draft."""
+
+from __future__ import annotations
+
+import click
+
+from graphopt import sources
+from graphopt.recipes import DEFAULT_RECIPE
+
+
+class _OneLineErrors(click.Command):
+    """Bad options get the one-line ``error: ...`` and exit 2 of every graphopt user error."""
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as error:
+            from graphopt.cli import UserError
+
+            raise UserError(f"{error.format_message()} (graphopt optimize --help)") from None
+
+
+def _list_recipes(ctx, _parameter, value) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from graphopt.recipes import RECIPES, describe
+
+    for recipe in RECIPES.values():
+        click.echo(describe(recipe))
+    ctx.exit(0)
+
+
+@click.command("optimize", cls=_OneLineErrors)
+@click.argument("src", required=False, default=sources.DEFAULT_MODEL)
+@click.option("-o", "--output", required=True, type=click.Path(), help="Directory to create: target/, draft/, report.*")
+@click.option("--recipe", default=DEFAULT_RECIPE, show_default=True, help="Pipeline to run (see --list-recipes).")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists (only once the new one is complete).")
+@click.option("--list-recipes", is_flag=True, expose_value=False, is_eager=True, callback=_list_recipes,
+              help="Print the recipes and their stages, then exit.")
+@click.option("--tokens", type=click.IntRange(2, 4096), default=64, show_default=True,
+              help="New tokens per decode measurement.")
+@click.option("--eval-windows", type=click.IntRange(1, 1000), default=4, show_default=True,
+              help="Perplexity windows (of up to --window tokens) per model.")
+@click.option("--window", type=click.IntRange(8, 8192), default=512, show_default=True, help="Perplexity window.")
+@click.option("--reference/--no-reference", default=True, show_default=True,
+              help="Also measure transformers generate on the checkpoint (when SRC is one).")
+@click.option("--with-peers", is_flag=True, help="Also measure onnxruntime.quantization.quantize_dynamic on the export.")
+def command(src: str, output: str, recipe: str, force: bool, tokens: int, eval_windows: int, window: int,
+            reference: bool, with_peers: bool) -> None:
+    """Export SRC, then prune, fuse, quantize, validate and draft as RECIPE says, measuring every stage.
+
+    SRC is a registry name (default: the embedded SmolLM2-135M-Instruct), a Hugging Face checkpoint
+    directory, a .gguf file, or a float32 graphopt model directory (used as the export).
+
+    Example: graphopt optimize -o smollm2-opt --recipe cpu-int4
+    """
+    import pathlib
+
+    from graphopt.cli import progress
+    from graphopt.optimize import MeasureSettings, optimize, table
+
+    settings = MeasureSettings(tokens=tokens, eval_windows=eval_windows, window=window, reference_tools=reference,
+                               with_peers=with_peers)
+    out = optimize(src, output, recipe, force=force, settings=settings, progress=progress)
+    click.echo(table(pathlib.Path(out) / "report.md"))
+    click.echo(str(out))

@@ -1,0 +1,546 @@
+"""`graphopt optimize`: a recipe's stages from checkpoint to a deployable, measured target and draft.
+
+``optimize(src, output, recipe)`` runs the recipe (``graphopt.recipes``) stage by stage, each stage
+writing a model directory under a work folder inside the output's scratch directory, and measures
+every model it makes on the same protocol:
+
+* size on disk, parameters (logical weights: a 4-bit MatMulNBits weight counts K x N);
+* decode tokens/s and prefill ms: greedy, ``tokens`` new tokens after a fixed chat prompt, EOS
+  ignored, after one warm-up generation, on the recipe's execution provider (CPU fallback noted);
+* perplexity on ``graphopt/data/eval-gpl3.txt`` over ``eval_windows`` windows (``graphopt.evaluate``'s
+  protocol) and teacher-forced greedy token agreement with the float32 export;
+* for the target and its draft: speculative decode tokens/s and acceptance rate.
+
+Reference tools measured on the same machine go into the report and plot beside the stages:
+transformers' ``generate`` on the checkpoint (when SRC is a checkpoint), and with ``with_peers``
+onnxruntime.quantization's ``quantize_dynamic`` on the float export.
+
+OUT gets ``target/`` and ``draft/`` (model directories), ``report.md``, ``report.json`` and
+``report.png``. The whole of OUT is built in a scratch directory beside it and renamed at the end,
+so an interrupted or failed run leaves no OUT (and an existing OUT, with ``force``, untouched).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import logging
+import math
+import os
+import pathlib
+import platform
+import shutil
+import time
+from typing import Any, Callable
+
+from graphopt.errors import GraphoptError, ValidationError
+from graphopt.modeldir import MANIFEST_FILE, MODEL_FILE, ModelDir, atomic_output, check_output, derive
+from graphopt.recipes import MODEL_STAGES, Recipe, check_order, get_recipe
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+PROMPT = "Write a short paragraph about the history of Paris."
+
+
+@dataclasses.dataclass(frozen=True)
+class MeasureSettings:
+    """How every model is measured; written into the report."""
+
+    tokens: int = 64
+    eval_windows: int = 4
+    window: int = 512
+    ep: str = "cpu"
+    reference_tools: bool = True
+    with_peers: bool = False
+
+
+@dataclasses.dataclass
+class StageContext:
+    """What a stage sees: the current target, earlier model stages by kind, where to write."""
+
+    src: str
+    current: ModelDir | None
+    models: dict[str, ModelDir]
+    work: pathlib.Path
+    scratch: pathlib.Path
+    recipe: Recipe
+    settings: MeasureSettings
+    progress: Progress
+    measure: Callable[[ModelDir], dict]
+
+
+# --- stages ---------------------------------------------------------------------------------
+# Each stage returns the model directory it wrote (or None) and a dict of figures for the report.
+
+
+def stage_export(context: StageContext, destination: pathlib.Path, opset: int = 18) -> tuple[ModelDir, dict]:
+    """SRC as a float32 model directory: exported (and validated against PyTorch), or SRC itself when it is one."""
+    if is_model_dir(context.src):
+        directory = ModelDir.open(context.src)
+        if directory.manifest.get("dtype", "float32") != "float32" or directory.manifest.get("quantization"):
+            raise GraphoptError(f"{context.src}: optimize starts from a float32 model directory or a checkpoint")
+        context.progress(f"using the model directory {directory.path} as the export")
+        return directory, {"given": True}
+    from graphopt.export import export
+
+    return export(context.src, destination, run_validation=True, opset=opset, progress=context.progress), {}
+
+
+def stage_prune(context: StageContext, destination: pathlib.Path, **options) -> tuple[ModelDir, dict]:
+    from graphopt.pruning import prune
+
+    pruned = prune(context.current.path, destination, progress=context.progress, **options)
+    return pruned, dict(pruned.manifest["lineage"][-1].get("counts", {}))
+
+
+def stage_fuse(context: StageContext, destination: pathlib.Path, target: str,
+               tolerance: float = 1e-2) -> tuple[ModelDir, dict]:
+    """Fuse for ``target``, every attention layer required.
+
+    ``tolerance`` (max |logits diff| to the unfused source) is looser than ``graphopt fuse``'s 1e-3:
+    fused kernels sum in another order, and on a pruned SmolLM2-135M (logits up to ~30) that alone
+    reached 1.07e-3. Perplexity and agreement in the report show any real difference.
+    """
+    from graphopt.fusion import fuse
+
+    fused, counts = fuse(context.current.path, destination, target, require=True, tolerance=tolerance,
+                         progress=context.progress)
+    return fused, dict(counts)
+
+
+def stage_convert(context: StageContext, destination: pathlib.Path, dtype: str = "fp16") -> tuple[ModelDir, dict]:
+    from graphopt.convert import convert
+
+    converted = convert(context.current.path, destination, dtype=dtype, progress=context.progress)
+    return converted, dict(converted.manifest["lineage"][-1].get("counts", {}))
+
+
+def stage_quantize(context: StageContext, destination: pathlib.Path, **options) -> tuple[ModelDir, dict]:
+    from graphopt.quantization import QuantizeConfig, quantize
+
+    config = QuantizeConfig(**options)
+    quantized = quantize(context.current.path, destination, config=config, progress=context.progress)
+    figures = quantized.manifest["lineage"][-1].get("figures", {})
+    return quantized, dict(figures.get("counts", {}))
+
+
+def stage_validate(context: StageContext, destination: pathlib.Path, min_token_agreement: float = 0.9,
+                   max_perplexity_increase: float = 5.0) -> tuple[None, dict]:
+    """Check the target against the float32 export: token agreement and perplexity increase (percent).
+
+    Raises:
+        ValidationError: either bound is missed (nothing is written to OUT).
+    """
+    target = context.measure(context.current)
+    reference = context.measure(context.models["export"])
+    increase = 100.0 * (target["perplexity"] / reference["perplexity"] - 1.0)
+    figures = {"token_agreement": target["token_agreement"], "perplexity_increase_percent": round(increase, 3),
+               "provider": target["provider"]}
+    measured = (f"token agreement with float32 {target['token_agreement']:.1%}, perplexity {target['perplexity']:.3f} "
+                f"vs {reference['perplexity']:.3f} ({increase:+.1f}%)")
+    if target["token_agreement"] < min_token_agreement:
+        raise ValidationError(f"target fails validation: {measured}; agreement below the recipe's {min_token_agreement:.0%}")
+    if increase > max_perplexity_increase:
+        raise ValidationError(f"target fails validation: {measured}; perplexity increase over the recipe's "
+                              f"{max_perplexity_increase}%")
+    context.progress(f"validated: token agreement {target['token_agreement']:.1%}, perplexity {increase:+.2f}%")
+    return None, figures
+
+
+def stage_draft(context: StageContext, destination: pathlib.Path, recipe: str = "auto",
+                source: str = "export") -> tuple[ModelDir, dict]:
+    from graphopt.drafting import build_draft
+
+    if source not in context.models:
+        raise GraphoptError(f"recipe {context.recipe.name}: draft source {source!r} is not an earlier stage")
+    draft, report = build_draft(context.models[source].path, context.scratch / "draft", recipe=recipe,
+                                ep=context.recipe.ep, progress=context.progress)
+    return draft, {"draft_recipe": report.get("recipe", recipe)}
+
+
+STAGES: dict[str, Callable[..., tuple[ModelDir | None, dict]]] = {
+    "export": stage_export,
+    "prune": stage_prune,
+    "fuse": stage_fuse,
+    "convert": stage_convert,
+    "quantize": stage_quantize,
+    "validate": stage_validate,
+    "draft": stage_draft,
+}
+
+
+def check_parameters(recipe: Recipe) -> None:
+    """Every stage's parameters bind to its call, before anything runs (a typo fails in a second)."""
+    for stage in recipe.stages:
+        runner = STAGES[stage.kind]
+        try:
+            inspect.signature(runner).bind(None, None, **stage.parameters)
+        except TypeError as error:
+            raise GraphoptError(f"recipe {recipe.name}: stage {stage.describe()}: {error}") from None
+        if stage.kind == "draft":
+            from graphopt.drafting import RECIPES as DRAFT_RECIPES
+
+            name = stage.parameters.get("recipe", "auto")
+            if name != "auto" and name not in DRAFT_RECIPES:
+                raise GraphoptError(f"recipe {recipe.name}: unknown draft recipe {name!r}; "
+                                    f"graphopt.drafting has auto, {', '.join(DRAFT_RECIPES)}")
+        if stage.kind == "quantize":
+            from graphopt.quantization import QuantizeConfig
+
+            try:
+                QuantizeConfig(**stage.parameters).validate()
+            except TypeError as error:
+                raise GraphoptError(f"recipe {recipe.name}: stage {stage.describe()}: {error}") from None
+
+
+# --- measuring ------------------------------------------------------------------------------
+
+
+def is_model_dir(src: str) -> bool:
+    path = pathlib.Path(src)
+    return path.is_dir() and (path / MODEL_FILE).is_file() and (path / MANIFEST_FILE).is_file()
+
+
+def logical_parameters(model_path: pathlib.Path) -> int:
+    """Weights as the float model counts them: packed 4/8-bit MatMulNBits weights count K x N, scales not."""
+    from graphopt import ir as graph_ir
+
+    model = graph_ir.load(model_path)
+    skipped: set[str] = set()
+    count = 0
+    for node in model.graph:
+        if node.op_type == "MatMulNBits":
+            count += node.attributes["K"].as_int() * node.attributes["N"].as_int()
+            skipped.update(value.name for value in node.inputs[1:] if value is not None)
+        elif node.op_type == "DequantizeLinear":
+            skipped.update(value.name for value in node.inputs[1:] if value is not None)
+    for name, value in model.graph.initializers.items():
+        if name not in skipped and value.shape is not None:
+            count += math.prod(value.shape.numpy())
+    return int(count)
+
+
+def measure_model(directory: ModelDir, reference: ModelDir | None, settings: MeasureSettings,
+                  progress: Progress) -> dict[str, Any]:
+    """Size, parameters, decode tokens/s, prefill ms, perplexity and token agreement of one model."""
+    from graphopt.evaluate import DEFAULT_TEXT, evaluate
+    from graphopt.runtime import Generator
+
+    generator = Generator(directory.path, ep=settings.ep)
+    prompt_ids = generator.encode_prompt(PROMPT, chat=True)
+    generator.generate(prompt_ids, max_new_tokens=4, stop_on_eos=False)  # warm-up: first-run allocations
+    run = generator.generate(prompt_ids, max_new_tokens=settings.tokens, stop_on_eos=False)
+    window = eval_window(directory, settings)
+    progress(f"  perplexity over {settings.eval_windows} windows of {window} tokens"
+             + (" with agreement against float32" if reference is not None else ""))
+    quality = evaluate(directory.path, DEFAULT_TEXT, window=window, max_windows=settings.eval_windows,
+                       reference_dir=reference.path if reference is not None else None, ep=settings.ep,
+                       progress=lambda done, total: progress(f"  perplexity window {done}/{total}"))
+    return {"size_bytes": directory.size_bytes(), "parameters": logical_parameters(directory.model_path),
+            "decode_tokens_per_s": run.decode_tokens_per_s, "prefill_ms": run.prefill_ms,
+            "prompt_tokens": len(prompt_ids), "perplexity": quality.perplexity,
+            "token_agreement": 1.0 if reference is None else quality.token_agreement,
+            "eval_tokens": quality.tokens, "provider": generator.provider, "token_ids": run.token_ids}
+
+
+def eval_window(directory: ModelDir, settings: MeasureSettings) -> int:
+    max_positions = directory.manifest.get("max_positions") or settings.window + 1
+    return min(settings.window, int(max_positions) - 1)
+
+
+def measure_pair(target: ModelDir, draft: ModelDir, settings: MeasureSettings) -> dict[str, Any]:
+    """Greedy speculative decoding of the target with its draft, same prompt and length as the stages."""
+    from graphopt.runtime.speculative import SpeculativeGenerator
+
+    generator = SpeculativeGenerator(target.path, draft.path, ep=settings.ep)
+    prompt_ids = generator.encode_prompt(PROMPT, chat=True)
+    generator.generate(prompt_ids, max_new_tokens=4, stop_on_eos=False)
+    run = generator.generate(prompt_ids, max_new_tokens=settings.tokens, stop_on_eos=False)
+    return {"decode_tokens_per_s": run.decode_tokens_per_s, "prefill_ms": run.prefill_ms,
+            "acceptance_rate": run.extra.get("acceptance_rate"), "token_ids": run.token_ids}
+
+
+def measure_transformers(src: str, reference: ModelDir, settings: MeasureSettings, progress: Progress) -> dict[str, Any]:
+    """transformers' generate (greedy, same prompt and length) and a PyTorch perplexity on the same windows."""
+    import torch
+
+    from graphopt.checkpoint import load
+    from graphopt.evaluate import DEFAULT_TEXT, read_text, text_windows
+    from graphopt.runtime.tokenizer import Tokenizer
+
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # the GGUF loader's bar would break the progress lines
+    model = load(src).model.eval()
+    tokenizer = Tokenizer(reference.path)
+    prompt_ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}]))
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        started = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, do_sample=False)
+        prefill_s = time.perf_counter() - started
+        started = time.perf_counter()
+        model.generate(ids, max_new_tokens=settings.tokens, min_new_tokens=settings.tokens, do_sample=False)
+        total_s = time.perf_counter() - started
+        window = eval_window(reference, settings)
+        windows = text_windows(tokenizer.encode(read_text(DEFAULT_TEXT)), window, settings.eval_windows)
+        progress(f"  PyTorch perplexity over {len(windows)} windows of {window} tokens")
+        nll, scored = 0.0, 0
+        for window_ids in windows:
+            logits = model(torch.tensor([window_ids[:-1]])).logits[0].double()
+            targets = torch.tensor(window_ids[1:])
+            nll -= float(torch.log_softmax(logits, -1)[torch.arange(len(targets)), targets].sum())
+            scored += len(targets)
+    return {"decode_tokens_per_s": (settings.tokens - 1) / max(total_s - prefill_s, 1e-9),
+            "prefill_ms": prefill_s * 1e3, "perplexity": math.exp(nll / scored),
+            "parameters": sum(parameter.numel() for parameter in model.parameters()), "provider": "torch CPU"}
+
+
+def ort_quantize_dynamic(reference: ModelDir, destination: pathlib.Path) -> ModelDir:
+    """The peer: onnxruntime.quantization.quantize_dynamic (int8 per-tensor weights) on the float export."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    destination.mkdir(parents=True)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # it logs a pre-processing hint through the root logger
+    try:
+        # per_channel=False: with per-channel weights (MatMulInteger) onnxruntime 1.32 gives SmolLM2-135M
+        # a perplexity over 1e6 on graphopt's export; per-tensor gives ~32 on one 512-token window.
+        quantize_dynamic(str(reference.model_path), str(destination / MODEL_FILE), per_channel=False,
+                         weight_type=QuantType.QInt8, use_external_data_format=True)
+    finally:
+        root.setLevel(level)
+    derive(reference, destination, {"pass": "onnxruntime.quantization.quantize_dynamic",
+                                    "parameters": {"per_channel": False, "weight_type": "QInt8"}})
+    return ModelDir(destination)
+
+
+# --- the pipeline ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Row:
+    """One line of the report: a stage's model, the speculative pair, or a reference tool."""
+
+    label: str
+    kind: str  # "stage", "pair" or "reference"
+    figures: dict[str, Any]
+    notes: str = ""
+
+
+def optimize(src: str, output: str | os.PathLike, recipe: str, force: bool = False,
+             settings: MeasureSettings | None = None, progress: Progress = lambda message: None) -> pathlib.Path:
+    """Run ``recipe`` on SRC (a checkpoint, registry name or float32 model directory) into OUT.
+
+    Returns OUT's path. Raises GraphoptError for a bad recipe before any work, and lets any
+    stage's error through after removing the scratch directory (OUT is left as it was).
+    """
+    chosen = get_recipe(recipe)
+    check_order(chosen)
+    check_parameters(chosen)
+    settings = settings or MeasureSettings()
+    settings = dataclasses.replace(settings, ep=chosen.ep)
+    check_output(output, force)
+    if not is_model_dir(src) and pathlib.Path(src).is_dir() and not (pathlib.Path(src) / "config.json").exists():
+        raise GraphoptError(f"{src}: neither a graphopt model directory nor a checkpoint directory")
+    started = time.perf_counter()
+    with atomic_output(output, force=force) as scratch:
+        work = scratch / ".stages"
+        work.mkdir()
+        measured: dict[pathlib.Path, dict] = {}
+
+        def measure(directory: ModelDir) -> dict:
+            if directory.path not in measured:
+                reference = context.models.get("export")
+                reference = None if reference is None or reference.path == directory.path else reference
+                measured[directory.path] = measure_model(directory, reference, settings, progress)
+            return measured[directory.path]
+
+        context = StageContext(src=src, current=None, models={}, work=work, scratch=scratch, recipe=chosen,
+                               settings=settings, progress=progress, measure=measure)
+        rows: list[Row] = []
+        stage_figures: list[dict] = []
+        for index, stage in enumerate(chosen.stages, start=1):
+            progress(f"[{index}/{len(chosen.stages)}] {stage.describe()}")
+            stage_started = time.perf_counter()
+            destination = work / f"{index:02d}-{stage.kind}"
+            made, figures = STAGES[stage.kind](context, destination, **stage.parameters)
+            seconds = time.perf_counter() - stage_started
+            stage_figures.append({"stage": stage.describe(), "seconds": round(seconds, 1), "figures": figures})
+            if stage.kind in MODEL_STAGES:
+                context.current = made
+                context.models.setdefault(stage.kind, made)
+                progress(f"[{index}/{len(chosen.stages)}] measuring {stage.kind}")
+                rows.append(Row(stage.kind, "stage", measure(made), notes=_counts_note(figures)))
+            elif stage.kind == "draft":
+                context.models["draft"] = made
+                progress(f"[{index}/{len(chosen.stages)}] measuring the draft and the target+draft pair")
+                rows.append(Row(f"draft ({figures['draft_recipe']})", "stage", measure(made), notes="draft alone"))
+                pair = measure_pair(context.current, made, settings)
+                plain = measure(context.current)
+                pair["identical_to_target_greedy"] = pair["token_ids"] == plain["token_ids"]
+                rows.append(Row("target + draft (speculative)", "pair", pair))
+        target = scratch / "target"
+        _place_target(context.current, target, work)
+        rows += reference_rows(src, context.models["export"], work, settings, progress)
+        shutil.rmtree(work)
+        report = {"recipe": chosen.name, "src": src, "ep": settings.ep, "settings": dataclasses.asdict(settings),
+                  "machine": machine(), "stages": stage_figures,
+                  "rows": [{"label": row.label, "kind": row.kind, "notes": row.notes,
+                            **{key: value for key, value in row.figures.items() if key != "token_ids"}} for row in rows],
+                  "seconds": round(time.perf_counter() - started, 1)}
+        (scratch / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (scratch / "report.md").write_text(report_markdown(chosen, src, settings, rows, stage_figures, report))
+        plot(rows, scratch / "report.png", f"{chosen.name}: decode speed vs perplexity ({machine()['short']})")
+        _record_in_manifest(target, chosen, rows)
+        progress("report: " + str(pathlib.Path(output) / "report.md"))
+    return pathlib.Path(output)
+
+
+def _counts_note(figures: dict) -> str:
+    return ", ".join(f"{key} {value}" for key, value in figures.items() if isinstance(value, int) and not isinstance(value, bool))
+
+
+def _place_target(current: ModelDir, target: pathlib.Path, work: pathlib.Path) -> None:
+    """Move the last stage's model to OUT/target (a copy when it is SRC itself, outside the work folder)."""
+    if work in current.path.parents:
+        os.rename(current.path, target)
+    else:
+        shutil.copytree(current.path, target)
+
+
+def _record_in_manifest(target: pathlib.Path, recipe: Recipe, rows: list[Row]) -> None:
+    directory = ModelDir(target)
+    manifest = directory.manifest
+    manifest["optimize"] = {"recipe": recipe.name, "ep": recipe.ep,
+                            "stages": [stage.describe() for stage in recipe.stages]}
+    directory.write_manifest(manifest)
+
+
+def reference_rows(src: str, export: ModelDir, work: pathlib.Path, settings: MeasureSettings,
+                   progress: Progress) -> list[Row]:
+    rows = []
+    checkpoint = reference_checkpoint(src)
+    if settings.reference_tools and checkpoint is not None:
+        progress(f"measuring transformers generate on {checkpoint} (reference)")
+        try:
+            rows.append(Row("transformers generate (fp32)", "reference",
+                            measure_transformers(checkpoint, export, settings, progress)))
+        except (ImportError, GraphoptError) as error:
+            progress(f"  skipped: {error}")
+    if settings.with_peers:
+        progress("peer: onnxruntime.quantization.quantize_dynamic on the float export")
+        peer = ort_quantize_dynamic(export, work / "peer-quantize-dynamic")
+        rows.append(Row("ORT quantize_dynamic (int8)", "reference",
+                        measure_model(peer, export, settings, progress)))
+    return rows
+
+
+def reference_checkpoint(src: str) -> str | None:
+    """The checkpoint transformers can load for SRC: SRC itself, or the source a model directory was exported from."""
+    if not is_model_dir(src):
+        return src
+    source = ModelDir.open(src).manifest.get("source") or {}
+    if source.get("path") and pathlib.Path(source["path"]).exists():
+        return str(source["path"])
+    return source.get("name") if source.get("kind") == "registry" else None
+
+
+def machine() -> dict[str, str]:
+    import onnxruntime
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return {"platform": f"{platform.machine()} {os.cpu_count()} cores", "onnxruntime": onnxruntime.__version__,
+            "load_average_1min": f"{load:.1f}", "short": f"{platform.machine()}, {os.cpu_count()} cores, load {load:.1f}"}
+
+
+def report_markdown(recipe: Recipe, src: str, settings: MeasureSettings, rows: list[Row], stages: list[dict],
+                    report: dict) -> str:
+    window_note = f"{settings.eval_windows} windows of up to {settings.window} tokens"
+    lines = [
+        f"# graphopt optimize: {recipe.name}",
+        "",
+        f"Source: `{src}`. Recipe: {recipe.description}.",
+        "",
+        f"Machine: {report['machine']['platform']}, onnxruntime {report['machine']['onnxruntime']}, "
+        f"1-minute load average {report['machine']['load_average_1min']} when the report was written "
+        "(shared machines give noisy speeds).",
+        "",
+        f"Decode: greedy, {settings.tokens} new tokens after a fixed chat prompt, EOS ignored, one warm-up run; "
+        f"provider as listed. Perplexity: graphopt/data/eval-gpl3.txt, {window_note} (graphopt eval's protocol); "
+        "agreement: teacher-forced greedy next-token agreement with the float32 export on the same windows.",
+        "",
+        "| model | size MB | parameters M | decode tok/s | prefill ms | perplexity | agreement | notes |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        figures = row.figures
+        notes = row.notes
+        if row.kind == "pair":
+            notes = (f"acceptance {figures.get('acceptance_rate', 0) or 0:.2f}; output identical to the target's "
+                     f"greedy: {figures.get('identical_to_target_greedy')}")
+        if figures.get("provider") and figures["provider"] not in ("CPUExecutionProvider", "torch CPU"):
+            notes = f"{notes}; {figures['provider']}".lstrip("; ")
+        elif recipe.ep != "cpu" and figures.get("provider") == "CPUExecutionProvider":
+            notes = f"{notes}; ran on CPU ({recipe.ep} not available here)".lstrip("; ")
+        label = f"*{row.label}*" if row.kind == "reference" else row.label
+        lines.append(f"| {label} | {_fmt(figures.get('size_bytes'), 1e-6, 1)} | {_fmt(figures.get('parameters'), 1e-6, 1)} "
+                     f"| {_fmt(figures.get('decode_tokens_per_s'), 1, 1)} | {_fmt(figures.get('prefill_ms'), 1, 1)} "
+                     f"| {_fmt(figures.get('perplexity'), 1, 3)} | {_fmt(figures.get('token_agreement'), 100, 1, '%')} "
+                     f"| {notes} |")
+    lines += ["", "Reference tools (in italics) ran on the same machine in the same run.", "", "## Stages", ""]
+    for stage in stages:
+        lines.append(f"- `{stage['stage']}`: {stage['seconds']} s"
+                     + (f"; {json.dumps(stage['figures'])}" if stage["figures"] else ""))
+    lines += ["", f"Total: {report['seconds']} s.", ""]
+    return "\n".join(lines)
+
+
+def _fmt(value, scale: float, digits: int, suffix: str = "") -> str:
+    if value is None:
+        return "-"
+    return f"{value * scale:.{digits}f}{suffix}"
+
+
+def plot(rows: list[Row], path: pathlib.Path, title: str) -> None:
+    """Decode tokens/s (x) against perplexity (y): stages joined in order, references as diamonds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    stages = [row for row in rows if row.kind == "stage" and not row.label.startswith("draft")]
+    if stages:
+        axes.plot([row.figures["decode_tokens_per_s"] for row in stages], [row.figures["perplexity"] for row in stages],
+                  "o-", color="tab:blue", label="graphopt stages")
+    for row in rows:
+        speed, perplexity = row.figures.get("decode_tokens_per_s"), row.figures.get("perplexity")
+        if row.kind == "pair":
+            # Speculative decoding produces the target's tokens: the target's perplexity.
+            perplexity = stages[-1].figures["perplexity"] if stages else None
+        if speed is None or perplexity is None:
+            continue
+        style = {"reference": ("D", "tab:red"), "pair": ("*", "tab:green"), "stage": ("o", "tab:blue")}[row.kind]
+        if row.label.startswith("draft"):
+            style = ("s", "tab:gray")
+        axes.plot([speed], [perplexity], style[0], color=style[1], markersize=9 if row.kind == "pair" else 6)
+        axes.annotate(row.label, (speed, perplexity), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    axes.set_xlabel("decode tokens/s (higher is better)")
+    axes.set_ylabel("perplexity (lower is better)")
+    axes.set_title(title, fontsize=10)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def table(report_path: pathlib.Path) -> str:
+    """The report's table, for the CLI to print at the end."""
+    text = report_path.read_text()
+    return "\n".join(line for line in text.splitlines() if line.startswith("|"))

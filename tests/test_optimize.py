@@ -1,0 +1,171 @@
+"""`graphopt optimize`: recipes as data, a recipe end to end on a tiny checkpoint, bad input, atomic output."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import warnings
+
+import pytest
+from click.testing import CliRunner
+
+from graphopt import optimize as optimize_lib
+from graphopt import recipes
+from graphopt.cli import main
+from graphopt.errors import GraphoptError
+from graphopt.modeldir import ModelDir
+from graphopt.recipes import Recipe, Stage
+
+FAST = ("--eval-windows", "1", "--window", "64", "--tokens", "8")
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(arg) for arg in args])
+
+
+def assert_one_line_error(result, fragment: str):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and fragment in lines[0], result.output
+    assert "Traceback" not in result.output and "Usage:" not in result.output
+
+
+def leftovers(parent: pathlib.Path) -> list[str]:
+    return [path.name for path in parent.iterdir() if path.name.startswith(".")]
+
+
+@pytest.mark.parametrize("name", list(recipes.RECIPES))
+def test_every_recipe_is_ordered_and_binds(name):
+    recipe = recipes.RECIPES[name]
+    recipes.check_order(recipe)
+    optimize_lib.check_parameters(recipe)
+    assert recipe.stages[0].kind == "export"
+
+
+def test_order_violation_is_refused_with_its_reason():
+    # Near miss of cpu-int8: quantize before fuse (fusion matches float subgraphs only).
+    bad = Recipe("bad", "", "cpu", (Stage("export"), Stage("quantize", {"weights": "int8", "activations": "none"}),
+                                     Stage("fuse", {"target": "cpu"})))
+    with pytest.raises(GraphoptError, match="fuse must come before quantize"):
+        recipes.check_order(bad)
+    early = Recipe("early", "", "cpu", (Stage("export"), Stage("validate"), Stage("fuse", {"target": "cpu"})))
+    with pytest.raises(GraphoptError, match="validate must follow"):
+        recipes.check_order(early)
+
+
+def test_misspelt_stage_parameter_fails_before_any_work(tmp_path, monkeypatch):
+    bad = Recipe("typo", "", "cpu", (Stage("export"), Stage("fuse", {"targett": "cpu"})))
+    monkeypatch.setitem(recipes.RECIPES, "typo", bad)
+    result = run("optimize", tmp_path / "nowhere", "-o", tmp_path / "out", "--recipe", "typo")
+    assert_one_line_error(result, "stage fuse(targett=cpu): missing a required argument: 'target'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_recipe_name_and_bad_option_are_one_line_errors(tmp_path):
+    assert_one_line_error(run("optimize", "-o", tmp_path / "out", "--recipe", "cpu-int3"), "unknown recipe 'cpu-int3'")
+    assert_one_line_error(run("optimize", "-o", tmp_path / "out", "--tokens", "0"), "--tokens")
+    assert_one_line_error(run("optimize", "-o", tmp_path / "out", "--bogus"), "--bogus")
+    assert not (tmp_path / "out").exists()
+
+
+def test_list_recipes_names_every_recipe_and_its_stages():
+    result = run("optimize", "--list-recipes")
+    assert result.exit_code == 0, result.output
+    for name in recipes.RECIPES:
+        assert name in result.output
+    assert "export() -> fuse(target=cpu) -> quantize(" in result.output
+
+
+def test_cpu_int8_end_to_end_from_a_tiny_checkpoint(checkpoints, tmp_path):
+    """Every stage of cpu-int8 (export, fuse, quantize, validate, draft), the references and the peer."""
+    out = tmp_path / "out"
+    result = run("optimize", checkpoints["llama"], "-o", out, "--recipe", "cpu-int8", "--with-peers", *FAST)
+    assert result.exit_code == 0, result.output
+    assert sorted(path.name for path in out.iterdir()) == ["draft", "report.json", "report.md", "report.png", "target"]
+    assert leftovers(tmp_path) == []
+    target, draft = ModelDir.open(out / "target"), ModelDir.open(out / "draft")
+    assert [step["pass"] for step in target.manifest["lineage"]] == ["export", "fuse", "quantize"]
+    assert target.manifest["optimize"]["recipe"] == "cpu-int8"
+    assert draft.manifest["draft_recipe"] == "int4"
+    report = json.loads((out / "report.json").read_text())
+    labels = [row["label"] for row in report["rows"]]
+    assert labels == ["export", "fuse", "quantize", "draft (int4)", "target + draft (speculative)",
+                      "transformers generate (fp32)", "ORT quantize_dynamic (int8)"]
+    rows = {row["label"]: row for row in report["rows"]}
+    for label in ("export", "fuse", "quantize"):
+        assert rows[label]["decode_tokens_per_s"] > 0 and rows[label]["perplexity"] > 1
+    assert rows["export"]["token_agreement"] == 1.0
+    # Fusion is exact, so the fused model scores the text as the export does.
+    assert rows["fuse"]["perplexity"] == pytest.approx(rows["export"]["perplexity"], rel=1e-4)
+    # PyTorch on the checkpoint scores the same windows: the export's perplexity within float noise.
+    assert rows["transformers generate (fp32)"]["perplexity"] == pytest.approx(rows["export"]["perplexity"], rel=1e-3)
+    assert rows["target + draft (speculative)"]["identical_to_target_greedy"] is True
+    assert rows["quantize"]["size_bytes"] < rows["export"]["size_bytes"]
+    assert "| quantize |" in (out / "report.md").read_text()
+    assert (out / "report.png").stat().st_size > 10_000
+
+
+def test_interrupted_stage_leaves_no_half_written_output(tiny_llama_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("the previous result")
+
+    def interrupted(context, destination, **options):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(optimize_lib.STAGES, "quantize", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        optimize_lib.optimize(str(tiny_llama_dir), out, "cpu-int8", force=True,
+                              settings=optimize_lib.MeasureSettings(tokens=4, eval_windows=1, window=32))
+    assert [path.name for path in out.iterdir()] == ["keep.txt"]
+    assert leftovers(tmp_path) == []
+
+
+def test_failed_validation_exits_2_and_writes_nothing(tiny_llama_dir, tmp_path, monkeypatch):
+    strict = Recipe("strict", "", "cpu", (Stage("export"), Stage("fuse", {"target": "cpu"}),
+                                          Stage("validate", {"min_token_agreement": 1.01})))
+    monkeypatch.setitem(recipes.RECIPES, "strict", strict)
+    result = run("optimize", tiny_llama_dir, "-o", tmp_path / "out", "--recipe", "strict", *FAST)
+    assert_one_line_error(result, "agreement below the recipe's 101%")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_existing_output_needs_force(tiny_llama_dir, tmp_path):
+    (tmp_path / "out").mkdir()
+    assert_one_line_error(run("optimize", tiny_llama_dir, "-o", tmp_path / "out"), "already exists")
+
+
+def test_tensorrt_without_its_libraries_is_one_clear_warning(monkeypatch):
+    from graphopt.runtime import session
+
+    monkeypatch.setattr(session, "tensorrt_missing_library", lambda: "libnvinfer.so.10")
+    available = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        providers = session.resolve_providers("tensorrt", available=available)
+    assert providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    [warning] = caught
+    message = str(warning.message)
+    assert "TensorRT libraries not found (libnvinfer.so.10)" in message and "\n" not in message
+    # This CPU-only onnxruntime has no TensorRT provider at all: the generic one-line fallback.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert session.resolve_providers("tensorrt", available=["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert "TensorrtExecutionProvider is not available" in str(caught[0].message)
+
+
+@pytest.mark.slow
+def test_smollm2_cpu_int8_passes_its_validation_and_answers(smollm2_dir, tmp_path):
+    from graphopt.runtime import Generator
+
+    out = tmp_path / "out"
+    result = run("optimize", smollm2_dir, "-o", out, "--recipe", "cpu-int8", "--no-reference", "--eval-windows", "1",
+                 "--tokens", "16")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    validate = next(stage for stage in report["stages"] if stage["stage"].startswith("validate"))
+    assert validate["figures"]["token_agreement"] >= 0.9
+    answer = Generator(out / "target").generate_text("What is the capital of France?", chat=True, max_new_tokens=24)
+    assert answer.token_ids and answer.provider == "CPUExecutionProvider"
+    rows = {row["label"]: row for row in report["rows"]}
+    assert rows["target + draft (speculative)"]["identical_to_target_greedy"] is True
