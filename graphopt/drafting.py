@@ -1,11 +1,10 @@
 """Draft models for speculative decoding, built from the target by recipes of steps.
 
 A recipe is data: a named list of steps, each turning one model directory into another
-(``keep_layers``, ``ort_nbits``...). ``build_draft(target, output, "auto")`` builds every recipe
-of ``AUTO_CANDIDATES``, measures greedy speculative decoding with each on calibration prompts, and
-keeps the fastest. Layer steps use graphopt's ``PruneLayersPass``; quantization steps use ONNX
-Runtime's MatMulNBits quantizer until graphopt's own weight quantization is wired in here (one
-more entry in ``STEPS``).
+(``keep_layers``, ``quantize``). ``build_draft(target, output, "auto")`` builds every recipe of
+``AUTO_CANDIDATES``, measures greedy speculative decoding with each on calibration prompts, and
+keeps the fastest. Every step is one of graphopt's own passes: layer steps use
+``PruneLayersPass``, quantization steps ``graphopt.quantization`` (weight-only, MatMulNBits).
 """
 
 from __future__ import annotations
@@ -19,9 +18,6 @@ import tempfile
 import time
 from typing import Any, Callable
 
-import onnx_ir as ir
-import onnx_ir.external_data
-import onnx_ir.passes.common
 
 from graphopt import ir as graphopt_ir
 from graphopt.errors import GraphoptError
@@ -69,76 +65,23 @@ def step_keep_layers(source: ModelDir, scratch: pathlib.Path, fraction: float = 
     return prune.counts
 
 
-def step_ort_nbits(source: ModelDir, scratch: pathlib.Path, bits: int = 4, block_size: int = 32,
-                   symmetric: bool = False, accuracy_level: int | None = 4, head_bits: int | None = None) -> dict:
-    """Weight-only 4- or 8-bit MatMuls with ONNX Runtime's MatMulNBits quantizer (a stand-in for graphopt's).
+def step_quantize(source: ModelDir, scratch: pathlib.Path, weights: str = "int4", head: str = "int8",
+                  block_size: int = 32) -> dict:
+    """Weight-only MatMuls with graphopt's own quantization pass (MatMulNBits, round to nearest).
 
-    ``head_bits`` quantizes the LM head MatMul with other bits than the layers (its logits decide
-    which token the draft proposes, so it is where low bits cost most acceptance).
+    ``head`` sets the LM head's precision apart from the layers: its logits decide which token
+    the draft proposes, so it is where low bits cost most acceptance.
     """
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from graphopt.quantization import QuantizeConfig, quantize
 
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-    model = graphopt_ir.load(source.model_path)
-    folded = _fold_weight_transposes(model)
-    proto = ir.to_proto(ir.external_data.load_to_model(model))
-    head = [node.name for node in proto.graph.node if node.op_type == "MatMul" and node.output[0] == "logits"]
-    passes = [(bits, {"nodes_to_exclude": head if head_bits else None})]
-    if head_bits:
-        passes.append((head_bits, {"nodes_to_include": head}))
-    for pass_bits, selection in passes:
-        quantizer = MatMulNBitsQuantizer(proto, bits=pass_bits, block_size=block_size, is_symmetric=symmetric,
-                                         accuracy_level=accuracy_level, **selection)
-        quantizer.process()
-        proto = quantizer.model.model
-    quantized = proto
-    counts = {"transposes_folded": folded,
-              "MatMulNBits": sum(node.op_type == "MatMulNBits" for node in quantized.graph.node),
-              "MatMul": sum(node.op_type == "MatMul" for node in quantized.graph.node)}
-    onnx.save(quantized, str(scratch / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-              location=graphopt_ir.EXTERNAL_DATA_FILE, size_threshold=1024)
-    parameters = {"bits": bits, "head_bits": head_bits or bits, "block_size": block_size, "symmetric": symmetric,
-                  "accuracy_level": accuracy_level}
-    derive(source, scratch, {"pass": f"ort_int{bits}", "parameters": parameters, "figures": counts},
-           dtype=f"int{bits}-weights")
-    return counts
-
-
-def _fold_weight_transposes(model: ir.Model) -> int:
-    """Replace ``MatMul(x, Transpose(W))`` by ``MatMul(x, W')`` with ``W'`` stored transposed.
-
-    The exported LM head reads its (vocab, hidden) weight through a Transpose; ONNX Runtime folds
-    it at session start, but weight-only quantizers only quantize MatMuls with a constant B.
-    """
-    import numpy as np
-
-    folded = 0
-    for node in list(model.graph):
-        weight = node.inputs[0] if node.op_type == "Transpose" else None
-        if weight is None or not weight.is_initializer() or weight.const_value is None:
-            continue
-        if any(use.node.op_type != "MatMul" or use.idx != 1 for use in node.outputs[0].uses()):
-            continue
-        perm = node.attributes.get_ints("perm", None)
-        array = weight.const_value.numpy()
-        transposed = ir.Value(name=f"{weight.name}.transposed",
-                              const_value=ir.tensor(np.ascontiguousarray(np.transpose(array, perm)),
-                                                    name=f"{weight.name}.transposed"))
-        transposed.shape = transposed.const_value.shape
-        transposed.type = ir.TensorType(transposed.const_value.dtype)
-        model.graph.register_initializer(transposed)
-        ir.convenience.replace_all_uses_with(node.outputs[0], transposed)
-        model.graph.remove(node, safe=True)
-        folded += 1
-    if folded:
-        ir.passes.common.RemoveUnusedNodesPass()(model)
-    return folded
+    config = QuantizeConfig(weights=weights, activations="none", head=head, block_size=block_size)
+    quantized = quantize(source.path, scratch, config, force=True)
+    return quantized.manifest["lineage"][-1]["figures"].get("counts", {})
 
 
 STEPS: dict[str, Callable[..., dict]] = {
     "keep_layers": step_keep_layers,
-    "ort_nbits": step_ort_nbits,
+    "quantize": step_quantize,
 }
 
 
@@ -151,13 +94,13 @@ class Step:
 # Each recipe's steps run in order; layer edits come before quantization because they address
 # layers through the float graph's weight names, which quantization renames.
 RECIPES: dict[str, list[Step]] = {
-    "int8": [Step("ort_nbits", {"bits": 8})],
-    "int4": [Step("ort_nbits", {"bits": 4, "head_bits": 8})],
+    "int8": [Step("quantize", {"weights": "int8"})],
+    "int4": [Step("quantize", {"weights": "int4", "head": "int8"})],
     "half-layers": [Step("keep_layers", {"fraction": 0.5, "where": "ends"})],
     "half-layers-int4": [Step("keep_layers", {"fraction": 0.5, "where": "ends"}),
-                         Step("ort_nbits", {"bits": 4, "head_bits": 8})],
+                         Step("quantize", {"weights": "int4", "head": "int8"})],
     "early-exit-int4": [Step("keep_layers", {"fraction": 0.5, "where": "first"}),
-                        Step("ort_nbits", {"bits": 4, "head_bits": 8})],
+                        Step("quantize", {"weights": "int4", "head": "int8"})],
 }
 # What ``--recipe auto`` builds and measures. Dropping half the layers of SmolLM2-135M without
 # retraining leaves ~6% greedy agreement, so layer recipes are offered but not tried by default.

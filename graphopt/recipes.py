@@ -17,7 +17,7 @@ The ordering constraints common to all recipes:
   fuse -> quantize is the one both passes support.
 * ``validate`` follows the last stage that writes the target: it checks the model that ships.
 * ``draft`` comes last and builds from the float ``export`` stage (graphopt.drafting's steps take a
-  float model). Its recipe is ``int4`` (ONNX Runtime's MatMulNBits, all layers): dropping half of
+  float model). Its recipe is ``int4`` (graphopt's weight-only int4, MatMulNBits, all layers): dropping half of
   SmolLM2-135M's layers leaves ~4% greedy agreement (measured by optimize's draft row), so the
   layer-dropping drafts are not used. An int4 target gets no draft: a same-depth int4 draft costs
   what the target costs.
