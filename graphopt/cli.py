@@ -44,8 +44,12 @@ def main(verbose: bool) -> None:
 
 def quiet_libraries() -> None:
     """Silence library chatter (torch.onnx registration notes, transformers progress bars)."""
-    for category in (DeprecationWarning, FutureWarning, UserWarning):
+    for category in (DeprecationWarning, FutureWarning):
         warnings.filterwarnings("ignore", category=category)
+    # Libraries' UserWarnings (torch.onnx axis renames...) are noise here; graphopt's own, such as
+    # an execution provider falling back to CPU, are what the user must see.
+    for library in ("torch", "transformers", "onnxscript", "onnx_ir", "copyreg"):
+        warnings.filterwarnings("ignore", category=UserWarning, module=library)
     for name in ("torch.onnx", "torch._export", "torch.export", "onnxscript"):
         logging.getLogger(name).setLevel(logging.ERROR)
     # Read by transformers when it is first imported, so commands that never load it pay nothing.
