@@ -94,3 +94,23 @@ def load(src: str) -> Checkpoint:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
+
+
+def greedy_tokens(model, prompt_ids: list[int], steps: int) -> list[int]:
+    """transformers' own greedy ``generate`` for exactly ``steps`` new tokens, EOS not special.
+
+    ``min_new_tokens`` would instead forbid EOS until the end, changing the argmax wherever the
+    model wants to stop; with no EOS id, generate keeps the plain argmax and runs on, as graphopt's
+    generator does with ``stop_on_eos=False``.
+    """
+    import copy
+
+    import torch
+
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id = []  # no stop token (None would fall back to the model's EOS)
+    config.pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
+    config.max_new_tokens, config.do_sample = steps, False
+    with torch.no_grad():
+        output = model.generate(torch.tensor([prompt_ids]), generation_config=config)
+    return output[0, len(prompt_ids):].tolist()

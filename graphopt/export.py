@@ -157,9 +157,7 @@ def validate(model_dir: pathlib.Path, hf_model, prompt_ids: list[int], vocab_siz
     if worst > tolerance:
         raise ValidationError(f"export does not match PyTorch: max |logits diff| {worst:.3g} > tolerance {tolerance:g}")
 
-    with torch.no_grad():
-        expected = hf_model.generate(torch.tensor([prompt_ids]), max_new_tokens=greedy_steps, min_new_tokens=greedy_steps,
-                                     do_sample=False, pad_token_id=0)[0, len(prompt_ids):].tolist()
+    expected = checkpoint_lib.greedy_tokens(hf_model, prompt_ids, greedy_steps)
     # Step through the reference's greedy sequence. Where ORT's argmax differs, it is accepted only
     # as a numerical tie: the reference's own logits for the two tokens within ``tolerance``.
     decoder.reset()

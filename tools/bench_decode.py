@@ -41,7 +41,7 @@ def bench_transformers(src: str, prompt_ids: list[int], tokens: int, repeats: in
     """transformers' own generate: prefill timed as a 1-token generate, decode as the rest."""
     import torch
 
-    from graphopt.checkpoint import load
+    from graphopt.checkpoint import greedy_tokens, load
 
     model = load(src).model
     ids = torch.tensor([prompt_ids])
@@ -52,11 +52,10 @@ def bench_transformers(src: str, prompt_ids: list[int], tokens: int, repeats: in
             model.generate(ids, max_new_tokens=1, do_sample=False)
             prefill_s = time.perf_counter() - started
             started = time.perf_counter()
-            output = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+            token_ids = greedy_tokens(model, prompt_ids, tokens)
             total_s = time.perf_counter() - started
             prefill.append(prefill_s * 1e3)
             decode.append((tokens - 1) / max(total_s - prefill_s, 1e-9))
-            token_ids = output[0, len(prompt_ids):].tolist()
     return {"prefill_ms": min(prefill), "decode_tokens_per_s": max(decode), "token_ids": token_ids}
 
 
