@@ -57,6 +57,16 @@ class PrunePostconditionError(PruneError, ir.passes.PostconditionError):
     """Raised from a prune pass's ``ensures()``."""
 
 
+class PrunePass(ir.passes.InPlacePass):
+    """Base of the pruning passes: float graphs in, the KV-cache contract kept on the way out."""
+
+    def requires(self, model: ir.Model) -> None:
+        refuse_quantized(model.graph)
+
+    def ensures(self, model: ir.Model) -> None:
+        check_cache_contract(model.graph)
+
+
 # ---------------------------------------------------------------------------------------------
 # Where things are
 

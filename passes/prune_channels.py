@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 RULE = "prune_channels"
 
 
-class PruneChannelsPass(ir.passes.InPlacePass):
+class PruneChannelsPass(common.PrunePass):
     """Keep ``keep[layer]`` intermediate channels (indices into the current ones) in each listed layer.
 
     After ``call``, ``counts`` holds ``{"channels_removed": n, "constants_rewritten": k}`` and
@@ -34,12 +34,6 @@ class PruneChannelsPass(ir.passes.InPlacePass):
         self.keep = {int(layer): sorted(int(channel) for channel in channels) for layer, channels in keep.items()}
         self.counts: dict[str, int] = {}
         self.sizes: list[int] = []
-
-    def requires(self, model: ir.Model) -> None:
-        common.refuse_quantized(model.graph)
-
-    def ensures(self, model: ir.Model) -> None:
-        common.check_cache_contract(model.graph)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 RULE = "prune_heads"
 
 
-class PruneHeadsPass(ir.passes.InPlacePass):
+class PruneHeadsPass(common.PrunePass):
     """Keep ``keep[layer]`` query heads (indices into the graph's current heads) in each listed layer.
 
     Layers not in ``keep`` are left alone. After ``call``, ``counts`` holds ``{"heads_removed": n,
@@ -38,12 +38,6 @@ class PruneHeadsPass(ir.passes.InPlacePass):
         self.keep = {int(layer): sorted(int(head) for head in heads) for layer, heads in keep.items()}
         self.counts: dict[str, int] = {}
         self.layout: list[tuple[int, int]] = []
-
-    def requires(self, model: ir.Model) -> None:
-        common.refuse_quantized(model.graph)
-
-    def ensures(self, model: ir.Model) -> None:
-        common.check_cache_contract(model.graph)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph

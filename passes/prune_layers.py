@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 RULE = "prune_layers"
 
 
-class PruneLayersPass(ir.passes.InPlacePass):
+class PruneLayersPass(common.PrunePass):
     """Drop the decoder layers whose indices are in ``drop`` (indices into the graph's current layers).
 
     After ``call``, ``counts`` holds ``{"layers_removed": n, "cache_tensors_removed": m}`` and
@@ -40,12 +40,6 @@ class PruneLayersPass(ir.passes.InPlacePass):
         self.drop = sorted({int(index) for index in drop})
         self.counts: dict[str, int] = {}
         self.kept: list[int] = []
-
-    def requires(self, model: ir.Model) -> None:
-        common.refuse_quantized(model.graph)
-
-    def ensures(self, model: ir.Model) -> None:
-        common.check_cache_contract(model.graph)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph

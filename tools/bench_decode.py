@@ -72,13 +72,15 @@ def main() -> None:
     prompt_ids, ours = bench_graphopt(args.model_dir, args.tokens, args.repeats, args.threads)
     theirs = bench_transformers(args.src, prompt_ids, args.tokens, args.repeats)
     same = ours["token_ids"] == theirs["token_ids"]
+    agree = next((i for i, (a, b) in enumerate(zip(ours["token_ids"], theirs["token_ids"])) if a != b),
+                 min(len(ours["token_ids"]), len(theirs["token_ids"])))
     print(f"machine: {machine()}")
     print(f"prompt: {len(prompt_ids)} tokens; {args.tokens} greedy new tokens; best of {args.repeats}")
     print(f"{'runtime':<28}{'prefill ms':>12}{'decode tok/s':>14}")
     for name, row in (("graphopt (ONNX Runtime)", ours), ("transformers generate", theirs)):
         print(f"{name:<28}{row['prefill_ms']:>12.1f}{row['decode_tokens_per_s']:>14.1f}")
     print(f"decode speed-up: {ours['decode_tokens_per_s'] / theirs['decode_tokens_per_s']:.2f}x; "
-          f"identical tokens: {same}")
+          f"identical tokens: {same} (first {agree} of {args.tokens} agree)")
     if args.plot:
         import matplotlib
 

@@ -167,8 +167,9 @@ def main(argv=None) -> None:
     target = Generator(args.target, threads=args.threads)
     runners = [("ORT plain", ort_runner(target, args.max_new_tokens))]
     for label, path in drafts:
-        generator = SpeculativeGenerator(target, path, gamma=gamma, draft_threads=args.threads,
-                                         fallback=not args.no_fallback)
+        # Its own target session: a speculating pair runs without thread spinning (see make_session).
+        generator = SpeculativeGenerator(args.target, path, gamma=gamma, threads=args.threads,
+                                         draft_threads=args.threads, fallback=not args.no_fallback)
         runners.append((f"ORT + {label}", ort_runner(generator, args.max_new_tokens)))
     if args.hf:
         os.environ.setdefault("GRAPHOPT_HOME", "/work/cache")

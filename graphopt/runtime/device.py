@@ -104,7 +104,7 @@ class DeviceDecoder(Decoder):
 
 
 def open_decoder(model_path: str | os.PathLike, ep: str = "cpu", threads: int | None = None,
-                 device_cache: bool = True) -> Decoder:
+                 device_cache: bool = True, spinning: bool = True) -> Decoder:
     """The right decoder for where the session runs: device-resident cache on CUDA, numpy on CPU.
 
     ``device_cache=False`` forces the numpy cache (a host round trip per step) even on a GPU, the
@@ -112,7 +112,7 @@ def open_decoder(model_path: str | os.PathLike, ep: str = "cpu", threads: int | 
     """
     from graphopt.runtime.session import make_session
 
-    session = make_session(model_path, ep=ep, threads=threads)
+    session = make_session(model_path, ep=ep, threads=threads, spinning=spinning)
     if device_cache and _DEVICE_OF_PROVIDER.get(session.get_providers()[0], "cpu") != "cpu":
         return DeviceDecoder(model_path, session=session)
     return Decoder(model_path, session=session)

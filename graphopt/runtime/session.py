@@ -74,8 +74,13 @@ def resolve_providers(ep: str, available: list[str] | None = None, model_dir: st
 
 
 def make_session(model_path: str | os.PathLike, ep: str = "cpu", threads: int | None = None,
-                 optimization: str = "all"):
-    """An InferenceSession on the requested provider; ``session.get_providers()[0]`` is what ran."""
+                 optimization: str = "all", spinning: bool = True):
+    """An InferenceSession on the requested provider; ``session.get_providers()[0]`` is what ran.
+
+    ``spinning=False`` lets ORT's worker threads sleep between runs instead of busy-waiting: what
+    two sessions taking turns on the same cores (speculative decoding) need, so the idle one does
+    not steal the busy one's cores.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -87,6 +92,8 @@ def make_session(model_path: str | os.PathLike, ep: str = "cpu", threads: int | 
     }[optimization]
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     model_path = pathlib.Path(model_path)
     providers = resolve_providers(ep, model_dir=model_path.parent)
     return ort.InferenceSession(str(model_path), sess_options=options, providers=providers)

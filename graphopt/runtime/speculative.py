@@ -198,9 +198,12 @@ class SpeculativeGenerator:
                  draft_threads: int | None = None, fallback: bool = True, max_gamma: int = 12):
         # Checked before any session is built: a wrong draft fails fast and cheaply.
         check_same_vocabulary(_model_dir(target), _model_dir(draft))
-        self.target = target if isinstance(target, Generator) else Generator(target, ep=ep, threads=threads)
+        # Two sessions take turns on the same cores: neither may spin while the other runs.
+        self.target = target if isinstance(target, Generator) else Generator(target, ep=ep, threads=threads,
+                                                                             spinning=False)
         draft_ep = draft_ep or ep
-        self.draft = draft if isinstance(draft, Generator) else Generator(draft, ep=draft_ep, threads=draft_threads)
+        self.draft = draft if isinstance(draft, Generator) else Generator(draft, ep=draft_ep, threads=draft_threads,
+                                                                          spinning=False)
         if gamma == "auto":
             self.policy = GammaPolicy(DEFAULT_GAMMA, adaptive=True, max_gamma=max_gamma)
         elif isinstance(gamma, int) and gamma >= 1:
