@@ -1,6 +1,6 @@
 """Fused vs unfused speed on CPU: decode tokens/s (greedy) and prefill ms, per fusion target.
 
-    python tools/bench_fusion.py /work/models/smollm2 --targets cpu onnx --repeats 3 --png bench_fusion.png
+    python tools/bench_fusion.py SMOLLM2_DIR --targets cpu onnx --repeats 3 --png bench_fusion.png
 
 Fuses MODEL_DIR for each target into a scratch directory (or takes already fused directories
 with ``--fused TARGET=DIR``), then measures every variant in interleaved rounds (plain, cpu,

@@ -5,7 +5,7 @@ importance (the control, same split, same sizes), and at one size compares the t
 splits. Importance is measured once on the unpruned model (data-free calibration: sequences the
 model samples itself, so the perplexity text is never seen) and reused for every plan.
 
-    python tools/bench_prune.py [--source /work/models/smollm2] [--sizes 0.1 0.25 0.4] [--windows 4]
+    python tools/bench_prune.py --source SMOLLM2_DIR [--sizes 0.1 0.25 0.4] [--windows 4]
 
 Prints a markdown table, writes ``bench_prune.png`` and ``bench_prune.json`` under ``--out``.
 Decode tokens/s: ``graphopt.runtime.Generator``, 128 greedy tokens after a short prompt, best of
@@ -76,8 +76,8 @@ def measure(model_dir: pathlib.Path, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", default="/work/models/smollm2")
-    parser.add_argument("--out", default="/work/models/prune-bench")
+    parser.add_argument("--source", required=True, help="exported float32 model directory")
+    parser.add_argument("--out", default="bench-out/prune")
     parser.add_argument("--sizes", type=float, nargs="+", default=[0.1, 0.25, 0.4])
     parser.add_argument("--split", default="channels", choices=SPLITS, help="Split used for the size sweep.")
     parser.add_argument("--compare-splits-at", type=float, default=0.25)

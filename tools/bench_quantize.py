@@ -1,6 +1,6 @@
 """Benchmark quantization on SmolLM2: perplexity, size on disk and decode speed, graphopt vs ONNX Runtime's quantizers.
 
-    python tools/bench_quantize.py [--model /work/models/smollm2] [--work /work/models/quant-bench]
+    python tools/bench_quantize.py --model SMOLLM2_DIR [--work bench-out/quantize]
 
 Perplexity: ``graphopt.evaluate`` on graphopt/data/eval-gpl3.txt (the GPL-3 license text, real
 English), windows of 512 tokens. Decode: 128 greedy tokens with ``graphopt.runtime.Generator``
@@ -148,8 +148,8 @@ def decode_speed(model_dir: pathlib.Path, tokens: int) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="/work/models/smollm2")
-    parser.add_argument("--work", default="/work/models/quant-bench")
+    parser.add_argument("--model", required=True, help="exported float32 model directory")
+    parser.add_argument("--work", default="bench-out/quantize")
     parser.add_argument("--windows", type=int, default=None, help="Perplexity windows (default: the whole text).")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)

@@ -5,7 +5,7 @@ then with each ``--draft LABEL=DIR`` (or ``LABEL=recipe:NAME``, built from the t
 and, with ``--hf``, transformers' own greedy and assisted generation (``assistant_model=``) on the
 checkpoint with the same kinds of drafts built in torch. Prints a table and writes a PNG.
 
-    python tools/bench_speculative.py --target /work/models/smollm2 \
+    python tools/bench_speculative.py --target SMOLLM2_DIR \
         --draft int4=recipe:int4 --draft half-int4=recipe:half-layers-int4 --hf
 
 Re-run later with other targets and drafts (e.g. graphopt-quantized ones): any model directories
@@ -33,7 +33,7 @@ PROMPTS = [
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", default="/work/models/smollm2", help="target model directory")
+    parser.add_argument("--target", required=True, help="target model directory")
     parser.add_argument("--draft", action="append", default=[],
                         help="LABEL=DIR or LABEL=recipe:NAME (built into --work); repeatable")
     parser.add_argument("--gamma", default="auto", help="number or auto")
@@ -46,7 +46,7 @@ def parse_args(argv=None):
     parser.add_argument("--hf-drafts", default="half-layers,int8",
                         help="torch assistants: half-layers (middle layers dropped like the ONNX recipe), int8 "
                              "(torch dynamic int8 Linear), full (the model itself)")
-    parser.add_argument("--work", default="/work/models/speculative-drafts", help="where recipe drafts are built")
+    parser.add_argument("--work", default="bench-out/speculative-drafts", help="where recipe drafts are built")
     parser.add_argument("--output", default="tools/bench_speculative", help="PNG and JSON path prefix")
     return parser.parse_args(argv)
 
@@ -172,7 +172,6 @@ def main(argv=None) -> None:
                                          draft_threads=args.threads, fallback=not args.no_fallback)
         runners.append((f"ORT + {label}", ort_runner(generator, args.max_new_tokens)))
     if args.hf:
-        os.environ.setdefault("GRAPHOPT_HOME", "/work/cache")
         import torch
 
         from graphopt import checkpoint
