@@ -66,6 +66,15 @@ class PrunePass(ir.passes.InPlacePass):
     def ensures(self, model: ir.Model) -> None:
         check_cache_contract(model.graph)
 
+    @staticmethod
+    def layers_named(graph: ir.Graph, keep: dict[int, list[int]]) -> list["Layer"]:
+        """The graph's decoder layers, once every layer ``keep`` names is known to exist."""
+        layers = decoder_layers(graph)
+        unknown = sorted(set(keep) - {layer.index for layer in layers})
+        if unknown:
+            raise PruneError(f"no decoder layer {unknown[0]} (the model has {len(layers)})")
+        return layers
+
 
 # ---------------------------------------------------------------------------------------------
 # Where things are

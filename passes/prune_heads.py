@@ -41,12 +41,9 @@ class PruneHeadsPass(common.PrunePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        layers = common.decoder_layers(graph)
+        layers = self.layers_named(graph, self.keep)
         self.counts = {"heads_removed": 0, "kv_heads_removed": 0, "constants_rewritten": 0}
         self.layout = [head_layout(graph, layer)[:2] for layer in layers]
-        unknown = sorted(set(self.keep) - {layer.index for layer in layers})
-        if unknown:
-            raise common.PruneError(f"no decoder layer {unknown[0]} (the model has {len(layers)})")
         modified = False
         for layer in layers:
             if layer.index not in self.keep:
