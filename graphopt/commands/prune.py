@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from graphopt.commands._options import calibration_options
+
 
 @click.command("prune")
 @click.argument("model_dir", type=click.Path())
@@ -19,10 +21,7 @@ import click
               help="For --params: channels only, heads and channels at one fraction, or layers first.")
 @click.option("--importance", type=click.Choice(["measured", "random"]), default="measured", show_default=True,
               help="Measured on calibration data, or seeded random (the control).")
-@click.option("--calib-text", type=click.Path(), default=None, help="Calibration text (UTF-8), cut into windows.")
-@click.option("--calib-npz", type=click.Path(), default=None, help="Calibration token ids (samples, seq_len).")
-@click.option("--calib-samples", type=int, default=16, show_default=True, help="Calibration sequences.")
-@click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per calibration sequence.")
+@calibration_options
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the data-free calibration, the window choice and --importance random.")
 def command(model_dir, output, force, heads, channels, layers, params, split, importance, calib_text, calib_npz,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from graphopt.commands._options import calibration_options
 from graphopt.evaluate import DEFAULT_TEXT
 
 
@@ -41,10 +42,7 @@ from graphopt.evaluate import DEFAULT_TEXT
 @click.option("--max-ppl-increase", type=float, default=None, metavar="PERCENT",
               help="W8A8: keep the most sensitive layers in float until the perplexity on the calibration "
                    "data rises at most this many percent.")
-@click.option("--calib-text", type=click.Path(), default=None, help="Calibration text (UTF-8), cut into windows.")
-@click.option("--calib-npz", type=click.Path(), default=None, help="Calibration token ids (samples, seq_len).")
-@click.option("--calib-samples", type=int, default=16, show_default=True, help="Calibration sequences.")
-@click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per calibration sequence.")
+@calibration_options
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the data-free calibration (sequences sampled from the model) and window choice.")
 @click.option("--measure", is_flag=True,
