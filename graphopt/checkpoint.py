@@ -111,7 +111,7 @@ def greedy_tokens(model, prompt_ids: list[int], steps: int) -> list[int]:
     config.eos_token_id = []  # no stop token (None would fall back to the model's EOS)
     config.pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
     config.max_new_tokens, config.do_sample = steps, False
-    ids = torch.tensor([prompt_ids])
+    ids = torch.tensor([prompt_ids], device=model.device)
     with torch.no_grad():
         # An explicit mask: without one, generate masks every token equal to pad_token_id, and
         # chat templates use that id (SmolLM2's <|im_end|>) inside the prompt.

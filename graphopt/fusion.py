@@ -71,8 +71,9 @@ class ConvertOpset(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=True)
 
 
-def pipeline(target: str, max_positions: int | None) -> list[ir.passes.PassBase]:
-    """The passes for ``target``, in order. ``max_positions`` sizes the rotary caches of GQA."""
+def pipeline(target: str, max_positions: int | None, pack_qkv: bool = False) -> list[ir.passes.PassBase]:
+    """The passes for ``target``, in order. ``max_positions`` sizes the rotary caches of GQA;
+    ``pack_qkv`` makes GQA's query, key and value projections one MatMul."""
     if target not in TARGETS:
         raise GraphoptError(f"unknown fusion target {target!r}; choose from {', '.join(TARGETS)}")
     spec = TARGETS[target]
@@ -83,7 +84,7 @@ def pipeline(target: str, max_positions: int | None) -> list[ir.passes.PassBase]
     # Attention first: the GroupQueryAttention pattern includes the RoPE ops, so the rotary
     # rule (standard targets only) must not take them before it. Norm and GELU patterns never
     # overlap attention; their order is only for readable logs.
-    passes.append(FuseAttention(target, max_positions=max_positions))
+    passes.append(FuseAttention(target, max_positions=max_positions, pack_qkv=pack_qkv))
     if not spec.contrib_ops:
         passes.append(FuseRotaryEmbedding())
     passes += [
@@ -106,7 +107,7 @@ class FusionResult:
 
 
 def fuse_model(model: ir.Model, target: str, layers: int, max_positions: int | None = None,
-               explain: bool = False) -> FusionResult:
+               explain: bool = False, pack_qkv: bool = False) -> FusionResult:
     """Run ``target``'s pipeline on ``model`` in place; counts per produced op, only where nonzero.
 
     ``explain`` adds why each rule that matched nothing did not match (and why attention did not
@@ -115,7 +116,7 @@ def fuse_model(model: ir.Model, target: str, layers: int, max_positions: int | N
     counts: dict[str, int] = {}
     modified = False
     rule_passes: list[RulePass] = []
-    for step in pipeline(target, max_positions):
+    for step in pipeline(target, max_positions, pack_qkv):
         result = step(model)
         if isinstance(step, RulePass):
             rule_passes.append(step)
@@ -150,8 +151,13 @@ def _max_logits_diff(reference: os.PathLike, fused: os.PathLike, vocab_size: int
 
 def fuse(model_dir: str | os.PathLike, output: str | os.PathLike, target: str, require: bool = False,
          explain: bool = False, force: bool = False, validate: bool = True, tolerance: float = 1e-3,
-         progress: Callable[[str], None] = lambda message: None) -> tuple[ModelDir, dict[str, int]]:
+         pack_qkv: bool = False, progress: Callable[[str], None] = lambda message: None
+         ) -> tuple[ModelDir, dict[str, int]]:
     """Fuse MODEL_DIR for ``target`` into a new model directory at ``output``; returns it and the counts.
+
+    ``pack_qkv`` (GroupQueryAttention targets) concatenates the query, key and value projection
+    weights into one MatMul: fewer kernel launches per layer, which matters on a GPU; prune and
+    quantize with ``--exclude`` before it, since the packed weight loses the per-projection names.
 
     Validation runs the fused and the source model on ONNX Runtime's CPU provider (every fused op
     has a CPU kernel). Nothing is written at ``output`` unless every step succeeds.
@@ -163,6 +169,8 @@ def fuse(model_dir: str | os.PathLike, output: str | os.PathLike, target: str, r
     """
     if target not in TARGETS:
         raise GraphoptError(f"unknown fusion target {target!r}; choose from {', '.join(TARGETS)}")
+    if pack_qkv and not TARGETS[target].contrib_ops:
+        raise GraphoptError(f"packing q/k/v applies to GroupQueryAttention (targets cpu, cuda), not {target}")
     source = ModelDir.open(model_dir)
     manifest = source.manifest
     layers = int(manifest.get("layers", 0))
@@ -174,7 +182,7 @@ def fuse(model_dir: str | os.PathLike, output: str | os.PathLike, target: str, r
     progress(f"fusing {source.path} for {target}")
     model = graph_ir.load(source.model_path)
     nodes_before = len(model.graph)
-    result = fuse_model(model, target, layers, manifest.get("max_positions"), explain=explain)
+    result = fuse_model(model, target, layers, manifest.get("max_positions"), explain=explain, pack_qkv=pack_qkv)
     for line in result.explanations:
         progress(f"  explain: {line}")
     if require and result.attention_layers < layers:
@@ -191,7 +199,7 @@ def fuse(model_dir: str | os.PathLike, output: str | os.PathLike, target: str, r
             if worst > tolerance:
                 raise ValidationError(f"fused model does not match its source: max |logits diff| {worst:.3g} > {tolerance:g}")
         step = {"pass": "fuse", "parameters": {"target": target, "require": require, "validate": validate,
-                                               "tolerance": tolerance},
+                                               "tolerance": tolerance, "pack_qkv": pack_qkv},
                 "counts": result.counts, "modified": result.modified, "figures": figures,
                 "seconds": round(time.perf_counter() - started, 1)}
         updates = {"opset": model.opset_imports.get("", manifest.get("opset"))}

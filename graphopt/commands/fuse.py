@@ -17,13 +17,16 @@ from graphopt.fusion import TARGETS
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--validate/--no-validate", default=True, show_default=True,
               help="Compare fused and source logits on CPU (prefill, decode, multi-token on cache).")
-def command(model_dir: str, output: str, target: str, explain: bool, require: bool, force: bool, validate: bool) -> None:
+@click.option("--pack-qkv", is_flag=True,
+              help="One MatMul for the query, key and value projections (cpu/cuda): fewer kernels per layer on a GPU.")
+def command(model_dir: str, output: str, target: str, explain: bool, require: bool, force: bool, validate: bool,
+            pack_qkv: bool) -> None:
     """Fuse attention, norms and GELU of MODEL_DIR for TARGET into OUTPUT."""
     from graphopt.cli import progress
     from graphopt.fusion import fuse
 
     fused, counts = fuse(model_dir, output, target, require=require, explain=explain, force=force, validate=validate,
-                         progress=progress)
+                         pack_qkv=pack_qkv, progress=progress)
     step = fused.manifest["lineage"][-1]
     for name, count in counts.items():
         progress(f"  {name}: {count}")

@@ -12,6 +12,7 @@ import sys
 
 import click
 
+from graphopt.runtime.device import CACHES
 from graphopt.runtime.session import EXECUTION_PROVIDERS
 
 
@@ -33,9 +34,14 @@ from graphopt.runtime.session import EXECUTION_PROVIDERS
               help="Draft tokens proposed per step: a number, or auto (adaptive).")
 @click.option("--draft-ep", type=click.Choice(list(EXECUTION_PROVIDERS)), default=None,
               help="Execution provider of the draft (default: --ep).")
+@click.option("--cache", type=click.Choice(CACHES), default="auto", show_default=True,
+              help="Where the KV cache lives: static (fixed buffers written in place; needs GroupQueryAttention), "
+                   "device (growing, on the provider's device), host (numpy); auto picks static when it can.")
+@click.option("--cuda-graph/--no-cuda-graph", default=True, show_default=True,
+              help="With a static cache on CUDA, replay each one-token step as a captured CUDA graph.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 def command(model_dir, prompt, chat, greedy, temperature, top_k, top_p, seed, max_new_tokens, ep, draft_dir, gamma,
-            draft_ep, as_json):
+            draft_ep, cache, cuda_graph, as_json):
     """Generate text after PROMPT with the model in MODEL_DIR."""
     from graphopt.runtime import Generator, Sampling
     from graphopt.runtime.speculative import SpeculativeGenerator
@@ -46,9 +52,10 @@ def command(model_dir, prompt, chat, greedy, temperature, top_k, top_p, seed, ma
         raise click.UsageError("--draft-ep needs --draft")
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if draft_dir is None:
-        generator = Generator(model_dir, ep=ep)
+        generator = Generator(model_dir, ep=ep, cache=cache, cuda_graph=cuda_graph)
     else:
-        generator = SpeculativeGenerator(model_dir, draft_dir, gamma=gamma, ep=ep, draft_ep=draft_ep)
+        generator = SpeculativeGenerator(model_dir, draft_dir, gamma=gamma, ep=ep, draft_ep=draft_ep, cache=cache,
+                                         cuda_graph=cuda_graph)
     prompt_ids = generator.encode_prompt(prompt, chat=chat)
     streamed: list[int] = []
     printed = ""

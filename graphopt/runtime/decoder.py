@@ -60,6 +60,9 @@ class Decoder:
         self._cache = list(self._empty_cache)
         self._length = 0
 
+    def reserve(self, length: int) -> None:
+        """Prepare for ``length`` positions; only decoders with preallocated caches act on it."""
+
     def forward(self, token_ids) -> np.ndarray:
         """Run ``token_ids`` (a sequence of ints) on the cache; return float32 logits (n, vocab)."""
         ids = np.asarray(token_ids, dtype=np.int64).reshape(1, -1)

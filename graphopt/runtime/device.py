@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 import numpy as np
 
@@ -17,7 +18,7 @@ from graphopt.runtime.decoder import Decoder
 
 logger = logging.getLogger(__name__)
 
-_DEVICE_OF_PROVIDER = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
+DEVICE_OF_PROVIDER = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
 
 
 def _slice_model(count: int, dtype: np.dtype):
@@ -52,7 +53,7 @@ class DeviceDecoder(Decoder):
                  session=None):
         self.device = None
         super().__init__(model_path, ep=ep, threads=threads, session=session)
-        self.device = _DEVICE_OF_PROVIDER.get(self.provider, "cpu")
+        self.device = DEVICE_OF_PROVIDER.get(self.provider, "cpu")
         self.device_id = device_id if self.device != "cpu" else 0
         import onnxruntime as ort
 
@@ -103,16 +104,42 @@ class DeviceDecoder(Decoder):
         self._length = length
 
 
-def open_decoder(model_path: str | os.PathLike, ep: str = "cpu", threads: int | None = None,
-                 device_cache: bool = True, spinning: bool = True) -> Decoder:
-    """The right decoder for where the session runs: device-resident cache on CUDA, numpy on CPU.
+CACHES = ("auto", "static", "device", "host")
 
-    ``device_cache=False`` forces the numpy cache (a host round trip per step) even on a GPU, the
-    naive baseline the GPU benchmark compares against.
+
+def open_decoder(model_path: str | os.PathLike, ep: str = "cpu", threads: int | None = None, cache: str = "auto",
+                 cuda_graph: bool = True, spinning: bool = True) -> Decoder:
+    """The right decoder for where the session runs.
+
+    ``cache`` picks where the KV cache lives: ``host`` (numpy, a round trip per step: the naive
+    baseline), ``device`` (OrtValues on the session's device, growing each step), ``static``
+    (fixed buffers, written in place; needs GroupQueryAttention) or ``auto``: static when the graph
+    allows it (also on the CPU, where it saves copying the cache each step), else device on a GPU
+    and host on the CPU. A static cache on
+    CUDA replays one-token steps as a CUDA graph unless ``cuda_graph`` is False; when ONNX Runtime
+    refuses graph capture for the model (nodes left on the CPU) it runs without, with a warning.
     """
     from graphopt.runtime.session import make_session
+    from graphopt.runtime.static_cache import (StaticCacheDecoder, fused_with_group_query_attention,
+                                               require_group_query_attention)
 
-    session = make_session(model_path, ep=ep, threads=threads, spinning=spinning)
-    if device_cache and _DEVICE_OF_PROVIDER.get(session.get_providers()[0], "cpu") != "cpu":
+    if cache not in CACHES:
+        raise ValueError(f"unknown cache {cache!r}; choose from {', '.join(CACHES)}")
+    if cache == "static":
+        require_group_query_attention(model_path)  # before the session: fail fast
+    static = cache == "static" or (cache == "auto" and fused_with_group_query_attention(model_path))
+    session = None
+    if static and cuda_graph and ep == "cuda":
+        try:
+            session = make_session(model_path, ep=ep, threads=threads, spinning=spinning, cuda_graph=True)
+        except Exception as error:  # ORT refuses capture at session creation, e.g. nodes left on the CPU
+            warnings.warn(f"CUDA graphs are off for {model_path}: {str(error).splitlines()[0]}", stacklevel=2)
+            cuda_graph = False
+    if session is None:
+        session = make_session(model_path, ep=ep, threads=threads, spinning=spinning)
+    on_device = DEVICE_OF_PROVIDER.get(session.get_providers()[0], "cpu") != "cpu"
+    if static:
+        return StaticCacheDecoder(model_path, session=session, cuda_graph=cuda_graph)
+    if cache == "device" or (cache == "auto" and on_device):
         return DeviceDecoder(model_path, session=session)
     return Decoder(model_path, session=session)

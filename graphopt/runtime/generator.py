@@ -62,11 +62,11 @@ class Generator:
     """
 
     def __init__(self, model_dir: str | os.PathLike, ep: str = "cpu", threads: int | None = None,
-                 device_cache: bool = True, spinning: bool = True):
+                 cache: str = "auto", cuda_graph: bool = True, spinning: bool = True):
         self.model_dir = ModelDir.open(model_dir)
         self.manifest = self.model_dir.manifest
-        self.decoder = open_decoder(self.model_dir.model_path, ep=ep, threads=threads, device_cache=device_cache,
-                                    spinning=spinning)
+        self.decoder = open_decoder(self.model_dir.model_path, ep=ep, threads=threads, cache=cache,
+                                    cuda_graph=cuda_graph, spinning=spinning)
         self.tokenizer = Tokenizer(self.model_dir.path)
         self.eos_token_ids = set(self.manifest.get("eos_token_ids", []))
         self.max_positions = int(self.manifest.get("max_positions", 1 << 30))
@@ -96,6 +96,7 @@ class Generator:
                                 f"the model's context of {self.max_positions}")
         rng = np.random.default_rng(sampling.seed)
         self.decoder.reset()
+        self.decoder.reserve(len(prompt_ids) + max_new_tokens)
         started = time.perf_counter()
         logits = self.decoder.forward(prompt_ids)[-1]
         token = choose(logits, sampling, rng)

@@ -41,10 +41,13 @@ def tensorrt_missing_library() -> str | None:
     return None
 
 
-def resolve_providers(ep: str, available: list[str] | None = None, model_dir: str | os.PathLike | None = None):
+def resolve_providers(ep: str, available: list[str] | None = None, model_dir: str | os.PathLike | None = None,
+                      cuda_graph: bool = False):
     """Map ``cpu|cuda|tensorrt`` to an ORT provider list, dropping what this onnxruntime lacks.
 
-    Falls back to CPU with a warning when the requested provider is unavailable.
+    Falls back to CPU with a warning when the requested provider is unavailable. ``cuda_graph``
+    turns on CUDA graph capture in the CUDA provider (runs then choose a graph with the run option
+    ``gpu_graph_id``; see :mod:`graphopt.runtime.static_cache`).
     """
     import onnxruntime as ort
 
@@ -68,13 +71,15 @@ def resolve_providers(ep: str, available: list[str] | None = None, model_dir: st
         if name == "TensorrtExecutionProvider":
             cache = pathlib.Path(model_dir) / "trt_cache" if model_dir is not None else None
             resolved.append((name, tensorrt_options(cache)))
+        elif name == "CUDAExecutionProvider" and cuda_graph:
+            resolved.append((name, {"enable_cuda_graph": "1"}))
         else:
             resolved.append(name)
     return resolved
 
 
 def make_session(model_path: str | os.PathLike, ep: str = "cpu", threads: int | None = None,
-                 optimization: str = "all", spinning: bool = True):
+                 optimization: str = "all", spinning: bool = True, cuda_graph: bool = False):
     """An InferenceSession on the requested provider; ``session.get_providers()[0]`` is what ran.
 
     ``spinning=False`` lets ORT's worker threads sleep between runs instead of busy-waiting: what
@@ -95,5 +100,5 @@ def make_session(model_path: str | os.PathLike, ep: str = "cpu", threads: int | 
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     model_path = pathlib.Path(model_path)
-    providers = resolve_providers(ep, model_dir=model_path.parent)
+    providers = resolve_providers(ep, model_dir=model_path.parent, cuda_graph=cuda_graph)
     return ort.InferenceSession(str(model_path), sess_options=options, providers=providers)

@@ -160,21 +160,45 @@ class CostCheck:
 
         return max(range(1, limit + 1), key=tokens_per_s)
 
+    def hopeless(self) -> bool:
+        """Whether a draft that is always right would still lose, on its measured cost alone.
+
+        With every proposal accepted a step delivers ``g + 1`` tokens for ``g * draft + plain``
+        seconds; over ``g >= 1`` that peaks at ``max(2 / (draft + plain), 1 / draft)``. When even
+        that is below ``margin`` times plain speed (a draft costing over ~1.2 target steps per
+        token, as a host-bound draft beside a CUDA-graph target does), waiting for a full window of
+        evidence only adds loss.
+        """
+        if self.plain_step_s is None or self.draft_token_s is None:
+            return False
+        draft = self.draft_token_s + (self.verify_slope_s or 0.0)
+        ceiling = max(2 / (draft + self.plain_step_s), 1 / draft)
+        return ceiling < self.margin / self.plain_step_s
+
     def record_speculative(self, tokens: int, seconds: float) -> None:
         self._speculative.append((tokens, seconds))
-        if len(self._speculative) < self._speculative.maxlen // 2 or self.plain_step_s is None:
+        if self.plain_step_s is None:
             return
         tokens_total = sum(count for count, _ in self._speculative)
         seconds_total = sum(spent for _, spent in self._speculative)
-        # Fall back only on a clear loss: timing noise should not throw away a real gain.
-        if tokens_total / seconds_total < self.margin / self.plain_step_s:
-            logger.info("speculation at %.1f tokens/s loses to plain decoding at %.1f; plain for %d tokens",
-                        tokens_total / seconds_total, 1.0 / self.plain_step_s, self._backoff)
-            self._plain_left = self._backoff
-            self._backoff = min(2 * self._backoff, self.max_backoff)
-            self._speculative.clear()
+        if self.hopeless():
+            # A cost, not noise: retrying soon would only pay it again.
+            self._backoff = self.max_backoff
+            self._fall_back(tokens_total / seconds_total)
+        elif len(self._speculative) < self._speculative.maxlen // 2:
+            return
+        # Otherwise fall back only on a clear loss: timing noise should not throw away a real gain.
+        elif tokens_total / seconds_total < self.margin / self.plain_step_s:
+            self._fall_back(tokens_total / seconds_total)
         elif len(self._speculative) == self._speculative.maxlen:
             self._backoff = self.first_backoff
+
+    def _fall_back(self, speculative_rate: float) -> None:
+        logger.info("speculation at %.1f tokens/s loses to plain decoding at %.1f; plain for %d tokens",
+                    speculative_rate, 1.0 / self.plain_step_s, self._backoff)
+        self._plain_left = self._backoff
+        self._backoff = min(2 * self._backoff, self.max_backoff)
+        self._speculative.clear()
 
 
 class SpeculativeGenerator:
@@ -195,15 +219,16 @@ class SpeculativeGenerator:
 
     def __init__(self, target: str | os.PathLike | Generator, draft: str | os.PathLike | Generator,
                  gamma: int | str = "auto", ep: str = "cpu", draft_ep: str | None = None, threads: int | None = None,
-                 draft_threads: int | None = None, fallback: bool = True, max_gamma: int = 12):
+                 draft_threads: int | None = None, fallback: bool = True, max_gamma: int = 12, cache: str = "auto",
+                 cuda_graph: bool = True):
         # Checked before any session is built: a wrong draft fails fast and cheaply.
         check_same_vocabulary(_model_dir(target), _model_dir(draft))
         # Two sessions take turns on the same cores: neither may spin while the other runs.
-        self.target = target if isinstance(target, Generator) else Generator(target, ep=ep, threads=threads,
-                                                                             spinning=False)
+        options = {"spinning": False, "cache": cache, "cuda_graph": cuda_graph}
+        self.target = target if isinstance(target, Generator) else Generator(target, ep=ep, threads=threads, **options)
         draft_ep = draft_ep or ep
         self.draft = draft if isinstance(draft, Generator) else Generator(draft, ep=draft_ep, threads=draft_threads,
-                                                                          spinning=False)
+                                                                          **options)
         if gamma == "auto":
             self.policy = GammaPolicy(DEFAULT_GAMMA, adaptive=True, max_gamma=max_gamma)
         elif isinstance(gamma, int) and gamma >= 1:
@@ -240,6 +265,9 @@ class SpeculativeGenerator:
         target, draft = self.target.decoder, self.draft.decoder
         target.reset()
         draft.reset()
+        # A verify forward may run up to max_gamma + 1 positions past the budget before rollback.
+        for decoder in (target, draft):
+            decoder.reserve(len(prompt_ids) + max_new_tokens + self.policy.max_gamma + 1)
         self.policy.gamma = self.initial_gamma
         if self.cost_check is not None:
             self.cost_check.reset()
@@ -275,6 +303,9 @@ class SpeculativeGenerator:
             plain = self.cost_check is not None and self.cost_check.plain_now()
             # Never propose past the budget: gamma accepted tokens plus the target's own one.
             gamma = 0 if plain else min(self.policy.gamma, remaining - 1)
+            if self.cost_check is not None and self.cost_check.draft_token_s is None:
+                # Measure the draft's cost on one proposal before betting several draft steps on it.
+                gamma = min(gamma, 1)
             new_tokens, draft_s, verify_s = self._step(sequence, gamma, sampling, rng, stats)
             if self.cost_check is None:
                 if gamma > 0:

@@ -1,0 +1,209 @@
+"""A decoder over preallocated fixed-size KV buffers: the layout that lets CUDA graphs replay a step.
+
+GroupQueryAttention writes new keys and values in place when ``past`` and ``present`` are bound to
+the same memory (ORT's ``past_present_share_buffer``), at the positions ``seqlens_k`` gives, and
+reads only up to there. With every cache buffer sized to a capacity up front and the attention
+mask padded to that capacity (ones for held tokens, zeros after), a one-token step has the same
+shapes and the same addresses every time. ONNX Runtime can then capture it once as a CUDA graph
+and replay it: one launch per token instead of one per kernel.
+
+The fused graph derives ``seqlens_k`` from the mask's sum and ``total_sequence_length`` (the
+capacity) from its width, so the graph itself is unchanged. Rolling back (speculative decoding)
+is a shorter mask. Prefill and multi-token forwards run eagerly on the same buffers (run option
+``gpu_graph_id = -1``). Needs a graph fused with GroupQueryAttention (``graphopt fuse --target
+cpu|cuda``); it runs on the CPU provider too, which is how CI tests it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+
+import numpy as np
+
+from graphopt.errors import GraphoptError
+from graphopt.runtime.decoder import Decoder
+from graphopt.runtime.device import DEVICE_OF_PROVIDER
+
+logger = logging.getLogger(__name__)
+
+GROUP_QUERY_ATTENTION = "com.microsoft.GroupQueryAttention"
+# Capacity grows in steps of this many positions, so a longer request rarely means a new graph.
+CAPACITY_STEP = 256
+# gpu_graph_id of the first captured one-token step; -1 means "run without a graph".
+FIRST_GRAPH_ID = 1
+# One-token runs before a graph is surely captured: ORT runs a graph id normally first (to settle
+# its memory allocations), captures on the next run, and replays from then on.
+WARM_UP_STEPS = 3
+
+
+def fused_with_group_query_attention(model_path: str | os.PathLike) -> bool:
+    """Whether the model directory's manifest says its attention is GroupQueryAttention."""
+    manifest = pathlib.Path(model_path).parent / "graphopt.json"
+    if not manifest.is_file():
+        return False
+    fusion = json.loads(manifest.read_text()).get("fusion") or {}
+    return fusion.get("attention_op") == GROUP_QUERY_ATTENTION
+
+
+def require_group_query_attention(model_path: str | os.PathLike) -> None:
+    """Raise GraphoptError, with the command that fixes it, unless the model uses GroupQueryAttention."""
+    if not fused_with_group_query_attention(model_path):
+        raise GraphoptError(f"{pathlib.Path(model_path).parent}: a static KV cache needs attention fused into "
+                            "GroupQueryAttention (graphopt fuse --target cuda, or cpu)")
+
+
+class StaticCacheDecoder(Decoder):
+    """``Decoder`` whose KV cache lives in fixed buffers of ``capacity`` positions, shared past/present.
+
+    Args:
+        model_path: ``model.onnx`` of a directory fused with GroupQueryAttention.
+        capacity: positions to allocate now; :meth:`reserve` and longer forwards grow it (a grown
+            buffer means a new CUDA graph, captured on first use).
+        cuda_graph: replay one-token steps as a CUDA graph. Needs a session made with
+            ``make_session(..., cuda_graph=True)``; ignored on CPU.
+        session: an existing session for ``model_path``.
+    """
+
+    def __init__(self, model_path: str | os.PathLike, ep: str = "cuda", threads: int | None = None,
+                 capacity: int = CAPACITY_STEP, cuda_graph: bool = False, session=None, device_id: int = 0):
+        require_group_query_attention(model_path)
+        self.device = None
+        super().__init__(model_path, ep=ep, threads=threads, session=session)
+        import onnxruntime as ort
+
+        self._ort = ort
+        self.device = DEVICE_OF_PROVIDER.get(self.provider, "cpu")
+        self.device_id = device_id if self.device != "cpu" else 0
+        self.cuda_graph = cuda_graph and self.device == "cuda"
+        manifest = json.loads((self.model_path.parent / "graphopt.json").read_text())
+        # GroupQueryAttention's rotary tables cover max_positions; the capacity may not exceed them.
+        self.max_positions = int((manifest.get("fusion") or {}).get("max_positions") or manifest.get("max_positions")
+                                 or 1 << 30)
+        outputs = {meta.name: meta for meta in self.session.get_outputs()}
+        self._logits_dtype = {"tensor(float16)": np.float16}.get(outputs["logits"].type, np.float32)
+        self._vocab = outputs["logits"].shape[2]
+        self._eager = ort.RunOptions()
+        self._eager.add_run_config_entry("gpu_graph_id", "-1")
+        self._graph_id = FIRST_GRAPH_ID - 1
+        self.capacity = 0
+        self._length = 0
+        self._allocate(min(capacity, self.max_positions))
+        self.reset()
+
+    def reset(self) -> None:
+        if self.device is None:  # called by Decoder.__init__ before the buffers exist
+            super().reset()
+            return
+        self._length = 0
+        self._mask[:] = 0
+
+    def reserve(self, length: int) -> None:
+        """Make room for ``length`` positions, at most the model's (grows the buffers, keeping what they hold)."""
+        length = min(length, self.max_positions)
+        if length <= self.capacity:
+            return
+        grown = min(max(-(-length // CAPACITY_STEP) * CAPACITY_STEP, 2 * self.capacity), self.max_positions)
+        logger.info("static KV cache grows from %d to %d positions", self.capacity, grown)
+        self._allocate(grown)
+
+    def _allocate(self, capacity: int) -> None:
+        """(Re)build the cache buffers, the mask and the one-token step's fixed inputs and outputs."""
+        held = [value.numpy()[:, :, :self._length] for value in self._cache] if self.capacity else []
+        cache = []
+        for index, empty in enumerate(self._empty_cache):
+            buffer = np.zeros((1, empty.shape[1], capacity, empty.shape[3]), dtype=empty.dtype)
+            if held:
+                buffer[:, :, :self._length] = held[index]
+            cache.append(self._ort.OrtValue.ortvalue_from_numpy(buffer, self.device, self.device_id))
+        self._cache = cache
+        mask = np.zeros((1, capacity), dtype=np.int64)
+        if self.capacity:
+            mask[:, :self.capacity] = self._mask
+        self._mask = mask
+        self.capacity = capacity
+
+        def fixed(shape, dtype):
+            return self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=dtype), self.device, self.device_id)
+
+        self._step_ids = fixed((1, 1), np.int64)
+        self._step_positions = fixed((1, 1), np.int64)
+        self._step_mask = fixed((1, capacity), np.int64)
+        self._step_logits = fixed((1, 1, self._vocab), self._logits_dtype)
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input("input_ids", self._step_ids)
+        binding.bind_ortvalue_input("attention_mask", self._step_mask)
+        if "position_ids" in self.input_names:
+            binding.bind_ortvalue_input("position_ids", self._step_positions)
+        binding.bind_ortvalue_output("logits", self._step_logits)
+        self._bind_cache(binding)
+        self._step_binding = binding
+        # New addresses need a new graph: a fresh id, captured now rather than in the middle of
+        # someone's first request (that first capture costs more than a hundred plain steps).
+        self._graph_id += 1
+        self._step_options = self._ort.RunOptions()
+        self._step_options.add_run_config_entry("gpu_graph_id", str(self._graph_id) if self.cuda_graph else "-1")
+        if self.cuda_graph:
+            self.warm_up()
+
+    def warm_up(self) -> None:
+        """Run throwaway steps past the held tokens until the step graph is captured, then forget them.
+
+        An eager two-token forward first: it pays the provider's one-time setup as well.
+        """
+        length, mask = self._length, self._mask.copy()
+        room = self.capacity - length
+        if room >= 2:
+            self.forward([0, 0])
+            self._length, self._mask[:] = length, mask
+        for _ in range(min(WARM_UP_STEPS, room)):
+            self.forward([0])
+        self._length, self._mask[:] = length, mask
+
+    def _bind_cache(self, binding) -> None:
+        for past, present, value in zip(self.past_names, self.present_names, self._cache):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)  # the same buffer: written in place
+
+    def forward(self, token_ids) -> np.ndarray:
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(1, -1)
+        start, total = self._length, self._length + ids.shape[1]
+        if total > self.max_positions:
+            raise GraphoptError(f"{total} positions exceed the model's {self.max_positions}")
+        self.reserve(total)
+        self._mask[0, start:total] = 1
+        if ids.shape[1] == 1:
+            logits = self._step(ids, start)
+        else:
+            binding = self.session.io_binding()
+            binding.bind_cpu_input("input_ids", ids)
+            # A prompt on an empty cache gets a mask as wide as itself: GroupQueryAttention's
+            # first-prompt path (total length = prompt length), which writes into the shared
+            # buffers all the same; on a non-empty cache the full-width mask is its "subsequent
+            # prompt" path.
+            binding.bind_cpu_input("attention_mask", self._mask[:, :total] if start == 0 else self._mask)
+            if "position_ids" in self.input_names:
+                binding.bind_cpu_input("position_ids", np.arange(start, total, dtype=np.int64).reshape(1, -1))
+            binding.bind_output("logits", "cpu")
+            self._bind_cache(binding)
+            self.session.run_with_iobinding(binding, self._eager)
+            logits = binding.get_outputs()[0].numpy()[0]
+        self._length = total
+        return logits.astype(np.float32, copy=False)
+
+    def _step(self, ids: np.ndarray, start: int) -> np.ndarray:
+        """One token through the fixed binding: inputs updated in place, then run (or replay)."""
+        self._step_ids.update_inplace(ids)
+        self._step_positions.update_inplace(np.array([[start]], dtype=np.int64))
+        self._step_mask.update_inplace(self._mask)
+        self.session.run_with_iobinding(self._step_binding, self._step_options)
+        return self._step_logits.numpy()[0]
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= self._length:
+            raise ValueError(f"cannot truncate a cache of {self._length} tokens to {length}")
+        # Positions past the mask are never read and are overwritten by the next forward.
+        self._mask[0, length:] = 0
+        self._length = length

@@ -1,0 +1,172 @@
+"""Static KV cache: fixed buffers shared by past and present (the CUDA-graph layout), checked on CPU.
+
+The CUDA graph replay itself needs a GPU (tools/gpu_check.py); everything it rests on runs here:
+GroupQueryAttention writing in place into shared buffers, the fixed one-token binding updated in
+place, growth, rollback, and the choice of decoder.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from graphopt.cli import main
+from graphopt.errors import GraphoptError
+from graphopt.fusion import fuse
+from graphopt.modeldir import ModelDir
+from graphopt.runtime import Decoder, Generator, resolve_providers
+from graphopt.runtime.device import DeviceDecoder, open_decoder
+from graphopt.runtime.speculative import SpeculativeGenerator
+from graphopt.runtime.static_cache import CAPACITY_STEP, StaticCacheDecoder
+from graphopt.testing import tiny_checkpoint
+
+# Same kernels, same summation order: the static cache changes where keys live, not the math.
+TOLERANCE = 1e-6
+
+
+@pytest.fixture(scope="module")
+def fused_llama_dir(tiny_llama_dir, tmp_path_factory):
+    output = tmp_path_factory.mktemp("static") / "fused"
+    fuse(tiny_llama_dir, output, "cpu", require=True)
+    return output
+
+
+@pytest.fixture(scope="module")
+def packed_qwen2_dir(tiny_qwen2_dir, tmp_path_factory):
+    output = tmp_path_factory.mktemp("static") / "packed"
+    fuse(tiny_qwen2_dir, output, "cuda", require=True, pack_qkv=True)
+    return output
+
+
+def _close(a, b) -> None:
+    np.testing.assert_allclose(a, b, atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("directory", ["fused_llama_dir", "packed_qwen2_dir"])
+def test_static_cache_matches_the_growing_cache(request, directory):
+    """Prefill, steps across a growth of the buffers, multi-token on the cache, rollback, steps again."""
+    path = ModelDir.open(request.getfixturevalue(directory)).model_path
+    growing, static = Decoder(path), StaticCacheDecoder(path, ep="cpu", capacity=4)
+    ids = np.random.default_rng(0).integers(0, 300, size=40).tolist()
+    _close(growing.forward(ids[:3]), static.forward(ids[:3]))
+    assert static.capacity == 4
+    _close(growing.forward(ids[3:5]), static.forward(ids[3:5]))  # grows, keeping the 3 held tokens
+    assert static.capacity == CAPACITY_STEP
+    for token in ids[5:20]:
+        _close(growing.forward([token]), static.forward([token]))
+    for decoder in (growing, static):
+        decoder.truncate(9)
+    assert static.length == 9
+    _close(growing.forward(ids[20:24]), static.forward(ids[20:24]))
+    for token in ids[24:30]:
+        _close(growing.forward([token]), static.forward([token]))
+    for decoder in (growing, static):
+        decoder.reset()
+    _close(growing.forward(ids[30:]), static.forward(ids[30:]))
+
+
+def test_warm_up_leaves_what_the_cache_holds(fused_llama_dir):
+    """The throwaway steps that capture a CUDA graph (run here on CPU) write past the held tokens only."""
+    path = ModelDir.open(fused_llama_dir).model_path
+    growing, static = Decoder(path), StaticCacheDecoder(path, ep="cpu", capacity=16)
+    static.warm_up()  # on an empty cache
+    _close(growing.forward([11]), static.forward([11]))  # a one-token prompt takes the step path
+    _close(growing.forward([12, 13, 14]), static.forward([12, 13, 14]))
+    static.warm_up()  # with 4 tokens held
+    assert static.length == 4
+    for token in (15, 16, 17):
+        _close(growing.forward([token]), static.forward([token]))
+
+
+def test_static_cache_writes_in_place_into_its_own_buffers(fused_llama_dir):
+    """The one-token step leaves its keys in the bound buffer: past and present share memory."""
+    decoder = StaticCacheDecoder(ModelDir.open(fused_llama_dir).model_path, ep="cpu", capacity=16)
+    decoder.forward([5, 6, 7])
+    before = decoder._cache[0].numpy().copy()
+    decoder.forward([8])
+    after = decoder._cache[0].numpy()
+    assert not np.any(before[:, :, :3] != after[:, :, :3])
+    assert np.any(after[:, :, 3] != 0) and not np.any(after[:, :, 4:])
+
+
+def test_generator_picks_the_static_cache_and_keeps_greedy_tokens(fused_llama_dir, tiny_llama_dir):
+    static, host = Generator(fused_llama_dir), Generator(fused_llama_dir, cache="host")
+    assert isinstance(static.decoder, StaticCacheDecoder) and type(host.decoder) is Decoder
+    assert type(Generator(tiny_llama_dir).decoder) is Decoder  # unfused: no GroupQueryAttention
+    prompt = [3, 17, 42, 99, 7]
+    tokens = static.generate(prompt, max_new_tokens=200, stop_on_eos=False).token_ids
+    assert tokens == host.generate(prompt, max_new_tokens=200, stop_on_eos=False).token_ids
+    assert static.decoder.capacity >= len(prompt) + 200
+
+
+def test_static_cache_is_refused_without_group_query_attention(tiny_llama_dir, tiny_gpt2_dir, tmp_path):
+    with pytest.raises(GraphoptError, match="graphopt fuse --target cuda"):
+        Generator(tiny_llama_dir, cache="static")
+    fused_gpt2 = tmp_path / "gpt2"
+    fuse(tiny_gpt2_dir, fused_gpt2, "cpu", require=True)  # MultiHeadAttention: no shared buffer
+    assert isinstance(Generator(fused_gpt2).decoder, Decoder)
+    assert not isinstance(Generator(fused_gpt2).decoder, StaticCacheDecoder)
+    result = CliRunner().invoke(main, ["generate", str(tiny_llama_dir), "--prompt", "hi", "--cache", "static"])
+    assert result.exit_code == 2 and "GroupQueryAttention" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_static_cache_stops_at_the_models_positions(fused_llama_dir):
+    decoder = StaticCacheDecoder(ModelDir.open(fused_llama_dir).model_path, ep="cpu")
+    limit = decoder.max_positions
+    decoder.reserve(10 * limit)  # a hint: clamped to what the rotary tables cover
+    assert decoder.capacity == limit
+    decoder.forward(list(range(limit - 1)))
+    decoder.forward([1])
+    with pytest.raises(GraphoptError, match=f"exceed the model's {limit}"):
+        decoder.forward([2])
+
+
+def test_cuda_graph_is_a_cuda_provider_option_and_ignored_on_cpu(fused_llama_dir):
+    providers = resolve_providers("cuda", available=["CUDAExecutionProvider", "CPUExecutionProvider"],
+                                  cuda_graph=True)
+    assert providers == [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}), "CPUExecutionProvider"]
+    assert resolve_providers("cuda", available=["CUDAExecutionProvider", "CPUExecutionProvider"]) == [
+        "CUDAExecutionProvider", "CPUExecutionProvider"]
+    decoder = open_decoder(ModelDir.open(fused_llama_dir).model_path, ep="cpu", cache="static", cuda_graph=True)
+    assert isinstance(decoder, StaticCacheDecoder) and not decoder.cuda_graph
+    assert isinstance(open_decoder(ModelDir.open(fused_llama_dir).model_path, cache="device"), DeviceDecoder)
+
+
+def test_speculative_greedy_on_static_caches_is_plain_greedy(fused_llama_dir, tmp_path):
+    """Rollback of a static cache is a shorter mask: a draft that rarely agrees exercises it."""
+    draft = tmp_path / "draft"
+    from graphopt.export import export
+
+    export(str(tiny_checkpoint("llama", tmp_path / "checkpoint", seed=1)), tmp_path / "draft-plain")
+    fuse(tmp_path / "draft-plain", draft, "cpu", require=True)
+    plain = Generator(fused_llama_dir, cache="host")
+    prompt = [3, 17, 42, 99, 7]
+    expected = plain.generate(prompt, max_new_tokens=60, stop_on_eos=False).token_ids
+    for candidate in (draft, fused_llama_dir):
+        speculative = SpeculativeGenerator(fused_llama_dir, candidate, gamma=3, fallback=False)
+        assert isinstance(speculative.target.decoder, StaticCacheDecoder)
+        assert isinstance(speculative.draft.decoder, StaticCacheDecoder)
+        result = speculative.generate(prompt, max_new_tokens=60, stop_on_eos=False)
+        assert result.token_ids == expected
+
+
+def test_pack_qkv_fuses_one_projection_per_layer_and_is_recorded(packed_qwen2_dir, tiny_qwen2_dir, tmp_path):
+    model = onnx.load(str(packed_qwen2_dir / "model.onnx"), load_external_data=False)
+    histogram = collections.Counter(node.op_type for node in model.graph.node)
+    layers = ModelDir.open(packed_qwen2_dir).manifest["layers"]
+    # Per layer: packed qkv, o, gate, up, down; plus the LM head.
+    assert histogram["GroupQueryAttention"] == layers and histogram["MatMul"] == 5 * layers + 1
+    lineage = json.loads((packed_qwen2_dir / "graphopt.json").read_text())["lineage"][-1]
+    assert lineage["parameters"]["pack_qkv"] is True
+    with pytest.raises(GraphoptError, match="GroupQueryAttention"):
+        fuse(tiny_qwen2_dir, tmp_path / "onnx", "onnx", pack_qkv=True)
+    result = CliRunner().invoke(main, ["fuse", str(tiny_qwen2_dir), "-o", str(tmp_path / "cli"), "--target", "cpu",
+                                       "--pack-qkv"])
+    assert result.exit_code == 0, result.output
+    assert "GroupQueryAttention: " in result.output
