@@ -16,13 +16,14 @@ import pytest
 from click.testing import CliRunner
 
 from graphopt.cli import main
+from graphopt.convert import convert
 from graphopt.errors import GraphoptError
 from graphopt.fusion import fuse
 from graphopt.modeldir import ModelDir
 from graphopt.runtime import Decoder, Generator, resolve_providers
 from graphopt.runtime.device import DeviceDecoder, open_decoder
 from graphopt.runtime.speculative import SpeculativeGenerator
-from graphopt.runtime.static_cache import CAPACITY_STEP, StaticCacheDecoder
+from graphopt.runtime.static_cache import CAPACITY_STEP, StaticCacheDecoder, runs_whole_on_cuda
 from graphopt.testing import tiny_checkpoint
 
 # Same kernels, same summation order: the static cache changes where keys live, not the math.
@@ -79,8 +80,10 @@ def test_warm_up_leaves_what_the_cache_holds(fused_llama_dir):
     _close(growing.forward([12, 13, 14]), static.forward([12, 13, 14]))
     static.warm_up()  # with 4 tokens held
     assert static.length == 4
-    for token in (15, 16, 17):
-        _close(growing.forward([token]), static.forward([token]))
+    held = [static.forward([token]) for token in (15, 16, 17)]
+    # Logits handed out stay the caller's: the next step writes the bound buffer, not them.
+    for token, logits in zip((15, 16, 17), held):
+        _close(growing.forward([token]), logits)
 
 
 def test_static_cache_writes_in_place_into_its_own_buffers(fused_llama_dir):
@@ -136,6 +139,19 @@ def test_cuda_graph_is_a_cuda_provider_option_and_ignored_on_cpu(fused_llama_dir
     decoder = open_decoder(ModelDir.open(fused_llama_dir).model_path, ep="cpu", cache="static", cuda_graph=True)
     assert isinstance(decoder, StaticCacheDecoder) and not decoder.cuda_graph
     assert isinstance(open_decoder(ModelDir.open(fused_llama_dir).model_path, cache="device"), DeviceDecoder)
+
+
+def test_cuda_graphs_are_only_tried_for_float16_graphs(fused_llama_dir, tmp_path):
+    """A float32 GroupQueryAttention has no CUDA kernel, so it would sit on the CPU and forbid capture."""
+    half = tmp_path / "fp16"
+    convert(fused_llama_dir, half, dtype="fp16")
+    assert not runs_whole_on_cuda(ModelDir.open(fused_llama_dir).model_path)
+    assert runs_whole_on_cuda(ModelDir.open(half).model_path)
+    growing, static = Decoder(ModelDir.open(half).model_path), Generator(half).decoder
+    assert isinstance(static, StaticCacheDecoder) and static.cache_dtype == np.float16
+    ids = [5, 9, 31, 2, 77]
+    _close(growing.forward(ids), static.forward(ids))
+    _close(growing.forward([4]), static.forward([4]))
 
 
 def test_speculative_greedy_on_static_caches_is_plain_greedy(fused_llama_dir, tmp_path):

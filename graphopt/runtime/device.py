@@ -115,13 +115,13 @@ def open_decoder(model_path: str | os.PathLike, ep: str = "cpu", threads: int | 
     baseline), ``device`` (OrtValues on the session's device, growing each step), ``static``
     (fixed buffers, written in place; needs GroupQueryAttention) or ``auto``: static when the graph
     allows it (also on the CPU, where it saves copying the cache each step), else device on a GPU
-    and host on the CPU. A static cache on
-    CUDA replays one-token steps as a CUDA graph unless ``cuda_graph`` is False; when ONNX Runtime
-    refuses graph capture for the model (nodes left on the CPU) it runs without, with a warning.
+    and host on the CPU. A static cache on CUDA replays one-token steps as a CUDA graph unless
+    ``cuda_graph`` is False; when ONNX Runtime refuses graph capture for the model (nodes left on
+    the CPU) it runs without, with a warning.
     """
     from graphopt.runtime.session import make_session
     from graphopt.runtime.static_cache import (StaticCacheDecoder, fused_with_group_query_attention,
-                                               require_group_query_attention)
+                                               require_group_query_attention, runs_whole_on_cuda)
 
     if cache not in CACHES:
         raise ValueError(f"unknown cache {cache!r}; choose from {', '.join(CACHES)}")
@@ -129,6 +129,9 @@ def open_decoder(model_path: str | os.PathLike, ep: str = "cpu", threads: int | 
         require_group_query_attention(model_path)  # before the session: fail fast
     static = cache == "static" or (cache == "auto" and fused_with_group_query_attention(model_path))
     session = None
+    if static and cuda_graph and ep == "cuda" and not runs_whole_on_cuda(model_path):
+        logger.info("no CUDA graph for %s: its GroupQueryAttention is float32 and runs on the CPU", model_path)
+        cuda_graph = False
     if static and cuda_graph and ep == "cuda":
         try:
             session = make_session(model_path, ep=ep, threads=threads, spinning=spinning, cuda_graph=True)

@@ -56,6 +56,10 @@ class GenerationResult:
 class Generator:
     """Owns an ORT decoder session, its KV cache and the tokenizer of a model directory.
 
+    ``cache`` (``auto|static|device|host``) and ``cuda_graph`` choose where the KV cache lives and
+    whether CUDA replays one-token steps as a graph (see :func:`graphopt.runtime.device.open_decoder`);
+    ``spinning=False`` lets ORT's threads sleep between runs.
+
     Example:
         >>> generator = Generator("smollm2-onnx")
         >>> generator.generate_text("What is the capital of France?", chat=True).text

@@ -39,13 +39,22 @@ FIRST_GRAPH_ID = 1
 WARM_UP_STEPS = 3
 
 
+def _manifest(model_path: str | os.PathLike) -> dict:
+    path = pathlib.Path(model_path).parent / "graphopt.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def fused_with_group_query_attention(model_path: str | os.PathLike) -> bool:
     """Whether the model directory's manifest says its attention is GroupQueryAttention."""
-    manifest = pathlib.Path(model_path).parent / "graphopt.json"
-    if not manifest.is_file():
-        return False
-    fusion = json.loads(manifest.read_text()).get("fusion") or {}
-    return fusion.get("attention_op") == GROUP_QUERY_ATTENTION
+    return (_manifest(model_path).get("fusion") or {}).get("attention_op") == GROUP_QUERY_ATTENTION
+
+
+def runs_whole_on_cuda(model_path: str | os.PathLike) -> bool:
+    """Whether a GroupQueryAttention graph can run entirely on CUDA, as graph capture requires.
+
+    ORT's CUDA GroupQueryAttention is float16 / bfloat16 only; a float32 graph leaves it on the CPU.
+    """
+    return _manifest(model_path).get("dtype") in ("float16", "bfloat16")
 
 
 def require_group_query_attention(model_path: str | os.PathLike) -> None:
@@ -60,8 +69,8 @@ class StaticCacheDecoder(Decoder):
 
     Args:
         model_path: ``model.onnx`` of a directory fused with GroupQueryAttention.
-        capacity: positions to allocate now; :meth:`reserve` and longer forwards grow it (a grown
-            buffer means a new CUDA graph, captured on first use).
+        capacity: positions to allocate now; :meth:`reserve` and longer forwards grow it (grown
+            buffers have new addresses, so a new CUDA graph is captured then).
         cuda_graph: replay one-token steps as a CUDA graph. Needs a session made with
             ``make_session(..., cuda_graph=True)``; ignored on CPU.
         session: an existing session for ``model_path``.
@@ -199,7 +208,9 @@ class StaticCacheDecoder(Decoder):
         self._step_positions.update_inplace(np.array([[start]], dtype=np.int64))
         self._step_mask.update_inplace(self._mask)
         self.session.run_with_iobinding(self._step_binding, self._step_options)
-        return self._step_logits.numpy()[0]
+        logits = self._step_logits.numpy()[0]
+        # On the CPU that array is a view of the bound buffer, which the next step overwrites.
+        return logits.copy() if self.device == "cpu" else logits
 
     def truncate(self, length: int) -> None:
         if not 0 <= length <= self._length:
