@@ -265,9 +265,9 @@ class SpeculativeGenerator:
         target, draft = self.target.decoder, self.draft.decoder
         target.reset()
         draft.reset()
-        # A verify forward may run up to max_gamma + 1 positions past the budget before rollback.
+        # Proposals never run past the token budget, so neither cache needs more than this.
         for decoder in (target, draft):
-            decoder.reserve(len(prompt_ids) + max_new_tokens + self.policy.max_gamma + 1)
+            decoder.reserve(len(prompt_ids) + max_new_tokens)
         self.policy.gamma = self.initial_gamma
         if self.cost_check is not None:
             self.cost_check.reset()
