@@ -74,6 +74,11 @@ def build_variants(src: str, work: pathlib.Path, skip_export: bool, errors: dict
     return {name: path for name, path in paths.items() if (path / "model.onnx").is_file()}
 
 
+def agreeing_prefix(tokens: list[int], reference: list[int]) -> int:
+    """How many leading tokens equal the reference's (greedy streams diverge for good at the first miss)."""
+    return next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), len(tokens))
+
+
 def greedy(generator, prompt_ids: list[int], tokens: int):
     return generator.generate(prompt_ids, max_new_tokens=tokens, stop_on_eos=False)
 
@@ -171,7 +176,7 @@ def timed_row(label, path, cache, cuda_graph, prompt_ids, reference_tokens, refe
     runs = [greedy(generator, prompt_ids, args.tokens) for _ in range(args.repeats)]
     tokens = runs[0].token_ids
     repeatable = all(run.token_ids == tokens for run in runs)
-    agree = next((i for i, (a, b) in enumerate(zip(tokens, reference_tokens)) if a != b), len(tokens))
+    agree = agreeing_prefix(tokens, reference_tokens)
     prefill_ms = []
     for _ in range(args.repeats + 2):
         decoder.reset()
@@ -214,7 +219,7 @@ def transformers_rows(src, prompt_ids, reference_tokens, args) -> list[dict]:
                 total_s = time.perf_counter() - started
                 prefill.append(prefill_s * 1e3)
                 decode.append((args.tokens - 1) / max(total_s - prefill_s, 1e-9))
-        agree = next((i for i, (a, b) in enumerate(zip(tokens, reference_tokens)) if a != b), len(tokens))
+        agree = agreeing_prefix(tokens, reference_tokens)
         rows.append({"variant": f"transformers generate, {str(dtype).removeprefix('torch.')}",
                      "provider": f"torch {torch.__version__} cuda", "greedy_tokens_agreeing": agree,
                      "prompt_prefill_ms": min(prefill), "decode_tokens_per_s": max(decode)})
@@ -231,7 +236,7 @@ def speculative_row(paths, pair, prompt_ids, reference_tokens, args) -> dict:
     speculative = SpeculativeGenerator(target, Generator(paths[pair[1]], ep=args.ep), gamma="auto")
     runs = [speculative.generate(prompt_ids, max_new_tokens=args.tokens, stop_on_eos=False) for _ in range(args.repeats)]
     best = max(runs, key=lambda run: run.decode_tokens_per_s)
-    agree = next((i for i, (a, b) in enumerate(zip(best.token_ids, reference_tokens)) if a != b), len(best.token_ids))
+    agree = agreeing_prefix(best.token_ids, reference_tokens)
     return {"variant": f"{pair[0].replace('-', ' ')} + speculative", "provider": target.provider,
             "cache": "auto", "decoder": "SpeculativeGenerator",
             "identical_to_plain_greedy": best.token_ids == plain.token_ids, "greedy_tokens_agreeing": agree,

@@ -87,7 +87,7 @@ class StaticCacheDecoder(Decoder):
         self.device = DEVICE_OF_PROVIDER.get(self.provider, "cpu")
         self.device_id = device_id if self.device != "cpu" else 0
         self.cuda_graph = cuda_graph and self.device == "cuda"
-        manifest = json.loads((self.model_path.parent / "graphopt.json").read_text())
+        manifest = _manifest(model_path)
         # GroupQueryAttention's rotary tables cover max_positions; the capacity may not exceed them.
         self.max_positions = int((manifest.get("fusion") or {}).get("max_positions") or manifest.get("max_positions")
                                  or 1 << 30)
