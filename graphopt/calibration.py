@@ -56,7 +56,7 @@ def calibration_sequences(model_dir: str | pathlib.Path, spec: CalibrationSpec) 
     if spec.text:
         return _from_text(model_dir, spec)
     if spec.npz:
-        return _from_npz(spec)
+        return _from_npz(spec, ModelDir.open(model_dir).manifest.vocab_size)
     return _self_generated(model_dir, spec)
 
 
@@ -75,18 +75,31 @@ def _from_text(model_dir, spec: CalibrationSpec) -> list[list[int]]:
     return windows
 
 
-def _from_npz(spec: CalibrationSpec) -> list[list[int]]:
+def _from_npz(spec: CalibrationSpec, vocab_size: int) -> list[list[int]]:
+    """Token ids from an .npz archive (``input_ids``, or its first array), checked against the vocabulary."""
     path = pathlib.Path(spec.npz)
     if not path.is_file():
         raise GraphoptError(f"{path}: no such file")
     try:
-        with np.load(path) as archive:
-            key = "input_ids" if "input_ids" in archive.files else archive.files[0]
-            ids = np.asarray(archive[key])
-    except (ValueError, OSError, IndexError) as error:
-        raise GraphoptError(f"{path}: not a readable .npz of token ids ({error})") from None
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise GraphoptError(f"{path}: not a readable .npz of token ids ({str(error).splitlines()[0]})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise GraphoptError(f"{path}: not an .npz archive (a plain .npy array? save it with numpy.savez)")
+    with archive:
+        if not archive.files:
+            raise GraphoptError(f"{path}: the archive holds no array")
+        try:
+            ids = np.asarray(archive["input_ids" if "input_ids" in archive.files else archive.files[0]])
+        except (ValueError, OSError) as error:
+            raise GraphoptError(f"{path}: not a readable .npz of token ids ({str(error).splitlines()[0]})") from None
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
         raise GraphoptError(f"{path}: expected an integer array (samples, seq_len), got {ids.dtype} {ids.shape}")
+    if ids.shape[0] == 0 or ids.shape[1] < 2:
+        raise GraphoptError(f"{path}: calibration rows need at least 2 tokens, got shape {ids.shape}")
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise GraphoptError(f"{path}: token ids must lie in [0, {vocab_size}) for this model, found "
+                            f"{int(ids.min())}..{int(ids.max())}")
     return [row[:spec.seq_len].tolist() for row in ids[:spec.samples]]
 
 

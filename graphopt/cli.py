@@ -1,18 +1,45 @@
 """The `graphopt` command line. Each command lives in its own module under ``graphopt.commands``.
 
-User mistakes (bad paths, unsupported models, failed validation) print one line and exit with 2.
+User mistakes (bad paths or options, unsupported or damaged models, failed validation) print one
+line and exit with 2. SIGTERM and SIGHUP stop a command the way Ctrl-C does: the exception unwinds
+through every temporary directory, so nothing is left half written and an old output stays intact.
+Progress comes from the ``graphopt`` loggers, shown on stderr.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
 import warnings
 
 import click
 
 from graphopt import __version__
 from graphopt.errors import GraphoptError
+
+
+class Terminated(BaseException):
+    """A termination signal, raised where the process happens to be so that clean-up runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_terminated(signum, _frame) -> None:
+    # A second signal during clean-up must not interrupt the clean-up itself.
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+def handle_termination_signals() -> None:
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _raise_terminated)
 
 
 class UserError(click.ClickException):
@@ -23,23 +50,66 @@ class UserError(click.ClickException):
 
 
 class GraphoptGroup(click.Group):
-    """Turns a GraphoptError anywhere below into a one-line message and exit code 2."""
+    """One line and exit 2 for a GraphoptError or a bad option anywhere below; 128+N for signal N."""
+
+    def main(self, *args, **kwargs):
+        handle_termination_signals()
+        kwargs.pop("standalone_mode", None)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as error:
+            command = f"graphopt {error.ctx.info_name} --help" if error.ctx and error.ctx.parent else "graphopt --help"
+            UserError(f"{error.format_message()} (see {command})").show()
+            sys.exit(2)
+        except click.ClickException as error:
+            error.show()
+            sys.exit(error.exit_code)
+        except click.exceptions.Exit as error:
+            sys.exit(error.exit_code)
+        except click.Abort:
+            click.echo("error: interrupted; nothing was written", err=True)
+            sys.exit(130)
+        except Terminated as error:
+            click.echo(f"error: stopped by {error}; nothing was written", err=True)
+            sys.exit(128 + error.signum)
+        # Without standalone mode click returns a ctx.exit(N) code instead of exiting.
+        sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except GraphoptError as error:
             raise UserError(str(error)) from None
+        except KeyboardInterrupt:
+            raise click.Abort() from None
+
+
+class _ProgressHandler(logging.Handler):
+    """graphopt's log records as progress lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"graphopt: {record.getMessage()}", err=True)
 
 
 @click.group(cls=GraphoptGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="graphopt")
-@click.option("-v", "--verbose", is_flag=True, help="Log what each step does.")
+@click.option("-v", "--verbose", is_flag=True, help="Log what each step and library does.")
 def main(verbose: bool) -> None:
     """Shrink and speed up transformer language models at the ONNX graph level."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if not verbose:
+    show_progress(logging.DEBUG if verbose else logging.INFO)
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    else:
         quiet_libraries()
+
+
+def show_progress(level: int = logging.INFO) -> None:
+    """Show the ``graphopt`` loggers' records as progress lines on stderr (once per process)."""
+    logger = logging.getLogger("graphopt")
+    logger.setLevel(level)
+    if not any(isinstance(handler, _ProgressHandler) for handler in logger.handlers):
+        logger.addHandler(_ProgressHandler())
+    logger.propagate = False
 
 
 def quiet_libraries() -> None:
@@ -55,11 +125,6 @@ def quiet_libraries() -> None:
     # Read by transformers when it is first imported, so commands that never load it pay nothing.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-
-
-def progress(message: str) -> None:
-    """A progress line on stderr (stdout stays clean for --json)."""
-    click.echo(f"graphopt: {message}", err=True)
 
 
 def _register() -> None:

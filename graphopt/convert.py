@@ -8,16 +8,16 @@ for CUDA and TensorRT, and the CPU is only where it is checked.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-import time
-from typing import Callable
 
-import numpy as np
+import onnx_ir as ir
 
-from graphopt import ir as graph_ir
 from graphopt.errors import GraphoptError, ValidationError
-from graphopt.modeldir import MODEL_FILE, ModelDir, atomic_output, derive
+from graphopt.evaluate import compare_logits
+from graphopt.modeldir import ModelDir
+from graphopt.steps import Step, StepConfig, StepOutput, run_step
 
 logger = logging.getLogger(__name__)
 
@@ -28,66 +28,65 @@ DTYPES = ("fp16",)
 FP16_RELATIVE_TOLERANCE = 2e-2
 
 
-def compare_logits(reference: os.PathLike, candidate: os.PathLike, vocab_size: int, ep: str = "cpu",
-                   seed: int = 0) -> dict[str, float]:
-    """Prefill 8 random tokens, decode 1, then a 3-token forward on the cache; max |diff| and argmax agreement."""
-    from graphopt.runtime.decoder import Decoder
+@dataclasses.dataclass(frozen=True)
+class ConvertConfig(StepConfig):
+    """``graphopt convert``'s parameters; ``keep_softmax`` runs Softmax in float32."""
 
-    ids = np.random.default_rng(seed).integers(0, vocab_size, size=12).tolist()
-    outputs = []
-    for path in (reference, candidate):
-        decoder = Decoder(path, ep=ep)
-        outputs.append(np.concatenate([decoder.forward(ids[:8]), decoder.forward(ids[8:9]), decoder.forward(ids[9:12])]))
-    reference_logits, candidate_logits = outputs
-    return {"max_abs_logits_diff": float(np.abs(reference_logits - candidate_logits).max()),
-            "max_abs_logits": float(np.abs(reference_logits).max()),
-            "argmax_agreement": float((reference_logits.argmax(-1) == candidate_logits.argmax(-1)).mean()),
-            "finite": bool(np.isfinite(candidate_logits).all())}
+    dtype: str = "fp16"
+    keep_softmax: bool = True
+    validate: bool = True
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise GraphoptError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
 
 
-def convert(model_dir: str | os.PathLike, output: str | os.PathLike, dtype: str = "fp16", keep_softmax: bool = True,
-            force: bool = False, validate: bool = True, progress: Callable[[str], None] = lambda message: None) -> ModelDir:
+class ConvertStep(Step):
+    """float32 -> float16, with RMSNorm variance, LayerNorm, Softmax and logits kept in float32."""
+
+    name = "convert"
+    config_type = ConvertConfig
+
+    def refuse(self, source: ModelDir, config: ConvertConfig) -> None:
+        if source.manifest.quantization:
+            raise GraphoptError(f"{source.path} is quantized ({source.manifest.quantization}); convert the float "
+                                "model, then quantize if needed")
+        if source.manifest.dtype == "float16":
+            raise GraphoptError(f"{source.path} is already float16")
+
+    def run(self, source: ModelDir, model: ir.Model, config: ConvertConfig, work) -> StepOutput:
+        from graphopt.passes.convert_fp16 import ConvertFloat16Pass, is_float16
+
+        if is_float16(model):
+            raise GraphoptError(f"{source.path} is already float16")
+        logger.info("converting %s to float16 (RMSNorm variance, LayerNorm%s and logits stay float32)", source.path,
+                    ", Softmax" if config.keep_softmax else "")
+        conversion = ConvertFloat16Pass(keep_softmax=config.keep_softmax)
+        model = conversion(model).model
+        cache = {**source.manifest.cache, "dtype": "float16"}
+        return StepOutput(model, conversion.counts, changes={"dtype": "float16", "cache": cache})
+
+    def check(self, source: ModelDir, written: ModelDir, config: ConvertConfig) -> dict:
+        if not config.validate:
+            return {}
+        logger.info("validating float16 against float32 on CPU (prefill, decode, multi-token on cache)")
+        figures = compare_logits(source.model_path, written.model_path, source.manifest.vocab_size)
+        bound = FP16_RELATIVE_TOLERANCE * max(1.0, figures["max_abs_logits"])
+        if not figures["finite"]:
+            raise ValidationError("float16 model produces non-finite logits")
+        if figures["max_abs_logits_diff"] > bound:
+            raise ValidationError(f"float16 logits differ from float32 by {figures['max_abs_logits_diff']:.3g} "
+                                  f"> {bound:.3g}")
+        return figures
+
+
+def convert(model_dir: str | os.PathLike, output: str | os.PathLike, dtype: str = "fp16", force: bool = False,
+            **parameters) -> ModelDir:
     """Convert MODEL_DIR's float32 graph to ``dtype`` into a new model directory at ``output`` (atomic).
-
-    Validation compares logits with the source on CPU (prefill, decode, multi-token on the cache).
 
     Raises:
         GraphoptError: unknown dtype, or the model is not float32.
         ValidationError: non-finite logits, or logits further from the source than
             ``FP16_RELATIVE_TOLERANCE`` allows.
     """
-    from graphopt.passes.convert_fp16 import ConvertFloat16Pass, is_float16
-
-    if dtype not in DTYPES:
-        raise GraphoptError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    source = ModelDir.open(model_dir)
-    manifest = source.manifest
-    if manifest.get("quantization"):
-        raise GraphoptError(f"{source.path} is quantized ({manifest['quantization']}); convert the float model, "
-                            "then quantize if needed")
-    started = time.perf_counter()
-    progress(f"converting {source.path} to float16 (RMSNorm variance, LayerNorm{', Softmax' if keep_softmax else ''} "
-             "and logits stay float32)")
-    model = graph_ir.load(source.model_path)
-    if is_float16(model) or manifest.get("dtype") == "float16":
-        raise GraphoptError(f"{source.path} is already float16")
-    conversion = ConvertFloat16Pass(keep_softmax=keep_softmax)
-    model = conversion(model).model
-    with atomic_output(output, force=force) as scratch:
-        graph_ir.save(model, scratch / MODEL_FILE)
-        figures: dict = {}
-        if validate:
-            progress("validating float16 against float32 on CPU (prefill, decode, multi-token on cache)")
-            figures = compare_logits(source.model_path, scratch / MODEL_FILE, int(manifest.get("vocab_size", 100)))
-            bound = FP16_RELATIVE_TOLERANCE * max(1.0, figures["max_abs_logits"])
-            if not figures["finite"]:
-                raise ValidationError("float16 model produces non-finite logits")
-            if figures["max_abs_logits_diff"] > bound:
-                raise ValidationError(f"float16 logits differ from float32 by {figures['max_abs_logits_diff']:.3g} "
-                                      f"> {bound:.3g}")
-        step = {"pass": "convert", "parameters": {"dtype": dtype, "keep_softmax": keep_softmax, "validate": validate},
-                "counts": conversion.counts, "figures": figures, "seconds": round(time.perf_counter() - started, 1)}
-        cache = dict(manifest.get("cache", {}))
-        cache["dtype"] = "float16"
-        derive(source, scratch, step, dtype="float16", cache=cache)
-    return ModelDir(output)
+    return run_step(ConvertStep(), model_dir, output, ConvertConfig(dtype=dtype, **parameters), force=force).output

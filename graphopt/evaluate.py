@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
-from typing import Callable
 
 import numpy as np
 
@@ -52,6 +51,44 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+def sequence_logprobs(decoder: Decoder, ids: list[int]) -> tuple[np.ndarray, float]:
+    """Log-probabilities of every next token of ``ids`` from an empty cache, and their negative sum."""
+    decoder.reset()
+    logprobs = log_softmax(decoder.forward(ids[:-1]))
+    return logprobs, -float(logprobs[np.arange(len(ids) - 1), ids[1:]].sum())
+
+
+def sequences_perplexity(model_path: str | pathlib.Path, sequences: list[list[int]], ep: str = "cpu") -> float:
+    """Perplexity over ``sequences``, each scored from an empty cache."""
+    decoder = Decoder(model_path, ep=ep)
+    total = sum(sequence_logprobs(decoder, ids)[1] for ids in sequences)
+    return float(np.exp(total / sum(len(ids) - 1 for ids in sequences)))
+
+
+def compare_logits(reference: str | pathlib.Path, candidate: str | pathlib.Path, vocab_size: int, ep: str = "cpu",
+                   seed: int = 0) -> dict[str, float | bool]:
+    """Both graphs on the same 12 random tokens: prefill 8, decode 1, a 3-token forward on the cache.
+
+    Returns the max |logits diff| per phase and overall, the reference's max |logit|, argmax
+    agreement and whether the candidate's logits are finite: the numeric check of every step that
+    rewrites a graph without meaning to change what it computes.
+    """
+    ids = np.random.default_rng(seed).integers(0, vocab_size, size=12).tolist()
+    phases = ("prefill", "decode", "multi_token")
+    outputs = []
+    for path in (reference, candidate):
+        decoder = Decoder(path, ep=ep)
+        outputs.append([decoder.forward(ids[:8]), decoder.forward(ids[8:9]), decoder.forward(ids[9:12])])
+    figures: dict[str, float | bool] = {f"max_abs_logits_diff_{phase}": float(np.abs(a - b).max())
+                                        for phase, a, b in zip(phases, *outputs)}
+    reference_logits, candidate_logits = (np.concatenate(logits) for logits in outputs)
+    figures.update(max_abs_logits_diff=float(np.abs(reference_logits - candidate_logits).max()),
+                   max_abs_logits=float(np.abs(reference_logits).max()),
+                   argmax_agreement=float((reference_logits.argmax(-1) == candidate_logits.argmax(-1)).mean()),
+                   finite=bool(np.isfinite(candidate_logits).all()))
+    return figures
+
+
 @dataclasses.dataclass
 class Evaluation:
     """Perplexity over scored tokens; agreement and KL against a reference when one was given."""
@@ -68,8 +105,8 @@ class Evaluation:
 
 
 def evaluate(model_dir: str | pathlib.Path, text_path: str | pathlib.Path = DEFAULT_TEXT, window: int = 512,
-             reference_dir: str | pathlib.Path | None = None, max_windows: int | None = None, ep: str = "cpu",
-             progress: Callable[[int, int], None] | None = None) -> Evaluation:
+             reference_dir: str | pathlib.Path | None = None, max_windows: int | None = None, ep: str = "cpu"
+             ) -> Evaluation:
     """Perplexity of ``model_dir`` on the text; with ``reference_dir``, greedy agreement and mean KL(ref || model).
 
     Agreement is the fraction of scored positions where both models' argmax next token is the same;
@@ -83,8 +120,8 @@ def evaluate(model_dir: str | pathlib.Path, text_path: str | pathlib.Path = DEFA
     windows = text_windows(token_ids, window, max_windows)
     if not windows:
         raise GraphoptError(f"{text_path}: {len(token_ids)} tokens, too short for one window of {window + 1}")
-    max_positions = directory.manifest.get("max_positions")
-    if max_positions and window + 1 > max_positions:
+    max_positions = directory.manifest.max_positions
+    if window + 1 > max_positions:
         raise GraphoptError(f"window {window} exceeds the model's context of {max_positions}")
     decoder = Decoder(directory.model_path, ep=ep)
     reference = None
@@ -98,18 +135,14 @@ def evaluate(model_dir: str | pathlib.Path, text_path: str | pathlib.Path = DEFA
     kl_total = 0.0
     scored = 0
     for index, ids in enumerate(windows):
-        decoder.reset()
-        logprobs = log_softmax(decoder.forward(ids[:-1]))
-        targets = np.asarray(ids[1:])
-        negative_log_likelihood -= float(logprobs[np.arange(len(targets)), targets].sum())
+        logprobs, nll = sequence_logprobs(decoder, ids)
+        negative_log_likelihood += nll
         if reference is not None:
-            reference.reset()
-            reference_logprobs = log_softmax(reference.forward(ids[:-1]))
+            reference_logprobs, _ = sequence_logprobs(reference, ids)
             agreeing += int((reference_logprobs.argmax(-1) == logprobs.argmax(-1)).sum())
             kl_total += float((np.exp(reference_logprobs) * (reference_logprobs - logprobs)).sum())
-        scored += len(targets)
-        if progress is not None:
-            progress(index + 1, len(windows))
+        scored += len(ids) - 1
+        logger.info("perplexity window %d/%d", index + 1, len(windows))
     result = Evaluation(perplexity=float(np.exp(negative_log_likelihood / scored)), tokens=scored,
                         windows=len(windows), window=window)
     if reference is not None:

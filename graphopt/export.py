@@ -14,26 +14,19 @@ import os
 import pathlib
 import re
 import time
-from typing import Callable
 
 import numpy as np
 
 import graphopt
 from graphopt import checkpoint as checkpoint_lib
 from graphopt.errors import ValidationError
-from graphopt.modeldir import MODEL_FILE, ModelDir, atomic_output
+from graphopt.manifest import LineageStep, Manifest, io_names
+from graphopt.modeldir import MODEL_FILE, ModelDir, atomic_output, check_output
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 18
 VALIDATION_PROMPT = "The capital of France is"
-
-
-def io_names(layers: int) -> tuple[list[str], list[str]]:
-    cache = [f"{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
-    inputs = ["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{name}" for name in cache]
-    outputs = ["logits"] + [f"present.{name}" for name in cache]
-    return inputs, outputs
 
 
 def export_module(module, facts: dict, path: pathlib.Path, opset: int = DEFAULT_OPSET) -> None:
@@ -181,17 +174,15 @@ def validate(model_dir: pathlib.Path, hf_model, prompt_ids: list[int], vocab_siz
 
 
 def export(src: str, output: str | os.PathLike, force: bool = False, run_validation: bool = True,
-           tolerance: float = 1e-3, opset: int = DEFAULT_OPSET,
-           progress: Callable[[str], None] = lambda message: None) -> ModelDir:
+           tolerance: float = 1e-3, opset: int = DEFAULT_OPSET) -> ModelDir:
     """Export SRC to a new model directory at ``output``; returns it.
 
     Nothing is written at ``output`` unless every step, validation included, succeeds.
     """
     from graphopt.models import adapter_for
-    from graphopt.modeldir import check_output
 
-    check_output(output, force)
-    progress(f"loading {src}")
+    check_output(output, force, sources=[src])
+    logger.info("loading %s", src)
     started = time.perf_counter()
     loaded = checkpoint_lib.load(src)
     hf_model = loaded.model
@@ -199,8 +190,9 @@ def export(src: str, output: str | os.PathLike, force: bool = False, run_validat
     facts = adapter.describe(hf_model.config)
     module = adapter.build(hf_model).eval()
     inputs, outputs = io_names(facts["layers"])
-    with atomic_output(output, force=force) as scratch:
-        progress(f"exporting {facts['family']} ({facts['layers']} layers) to ONNX; this takes a while for large models")
+    with atomic_output(output, force=force, sources=[src]) as scratch:
+        logger.info("exporting %s (%d layers) to ONNX; this takes a while for large models", facts["family"],
+                    facts["layers"])
         export_module(module, facts, scratch / MODEL_FILE, opset=opset)
         tokenizer = loaded.tokenizer
         if tokenizer is not None:
@@ -208,28 +200,18 @@ def export(src: str, output: str | os.PathLike, force: bool = False, run_validat
         eos = hf_model.generation_config.eos_token_id if hf_model.generation_config is not None else None
         eos = eos if eos is not None else hf_model.config.eos_token_id
         eos_ids = sorted({int(token) for token in (eos if isinstance(eos, list) else [eos]) if token is not None})
-        manifest = {
-            "format": 1,
-            "graphopt_version": graphopt.__version__,
-            **facts,
-            "dtype": "float32",
-            "opset": opset,
-            "inputs": inputs,
-            "outputs": outputs,
-            "cache": {"layout": "batch, kv_heads, sequence, head_dim",
-                      "kv_heads": [facts["kv_heads"]] * facts["layers"], "head_dim": facts["head_dim"]},
-            "eos_token_ids": eos_ids,
-            "bos_token_id": hf_model.config.bos_token_id,
-            "add_bos_token": bool(getattr(tokenizer, "add_bos_token", False)),
-            "source": loaded.source,
-            "lineage": [],
-        }
-        step = {"pass": "export", "parameters": {"opset": opset, "validate": run_validation, "tolerance": tolerance}}
+        manifest = Manifest(
+            **facts, dtype="float32", opset=opset, inputs=inputs, outputs=outputs,
+            cache={"layout": "batch, kv_heads, sequence, head_dim", "kv_heads": [facts["kv_heads"]] * facts["layers"],
+                   "head_dim": facts["head_dim"]},
+            eos_token_ids=eos_ids, bos_token_id=hf_model.config.bos_token_id,
+            add_bos_token=bool(getattr(tokenizer, "add_bos_token", False)), source=loaded.source,
+            graphopt_version=graphopt.__version__)
+        step = LineageStep("export", {"opset": opset, "validate": run_validation, "tolerance": tolerance})
         if run_validation:
-            progress("validating ONNX Runtime against PyTorch (prefill, decode on a cache, 32 greedy tokens)")
+            logger.info("validating ONNX Runtime against PyTorch (prefill, decode on a cache, 32 greedy tokens)")
             prompt_ids = tokenizer.encode(VALIDATION_PROMPT) if tokenizer is not None else [1, 2, 3, 4, 5]
-            step["figures"] = validate(scratch, hf_model, prompt_ids, facts["vocab_size"], tolerance)
-        step["seconds"] = round(time.perf_counter() - started, 1)
-        manifest["lineage"].append(step)
-        ModelDir(scratch).write_manifest(manifest)
+            step.figures = validate(scratch, hf_model, prompt_ids, facts["vocab_size"], tolerance)
+        step.seconds = round(time.perf_counter() - started, 1)
+        ModelDir(scratch).write_manifest(manifest.with_step(step))
     return ModelDir(output)

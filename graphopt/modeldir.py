@@ -1,8 +1,17 @@
 """The model directory: ``model.onnx`` (+ external data), tokenizer files and ``graphopt.json``.
 
-Every command reads one model directory and writes a new one. Writes are atomic: the new
-directory is built beside the target under a hidden name and renamed into place at the end, so an
-interrupted or failed command leaves nothing half written. This module needs no torch.
+Every command reads one model directory and writes a new one. A model directory may come from a
+stranger, so opening one checks it (:meth:`ModelDir.open`): a typed, valid manifest
+(:mod:`graphopt.manifest`), a graph whose inputs, outputs and vocabulary agree with it, external
+data that is present, of the right size and inside the folder, tokenizer files that parse and
+are not links out of the folder. Every failure is one line (``GraphoptError``).
+
+Writes are atomic: the new directory is built beside the target under a hidden name and renamed
+into place at the end, so an interrupted or failed command (an exception, Ctrl-C, or SIGTERM /
+SIGHUP, which the CLI turns into an exception) leaves nothing half written. ``--force`` replaces
+only a directory graphopt wrote, never one that holds a source of the command or the current
+directory. This module needs no torch; the graph check uses ``onnx`` when it is installed (the
+torch-free runtime may run without it, and then relies on ONNX Runtime's own load errors).
 """
 
 from __future__ import annotations
@@ -14,92 +23,215 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any, Iterator
+from typing import Iterable, Iterator
 
+from graphopt import manifest as manifest_io
 from graphopt.errors import GraphoptError
+from graphopt.manifest import LineageStep, Manifest
 
 logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "graphopt.json"
+REPORT_FILE = "report.json"  # marks a `graphopt optimize` output
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json", "vocab.json", "merges.txt")
+JSON_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                        "vocab.json")
 
 
 class ModelDir:
-    """A graphopt model directory on disk."""
+    """A graphopt model directory on disk; ``manifest`` is read (and validated) once."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, manifest: Manifest | None = None):
         self.path = pathlib.Path(path)
+        self._manifest = manifest
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "ModelDir":
-        """Open an existing model directory, with a clear error when it is not one."""
+        """Open and check an existing model directory (see the module docstring).
+
+        Raises:
+            GraphoptError: it is missing, not a model directory, or damaged; the message says how.
+        """
         directory = cls(path)
         if not directory.path.exists():
             raise GraphoptError(f"{directory.path}: no such directory")
         if not directory.path.is_dir():
             raise GraphoptError(f"{directory.path}: not a directory (expected a graphopt model directory)")
-        for required in (MODEL_FILE, MANIFEST_FILE):
-            if not (directory.path / required).is_file():
-                raise GraphoptError(f"{directory.path}: not a graphopt model directory (no {required})")
-        try:
-            directory.manifest
-        except (OSError, json.JSONDecodeError) as error:
-            raise GraphoptError(f"{directory.path / MANIFEST_FILE}: unreadable ({error})") from None
+        if not (directory.path / MANIFEST_FILE).is_file():
+            raise GraphoptError(f"{directory.path}: not a graphopt model directory (no {MANIFEST_FILE})")
+        _check_inside(directory.path, directory.path / MANIFEST_FILE)
+        manifest = directory.manifest
+        if not directory.model_path.is_file():
+            raise GraphoptError(f"{directory.path}: not a graphopt model directory (no {manifest.model_file})")
+        _check_inside(directory.path, directory.model_path)
+        for file in directory.tokenizer_files():
+            if file.name in JSON_TOKENIZER_FILES:
+                try:
+                    json.loads(file.read_text(encoding="utf-8"))
+                except (ValueError, OSError) as error:
+                    raise GraphoptError(f"{file}: damaged ({str(error).splitlines()[0]})") from None
+        if directory.model_path.suffix == ".onnx":
+            check_graph(directory)
         return directory
 
     @property
+    def manifest(self) -> Manifest:
+        if self._manifest is None:
+            self._manifest = manifest_io.read(self.manifest_path)
+        return self._manifest
+
+    @property
     def model_path(self) -> pathlib.Path:
-        return self.path / MODEL_FILE
+        return self.path / (self._manifest.model_file if self._manifest is not None else MODEL_FILE)
 
     @property
     def manifest_path(self) -> pathlib.Path:
         return self.path / MANIFEST_FILE
 
-    @property
-    def manifest(self) -> dict[str, Any]:
-        return json.loads(self.manifest_path.read_text())
-
-    def write_manifest(self, manifest: dict[str, Any]) -> None:
-        self.manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    def write_manifest(self, manifest: Manifest) -> None:
+        manifest_io.write(manifest, self.manifest_path)
+        self._manifest = manifest
 
     def tokenizer_files(self) -> list[pathlib.Path]:
-        return [self.path / name for name in TOKENIZER_FILES if (self.path / name).is_file()]
+        """The tokenizer files present; a link that leads out of the directory is refused."""
+        files = [self.path / name for name in TOKENIZER_FILES if (self.path / name).is_file()]
+        for file in files:
+            _check_inside(self.path, file)
+        return files
 
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
 
 
-def check_output(path: str | os.PathLike, force: bool) -> pathlib.Path:
-    """Refuse an existing output unless ``force``; return the resolved target path."""
+def _check_inside(root: pathlib.Path, path: pathlib.Path) -> None:
+    """Refuse ``path`` when it (or a link on the way) resolves outside ``root``."""
+    resolved, base = path.resolve(), root.resolve()
+    if resolved != base and base not in resolved.parents:
+        raise GraphoptError(f"{path}: links outside the model directory (to {resolved}); refusing to read it")
+
+
+def check_graph(directory: ModelDir) -> None:
+    """The graph against the manifest, and every external-data file present, sized and inside the folder."""
+    try:
+        import onnx
+    except ImportError:  # the torch-free runtime without onnx: ONNX Runtime's load errors stand in
+        return
+    path = directory.model_path
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as error:  # protobuf raises DecodeError, RuntimeWarning and others for a damaged file
+        raise GraphoptError(f"{path}: damaged, not a readable ONNX model ({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+    manifest = directory.manifest
+    inputs = [value.name for value in proto.graph.input]
+    outputs = [value.name for value in proto.graph.output]
+    if inputs != manifest.inputs or outputs != manifest.outputs:
+        raise GraphoptError(f"{path}: the graph's inputs/outputs ({len(inputs)}/{len(outputs)}) do not match "
+                            f"{MANIFEST_FILE} ({manifest.layers} layers)")
+    logits_shape = proto.graph.output[0].type.tensor_type.shape.dim
+    vocab = logits_shape[-1].dim_value if logits_shape else 0
+    if vocab and vocab != manifest.vocab_size:
+        raise GraphoptError(f"{path}: the graph's logits have {vocab} entries, {MANIFEST_FILE} says vocab_size "
+                            f"{manifest.vocab_size}")
+    needed: dict[str, int] = {}
+    for tensor in _external_tensors(proto.graph):
+        entries = {entry.key: entry.value for entry in tensor.external_data}
+        location = entries.get("location", "")
+        parts = pathlib.PurePosixPath(location.replace("\\", "/")).parts
+        if not location or pathlib.PurePath(location).is_absolute() or ".." in parts:
+            raise GraphoptError(f"{path}: weight {tensor.name} points outside the model directory ({location!r})")
+        end = int(entries.get("offset", 0) or 0) + int(entries.get("length", 0) or 0)
+        needed[location] = max(needed.get(location, 0), end)
+    for location, end in needed.items():
+        file = directory.path / location
+        if not file.is_file():
+            raise GraphoptError(f"{directory.path}: damaged, external weights {location} are missing")
+        _check_inside(directory.path, file)
+        size = file.stat().st_size
+        if size < end:
+            raise GraphoptError(f"{directory.path}: damaged, {location} is truncated ({size:,} of {end:,} bytes)")
+
+
+def _external_tensors(graph) -> Iterator:
+    import onnx
+
+    for tensor in graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            yield tensor
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t") and attribute.t.data_location == onnx.TensorProto.EXTERNAL:
+                yield attribute.t
+
+
+def graphopt_wrote(path: pathlib.Path) -> bool:
+    """A model directory, or a `graphopt optimize` output (report and target)."""
+    return (path / MANIFEST_FILE).is_file() or ((path / REPORT_FILE).is_file() and (path / "target").is_dir())
+
+
+def check_output(path: str | os.PathLike, force: bool, sources: Iterable[str | os.PathLike | None] = ()) -> pathlib.Path:
+    """Refuse an output that cannot be (re)placed; return the target path. Run it before any work.
+
+    Without ``force`` an existing output is refused. With it, only a directory graphopt wrote is
+    replaced, and never the current directory (or one above it) nor one that holds a source.
+    """
     target = pathlib.Path(path)
-    if target.exists() and not force:
+    resolved = target.resolve()
+    cwd = pathlib.Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise GraphoptError(f"{target}: is the current directory (or holds it); choose a new output directory")
+    for source in sources:
+        if source is None or not os.path.exists(source):
+            continue
+        source_path = pathlib.Path(source).resolve()
+        if source_path == resolved or resolved in source_path.parents:
+            raise GraphoptError(f"{target}: holds the input {source}; choose another output directory")
+    if not target.exists() and not target.is_symlink():
+        return target
+    if not force:
         raise GraphoptError(f"{target} already exists (use --force to replace it)")
-    if target.exists() and not target.is_dir():
-        raise GraphoptError(f"{target} exists and is not a directory")
+    if target.is_symlink() or not target.is_dir():
+        raise GraphoptError(f"{target} exists and is not a directory; --force replaces only directories graphopt wrote")
+    if not graphopt_wrote(target):
+        raise GraphoptError(f"{target} exists and is not a graphopt output (no {MANIFEST_FILE} or {REPORT_FILE}); "
+                            "--force replaces only directories graphopt wrote")
     return target
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[pathlib.Path]:
+def atomic_output(path: str | os.PathLike, force: bool = False,
+                  sources: Iterable[str | os.PathLike | None] = ()) -> Iterator[pathlib.Path]:
     """Yield a scratch directory beside ``path``; rename it to ``path`` when the block succeeds.
 
-    On any exception (including KeyboardInterrupt) the scratch directory is removed and ``path``
-    is left as it was.
+    On any exception (KeyboardInterrupt and the CLI's signal exceptions included) the scratch
+    directory is removed and ``path`` is left as it was. The output gets the user's umask.
     """
-    target = check_output(path, force)
+    sources = list(sources)
+    target = check_output(path, force, sources)
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
+        os.chmod(scratch, 0o777 & ~_umask())  # mkdtemp makes it 0700: a service account could not read it
         yield scratch
-        if target.exists():
-            retired = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.rename(target, retired)
-            os.rename(scratch, target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.rename(scratch, target)
+        check_output(target, force, sources)  # another writer may have finished meanwhile
+        try:
+            if target.exists():
+                retired = target.parent / f".{target.name}.old-{os.getpid()}"
+                os.rename(target, retired)
+                os.rename(scratch, target)
+                shutil.rmtree(retired, ignore_errors=True)
+            else:
+                os.rename(scratch, target)
+        except OSError as error:
+            raise GraphoptError(f"{target}: could not be put in place ({error.strerror}); another process may have "
+                                "written it at the same time") from None
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
@@ -107,14 +239,12 @@ def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[path
 
 def copy_tokenizer(source: ModelDir, destination: pathlib.Path) -> None:
     for file in source.tokenizer_files():
-        shutil.copy2(file, destination / file.name)
+        shutil.copyfile(file, destination / file.name)
 
 
-def derive(source: ModelDir, destination: pathlib.Path, step: dict[str, Any], **updates: Any) -> dict[str, Any]:
-    """Write ``destination``'s manifest: the source's, with ``updates`` and one more lineage step."""
-    manifest = source.manifest
-    manifest.update(updates)
-    manifest["lineage"] = [*manifest.get("lineage", []), step]
+def derive(source: ModelDir, destination: pathlib.Path, step: LineageStep, **changes) -> Manifest:
+    """Write ``destination``'s manifest: the source's, with ``changes`` and one more lineage step."""
+    manifest = source.manifest.with_step(step, **changes)
     copy_tokenizer(source, destination)
     ModelDir(destination).write_manifest(manifest)
     return manifest

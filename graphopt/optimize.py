@@ -23,7 +23,6 @@ so an interrupted or failed run leaves no OUT (and an existing OUT, with ``force
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import logging
 import math
@@ -32,15 +31,15 @@ import pathlib
 import platform
 import shutil
 import time
-from typing import Any, Callable
+from typing import Any
 
 from graphopt.errors import GraphoptError, ValidationError
 from graphopt.modeldir import MANIFEST_FILE, MODEL_FILE, ModelDir, atomic_output, check_output, derive
-from graphopt.recipes import MODEL_STAGES, Recipe, check_order, get_recipe
+from graphopt.manifest import LineageStep
+from graphopt.recipes import MODEL_STAGES, STEPS, Recipe, check_order, check_parameters, get_recipe, run_stage
+from graphopt.steps import StepConfig
 
 logger = logging.getLogger(__name__)
-
-Progress = Callable[[str], None]
 
 PROMPT = "Write a short paragraph about the history of Paris."
 
@@ -57,143 +56,76 @@ class MeasureSettings:
     with_peers: bool = False
 
 
-@dataclasses.dataclass
-class StageContext:
-    """What a stage sees: the current target, earlier model stages by kind, where to write."""
-
-    src: str
-    current: ModelDir | None
-    models: dict[str, ModelDir]
-    work: pathlib.Path
-    scratch: pathlib.Path
-    recipe: Recipe
-    settings: MeasureSettings
-    progress: Progress
-    measure: Callable[[ModelDir], dict]
+# --- the pipeline's own stages (the model stages are registered steps, see graphopt.recipes) ------
 
 
-# --- stages ---------------------------------------------------------------------------------
-# Each stage returns the model directory it wrote (or None) and a dict of figures for the report.
+@dataclasses.dataclass(frozen=True)
+class ExportStage(StepConfig):
+    """SRC as a float32 model directory: exported (and validated against PyTorch), or SRC itself."""
+
+    opset: int = 18
 
 
-def stage_export(context: StageContext, destination: pathlib.Path, opset: int = 18) -> tuple[ModelDir, dict]:
-    """SRC as a float32 model directory: exported (and validated against PyTorch), or SRC itself when it is one."""
-    if is_model_dir(context.src):
-        directory = ModelDir.open(context.src)
-        if directory.manifest.get("dtype", "float32") != "float32" or directory.manifest.get("quantization"):
-            raise GraphoptError(f"{context.src}: optimize starts from a float32 model directory or a checkpoint")
-        context.progress(f"using the model directory {directory.path} as the export")
-        return directory, {"given": True}
+@dataclasses.dataclass(frozen=True)
+class ValidateStage(StepConfig):
+    """Bounds on the target against the float32 export: token agreement, perplexity increase (percent)."""
+
+    min_token_agreement: float = 0.9
+    max_perplexity_increase: float = 5.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.min_token_agreement <= 1.0:
+            raise GraphoptError(f"min_token_agreement must be in [0, 1], got {self.min_token_agreement}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftStage(StepConfig):
+    """A draft for speculative decoding, by a draft recipe (or ``auto``) from an earlier stage's model."""
+
+    recipe: str = "auto"
+    source: str = "export"
+
+    def __post_init__(self):
+        from graphopt.recipes import DRAFT_RECIPES
+
+        if self.recipe != "auto" and self.recipe not in DRAFT_RECIPES:
+            raise GraphoptError(f"unknown draft recipe {self.recipe!r}; choose from auto, {', '.join(DRAFT_RECIPES)}")
+
+
+STAGE_CONFIGS: dict[str, type[StepConfig]] = {"export": ExportStage, "validate": ValidateStage, "draft": DraftStage}
+
+
+def export_stage(src: str, destination: pathlib.Path, config: ExportStage) -> ModelDir:
+    if is_model_dir(src):
+        directory = ModelDir.open(src)
+        if directory.manifest.dtype != "float32" or directory.manifest.quantization:
+            raise GraphoptError(f"{src}: optimize starts from a float32 model directory or a checkpoint")
+        logger.info("using the model directory %s as the export", directory.path)
+        return directory
     from graphopt.export import export
 
-    return export(context.src, destination, run_validation=True, opset=opset, progress=context.progress), {}
+    return export(src, destination, run_validation=True, opset=config.opset)
 
 
-def stage_prune(context: StageContext, destination: pathlib.Path, **options) -> tuple[ModelDir, dict]:
-    from graphopt.pruning import prune
-
-    pruned = prune(context.current.path, destination, progress=context.progress, **options)
-    return pruned, dict(pruned.manifest["lineage"][-1].get("counts", {}))
-
-
-def stage_fuse(context: StageContext, destination: pathlib.Path, target: str,
-               tolerance: float = 1e-2, pack_qkv: bool = False) -> tuple[ModelDir, dict]:
-    """Fuse for ``target``, every attention layer required; ``pack_qkv`` as in ``graphopt fuse``.
-
-    ``tolerance`` (max |logits diff| to the unfused source) is looser than ``graphopt fuse``'s 1e-3:
-    fused kernels sum in another order, and on a pruned SmolLM2-135M (logits up to ~30) that alone
-    reached 1.07e-3. Perplexity and agreement in the report show any real difference.
-    """
-    from graphopt.fusion import fuse
-
-    fused, counts = fuse(context.current.path, destination, target, require=True, tolerance=tolerance,
-                         pack_qkv=pack_qkv, progress=context.progress)
-    return fused, dict(counts)
-
-
-def stage_convert(context: StageContext, destination: pathlib.Path, dtype: str = "fp16") -> tuple[ModelDir, dict]:
-    from graphopt.convert import convert
-
-    converted = convert(context.current.path, destination, dtype=dtype, progress=context.progress)
-    return converted, dict(converted.manifest["lineage"][-1].get("counts", {}))
-
-
-def stage_quantize(context: StageContext, destination: pathlib.Path, **options) -> tuple[ModelDir, dict]:
-    from graphopt.quantization import QuantizeConfig, quantize
-
-    config = QuantizeConfig(**options)
-    quantized = quantize(context.current.path, destination, config=config, progress=context.progress)
-    figures = quantized.manifest["lineage"][-1].get("figures", {})
-    return quantized, dict(figures.get("counts", {}))
-
-
-def stage_validate(context: StageContext, destination: pathlib.Path, min_token_agreement: float = 0.9,
-                   max_perplexity_increase: float = 5.0) -> tuple[None, dict]:
-    """Check the target against the float32 export: token agreement and perplexity increase (percent).
+def validate_stage(target: dict, reference: dict, config: ValidateStage) -> dict:
+    """Check the target's measurements against the float32 export's.
 
     Raises:
         ValidationError: either bound is missed (nothing is written to OUT).
     """
-    target = context.measure(context.current)
-    reference = context.measure(context.models["export"])
     increase = 100.0 * (target["perplexity"] / reference["perplexity"] - 1.0)
     figures = {"token_agreement": target["token_agreement"], "perplexity_increase_percent": round(increase, 3),
                "provider": target["provider"]}
     measured = (f"token agreement with float32 {target['token_agreement']:.1%}, perplexity {target['perplexity']:.3f} "
                 f"vs {reference['perplexity']:.3f} ({increase:+.1f}%)")
-    if target["token_agreement"] < min_token_agreement:
-        raise ValidationError(f"target fails validation: {measured}; agreement below the recipe's {min_token_agreement:.0%}")
-    if increase > max_perplexity_increase:
+    if target["token_agreement"] < config.min_token_agreement:
+        raise ValidationError(f"target fails validation: {measured}; agreement below the recipe's "
+                              f"{config.min_token_agreement:.0%}")
+    if increase > config.max_perplexity_increase:
         raise ValidationError(f"target fails validation: {measured}; perplexity increase over the recipe's "
-                              f"{max_perplexity_increase}%")
-    context.progress(f"validated: token agreement {target['token_agreement']:.1%}, perplexity {increase:+.2f}%")
-    return None, figures
-
-
-def stage_draft(context: StageContext, destination: pathlib.Path, recipe: str = "auto",
-                source: str = "export") -> tuple[ModelDir, dict]:
-    from graphopt.drafting import build_draft
-
-    if source not in context.models:
-        raise GraphoptError(f"recipe {context.recipe.name}: draft source {source!r} is not an earlier stage")
-    draft, report = build_draft(context.models[source].path, context.scratch / "draft", recipe=recipe,
-                                ep=context.recipe.ep, progress=context.progress)
-    return draft, {"draft_recipe": report.get("recipe", recipe)}
-
-
-STAGES: dict[str, Callable[..., tuple[ModelDir | None, dict]]] = {
-    "export": stage_export,
-    "prune": stage_prune,
-    "fuse": stage_fuse,
-    "convert": stage_convert,
-    "quantize": stage_quantize,
-    "validate": stage_validate,
-    "draft": stage_draft,
-}
-
-
-def check_parameters(recipe: Recipe) -> None:
-    """Every stage's parameters bind to its call, before anything runs (a typo fails in a second)."""
-    for stage in recipe.stages:
-        runner = STAGES[stage.kind]
-        try:
-            inspect.signature(runner).bind(None, None, **stage.parameters)
-        except TypeError as error:
-            raise GraphoptError(f"recipe {recipe.name}: stage {stage.describe()}: {error}") from None
-        if stage.kind == "draft":
-            from graphopt.drafting import RECIPES as DRAFT_RECIPES
-
-            name = stage.parameters.get("recipe", "auto")
-            if name != "auto" and name not in DRAFT_RECIPES:
-                raise GraphoptError(f"recipe {recipe.name}: unknown draft recipe {name!r}; "
-                                    f"graphopt.drafting has auto, {', '.join(DRAFT_RECIPES)}")
-        if stage.kind == "quantize":
-            from graphopt.quantization import QuantizeConfig
-
-            try:
-                QuantizeConfig(**stage.parameters).validate()
-            except TypeError as error:
-                raise GraphoptError(f"recipe {recipe.name}: stage {stage.describe()}: {error}") from None
+                              f"{config.max_perplexity_increase}%")
+    logger.info("validated: token agreement %.1f%%, perplexity %+.2f%%", 100 * target["token_agreement"], increase)
+    return figures
 
 
 # --- measuring ------------------------------------------------------------------------------
@@ -223,8 +155,7 @@ def logical_parameters(model_path: pathlib.Path) -> int:
     return int(count)
 
 
-def measure_model(directory: ModelDir, reference: ModelDir | None, settings: MeasureSettings,
-                  progress: Progress) -> dict[str, Any]:
+def measure_model(directory: ModelDir, reference: ModelDir | None, settings: MeasureSettings) -> dict[str, Any]:
     """Size, parameters, decode tokens/s, prefill ms, perplexity and token agreement of one model."""
     from graphopt.evaluate import DEFAULT_TEXT, evaluate
     from graphopt.runtime import Generator
@@ -234,11 +165,10 @@ def measure_model(directory: ModelDir, reference: ModelDir | None, settings: Mea
     generator.generate(prompt_ids, max_new_tokens=4, stop_on_eos=False)  # warm-up: first-run allocations
     run = generator.generate(prompt_ids, max_new_tokens=settings.tokens, stop_on_eos=False)
     window = eval_window(directory, settings)
-    progress(f"  perplexity over {settings.eval_windows} windows of {window} tokens"
-             + (" with agreement against float32" if reference is not None else ""))
+    logger.info("  perplexity over %d windows of %d tokens%s", settings.eval_windows, window,
+                " with agreement against float32" if reference is not None else "")
     quality = evaluate(directory.path, DEFAULT_TEXT, window=window, max_windows=settings.eval_windows,
-                       reference_dir=reference.path if reference is not None else None, ep=settings.ep,
-                       progress=lambda done, total: progress(f"  perplexity window {done}/{total}"))
+                       reference_dir=reference.path if reference is not None else None, ep=settings.ep)
     return {"size_bytes": directory.size_bytes(), "parameters": logical_parameters(directory.model_path),
             "decode_tokens_per_s": run.decode_tokens_per_s, "prefill_ms": run.prefill_ms,
             "prompt_tokens": len(prompt_ids), "perplexity": quality.perplexity,
@@ -247,8 +177,7 @@ def measure_model(directory: ModelDir, reference: ModelDir | None, settings: Mea
 
 
 def eval_window(directory: ModelDir, settings: MeasureSettings) -> int:
-    max_positions = directory.manifest.get("max_positions") or settings.window + 1
-    return min(settings.window, int(max_positions) - 1)
+    return min(settings.window, directory.manifest.max_positions - 1)
 
 
 def measure_pair(target: ModelDir, draft: ModelDir, settings: MeasureSettings) -> dict[str, Any]:
@@ -263,7 +192,7 @@ def measure_pair(target: ModelDir, draft: ModelDir, settings: MeasureSettings) -
             "acceptance_rate": run.extra.get("acceptance_rate"), "token_ids": run.token_ids}
 
 
-def measure_transformers(src: str, reference: ModelDir, settings: MeasureSettings, progress: Progress) -> dict[str, Any]:
+def measure_transformers(src: str, reference: ModelDir, settings: MeasureSettings) -> dict[str, Any]:
     """transformers' generate (greedy, same prompt and length) and a PyTorch perplexity on the same windows."""
     import torch
 
@@ -288,7 +217,7 @@ def measure_transformers(src: str, reference: ModelDir, settings: MeasureSetting
         total_s = time.perf_counter() - started
         window = eval_window(reference, settings)
         windows = text_windows(tokenizer.encode(read_text(DEFAULT_TEXT)), window, settings.eval_windows)
-        progress(f"  PyTorch perplexity over {len(windows)} windows of {window} tokens")
+        logger.info("  PyTorch perplexity over %d windows of %d tokens", len(windows), window)
         nll, scored = 0.0, 0
         for window_ids in windows:
             logits = model(torch.tensor([window_ids[:-1]])).logits[0].double()
@@ -315,8 +244,8 @@ def ort_quantize_dynamic(reference: ModelDir, destination: pathlib.Path) -> Mode
                          weight_type=QuantType.QInt8, use_external_data_format=True)
     finally:
         root.setLevel(level)
-    derive(reference, destination, {"pass": "onnxruntime.quantization.quantize_dynamic",
-                                    "parameters": {"per_channel": False, "weight_type": "QInt8"}})
+    derive(reference, destination, LineageStep("onnxruntime.quantization.quantize_dynamic",
+                                               {"per_channel": False, "weight_type": "QInt8"}))
     return ModelDir(destination)
 
 
@@ -334,7 +263,7 @@ class Row:
 
 
 def optimize(src: str, output: str | os.PathLike, recipe: str, force: bool = False,
-             settings: MeasureSettings | None = None, progress: Progress = lambda message: None) -> pathlib.Path:
+             settings: MeasureSettings | None = None) -> pathlib.Path:
     """Run ``recipe`` on SRC (a checkpoint, registry name or float32 model directory) into OUT.
 
     Returns OUT's path. Raises GraphoptError for a bad recipe before any work, and lets any
@@ -343,51 +272,65 @@ def optimize(src: str, output: str | os.PathLike, recipe: str, force: bool = Fal
     chosen = get_recipe(recipe)
     check_order(chosen)
     check_parameters(chosen)
-    settings = settings or MeasureSettings()
-    settings = dataclasses.replace(settings, ep=chosen.ep)
-    check_output(output, force)
+    settings = dataclasses.replace(settings or MeasureSettings(), ep=chosen.ep)
+    check_output(output, force, sources=[src])
     if not is_model_dir(src) and pathlib.Path(src).is_dir() and not (pathlib.Path(src) / "config.json").exists():
         raise GraphoptError(f"{src}: neither a graphopt model directory nor a checkpoint directory")
     started = time.perf_counter()
-    with atomic_output(output, force=force) as scratch:
+    with atomic_output(output, force=force, sources=[src]) as scratch:
         work = scratch / ".stages"
         work.mkdir()
         measured: dict[pathlib.Path, dict] = {}
+        models: dict[str, ModelDir] = {}
 
         def measure(directory: ModelDir) -> dict:
             if directory.path not in measured:
-                reference = context.models.get("export")
+                reference = models.get("export")
                 reference = None if reference is None or reference.path == directory.path else reference
-                measured[directory.path] = measure_model(directory, reference, settings, progress)
+                measured[directory.path] = measure_model(directory, reference, settings)
             return measured[directory.path]
 
-        context = StageContext(src=src, current=None, models={}, work=work, scratch=scratch, recipe=chosen,
-                               settings=settings, progress=progress, measure=measure)
+        current: ModelDir | None = None
         rows: list[Row] = []
         stage_figures: list[dict] = []
         for index, stage in enumerate(chosen.stages, start=1):
-            progress(f"[{index}/{len(chosen.stages)}] {stage.describe()}")
+            logger.info("[%d/%d] %s", index, len(chosen.stages), stage.describe())
             stage_started = time.perf_counter()
             destination = work / f"{index:02d}-{stage.kind}"
-            made, figures = STAGES[stage.kind](context, destination, **stage.parameters)
-            seconds = time.perf_counter() - stage_started
-            stage_figures.append({"stage": stage.describe(), "seconds": round(seconds, 1), "figures": figures})
-            if stage.kind in MODEL_STAGES:
-                context.current = made
-                context.models.setdefault(stage.kind, made)
-                progress(f"[{index}/{len(chosen.stages)}] measuring {stage.kind}")
-                rows.append(Row(stage.kind, "stage", measure(made), notes=_counts_note(figures)))
+            figures: dict = {}
+            if stage.kind in STEPS:
+                record = run_stage(stage, current, destination)
+                current, figures = record.output, dict(record.step.counts)
+            elif stage.kind == "export":
+                current = export_stage(src, destination, ExportStage.from_parameters(dict(stage.parameters)))
+                figures = {"given": True} if current.path != destination else {}
+            elif stage.kind == "validate":
+                figures = validate_stage(measure(current), measure(models["export"]),
+                                         ValidateStage.from_parameters(dict(stage.parameters)))
             elif stage.kind == "draft":
-                context.models["draft"] = made
-                progress(f"[{index}/{len(chosen.stages)}] measuring the draft and the target+draft pair")
-                rows.append(Row(f"draft ({figures['draft_recipe']})", "stage", measure(made), notes="draft alone"))
-                pair = measure_pair(context.current, made, settings)
-                plain = measure(context.current)
-                pair["identical_to_target_greedy"] = pair["token_ids"] == plain["token_ids"]
+                config = DraftStage.from_parameters(dict(stage.parameters))
+                if config.source not in models:
+                    raise GraphoptError(f"recipe {chosen.name}: draft source {config.source!r} is not an earlier stage")
+                from graphopt.drafting import build_draft
+
+                draft, report = build_draft(models[config.source].path, scratch / "draft", recipe=config.recipe,
+                                            ep=chosen.ep)
+                figures = {"draft_recipe": report.get("recipe", config.recipe)}
+                models["draft"] = draft
+                logger.info("[%d/%d] measuring the draft and the target+draft pair", index, len(chosen.stages))
+                rows.append(Row(f"draft ({figures['draft_recipe']})", "stage", measure(draft), notes="draft alone"))
+                pair = measure_pair(current, draft, settings)
+                pair["identical_to_target_greedy"] = pair["token_ids"] == measure(current)["token_ids"]
                 rows.append(Row("target + draft (speculative)", "pair", pair))
+            stage_figures.append({"stage": stage.describe(), "seconds": round(time.perf_counter() - stage_started, 1),
+                                  "figures": figures})
+            if stage.kind in MODEL_STAGES:
+                models.setdefault(stage.kind, current)
+                logger.info("[%d/%d] measuring %s", index, len(chosen.stages), stage.kind)
+                rows.append(Row(stage.kind, "stage", measure(current), notes=_counts_note(figures)))
         target = scratch / "target"
-        _place_target(context.current, target, work)
-        rows += reference_rows(src, context.models["export"], work, settings, progress)
+        _place_target(current, target, work)
+        rows += reference_rows(src, models["export"], work, settings)
         shutil.rmtree(work)
         report = {"recipe": chosen.name, "src": src, "ep": settings.ep, "settings": dataclasses.asdict(settings),
                   "machine": machine(), "stages": stage_figures,
@@ -397,8 +340,8 @@ def optimize(src: str, output: str | os.PathLike, recipe: str, force: bool = Fal
         (scratch / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         (scratch / "report.md").write_text(report_markdown(chosen, src, settings, rows, stage_figures, report))
         plot(rows, scratch / "report.png", f"{chosen.name}: decode speed vs perplexity ({machine()['short']})")
-        _record_in_manifest(target, chosen, rows)
-        progress("report: " + str(pathlib.Path(output) / "report.md"))
+        _record_in_manifest(target, chosen)
+        logger.info("report: %s", pathlib.Path(output) / "report.md")
     return pathlib.Path(output)
 
 
@@ -414,30 +357,28 @@ def _place_target(current: ModelDir, target: pathlib.Path, work: pathlib.Path) -
         shutil.copytree(current.path, target)
 
 
-def _record_in_manifest(target: pathlib.Path, recipe: Recipe, rows: list[Row]) -> None:
+def _record_in_manifest(target: pathlib.Path, recipe: Recipe) -> None:
     directory = ModelDir(target)
     manifest = directory.manifest
-    manifest["optimize"] = {"recipe": recipe.name, "ep": recipe.ep,
-                            "stages": [stage.describe() for stage in recipe.stages]}
-    directory.write_manifest(manifest)
+    optimize = {"recipe": recipe.name, "ep": recipe.ep, "stages": [stage.describe() for stage in recipe.stages]}
+    directory.write_manifest(manifest.replace(extra={**manifest.extra, "optimize": optimize}))
 
 
-def reference_rows(src: str, export: ModelDir, work: pathlib.Path, settings: MeasureSettings,
-                   progress: Progress) -> list[Row]:
+def reference_rows(src: str, export: ModelDir, work: pathlib.Path, settings: MeasureSettings) -> list[Row]:
     rows = []
     checkpoint = reference_checkpoint(src)
     if settings.reference_tools and checkpoint is not None:
-        progress(f"measuring transformers generate on {checkpoint} (reference)")
+        logger.info("measuring transformers generate on %s (reference)", checkpoint)
         try:
             rows.append(Row("transformers generate (fp32)", "reference",
-                            measure_transformers(checkpoint, export, settings, progress)))
+                            measure_transformers(checkpoint, export, settings)))
         except (ImportError, GraphoptError) as error:
-            progress(f"  skipped: {error}")
+            logger.info("  skipped: %s", error)
     if settings.with_peers:
-        progress("peer: onnxruntime.quantization.quantize_dynamic on the float export")
+        logger.info("peer: onnxruntime.quantization.quantize_dynamic on the float export")
         peer = ort_quantize_dynamic(export, work / "peer-quantize-dynamic")
         rows.append(Row("ORT quantize_dynamic (int8)", "reference",
-                        measure_model(peer, export, settings, progress)))
+                        measure_model(peer, export, settings)))
     return rows
 
 
@@ -445,7 +386,7 @@ def reference_checkpoint(src: str) -> str | None:
     """The checkpoint transformers can load for SRC: SRC itself, or the source a model directory was exported from."""
     if not is_model_dir(src):
         return src
-    source = ModelDir.open(src).manifest.get("source") or {}
+    source = ModelDir.open(src).manifest.source
     if source.get("path") and pathlib.Path(source["path"]).exists():
         return str(source["path"])
     return source.get("name") if source.get("kind") == "registry" else None

@@ -25,8 +25,6 @@ import dataclasses
 import logging
 import math
 import pathlib
-import time
-from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -35,15 +33,18 @@ from graphopt import ir as graph_ir
 from graphopt.calibration import CalibrationSpec, calibration_sequences
 from graphopt.errors import GraphoptError
 from graphopt.importance import Importance, measured_importance, random_importance
-from graphopt.modeldir import ModelDir, atomic_output, derive
+from graphopt.manifest import io_names
+from graphopt.modeldir import ModelDir
 from graphopt.passes import _prune_common as common
 from graphopt.passes.prune_channels import PruneChannelsPass, intermediate_size
 from graphopt.passes.prune_heads import PruneHeadsPass, head_layout
 from graphopt.passes.prune_layers import PruneLayersPass
+from graphopt.steps import Step, StepConfig, StepOutput, run_step
 
 logger = logging.getLogger(__name__)
 
 IMPORTANCE = ("measured", "random")
+KEEP_WHERE = ("ends", "first")
 # How --params divides the removal: "uniform" removes the same fraction of heads and of MLP channels;
 # "channels" removes MLP channels only; "layers" drops whole layers (then channels for the remainder).
 SPLITS = ("uniform", "channels", "layers")
@@ -197,100 +198,147 @@ def plan_for_parameters(target: float, split: str, importance: Importance, shape
     return best
 
 
-def _check_fraction(name: str, value: float | None) -> None:
-    if value is not None and not 0.0 <= value < 1.0:
-        raise GraphoptError(f"--{name} must be a fraction in [0, 1), got {value}")
+def layers_to_drop(layers: int, keep: int, where: str) -> set[int]:
+    """Which of ``layers`` to drop to keep ``keep``: ``first`` keeps the bottom layers (early exit),
+    ``ends`` keeps the bottom half and top half of them and drops the middle (self-speculation)."""
+    keep = max(1, min(keep, layers))
+    if where == "first":
+        kept = set(range(keep))
+    elif where == "ends":
+        bottom = (keep + 1) // 2
+        kept = set(range(bottom)) | set(range(layers - (keep - bottom), layers))
+    else:
+        raise GraphoptError(f"unknown layer choice {where!r} ({' or '.join(KEEP_WHERE)})")
+    return set(range(layers)) - kept
 
 
-def prune(model_dir: str | pathlib.Path, output: str | pathlib.Path, heads: float | None = None,
-          channels: float | None = None, layers: int | None = None, params: float | None = None,
-          split: str = DEFAULT_SPLIT, importance: str = "measured", calib: CalibrationSpec = CalibrationSpec(),
-          seed: int = 0, force: bool = False, progress: Callable[[str], None] = lambda message: None) -> ModelDir:
-    """Prune ``model_dir`` into ``output`` and return the new model directory.
+@dataclasses.dataclass(frozen=True)
+class PruneConfig(StepConfig):
+    """What to remove, validated on creation.
 
-    Give any of ``heads`` / ``channels`` (fractions removed), ``layers`` (count dropped), or ``params``
-    (fraction of all parameters removed, divided by ``split``) but not ``params`` with the others.
+    Give any of ``heads`` / ``channels`` (fractions removed), ``layers`` (count dropped), or
+    ``params`` (fraction of all parameters removed, divided by ``split``), but not ``params`` with
+    the others. ``keep_layers`` keeps that fraction of the layers by position (``keep_where``,
+    see :func:`layers_to_drop`; no calibration: what drafts use). ``plan`` is an explicit plan.
     """
-    started = time.perf_counter()
-    source = ModelDir.open(model_dir)
-    for name, value in (("heads", heads), ("channels", channels), ("params", params)):
-        _check_fraction(name, value)
-    if layers is not None and layers < 0:
-        raise GraphoptError(f"--layers must be a count of layers to drop, got {layers}")
-    if params is not None and any(value is not None for value in (heads, channels, layers)):
-        raise GraphoptError("give --params alone, or --heads/--channels/--layers, not both")
-    if importance not in IMPORTANCE:
-        raise GraphoptError(f"--importance must be one of {', '.join(IMPORTANCE)}, got {importance!r}")
-    if split not in SPLITS:
-        raise GraphoptError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
-    model = graph_ir.load(source.model_path)
-    shapes = measure_shapes(model)
-    if layers is not None and layers >= len(shapes.layouts):
-        raise GraphoptError(f"cannot drop {layers} of {len(shapes.layouts)} layers (at least one must stay)")
-    nothing = not any((heads, channels, layers, params))
-    if nothing:
-        scores = None
-    elif importance == "random":
-        scores = random_importance(model, seed)
-    else:
-        progress(f"measuring importance on calibration data ({calib.describe()['source']}, {calib.samples} x "
-                 f"{calib.seq_len} tokens)")
-        sequences = calibration_sequences(source.path, calib)
-        scores = measured_importance(source.model_path, model, sequences)
-    if nothing:
-        plan = Plan()
-    elif params is not None:
-        plan = plan_for_parameters(params, split, scores, shapes)
-    else:
-        drop = plan_layers(layers, scores, shapes) if layers else []
-        kept = [index for index in range(len(shapes.layouts)) if index not in drop]
-        plan = Plan(plan_heads(heads, scores, shapes, kept) if heads else {},
-                    plan_channels(channels, scores, shapes, kept) if channels else {}, drop)
-    return apply_plan(source, model, plan, output, force=force, progress=progress, started=started,
-                      parameters={"heads": heads, "channels": channels, "layers": layers, "params": params,
-                                  "split": split if params is not None else None, "importance": importance,
-                                  "calibration": calib.describe() if importance == "measured" else None, "seed": seed})
+
+    heads: float | None = None
+    channels: float | None = None
+    layers: int | None = None
+    params: float | None = None
+    split: str = DEFAULT_SPLIT
+    importance: str = "measured"
+    calib: CalibrationSpec = CalibrationSpec()
+    seed: int = 0
+    keep_layers: float | None = None
+    keep_where: str = "ends"
+    plan: Plan | None = None
+
+    def __post_init__(self):
+        for name in ("heads", "channels", "params"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise GraphoptError(f"--{name} must be a fraction in [0, 1), got {value}")
+        if self.keep_layers is not None and not 0.0 < self.keep_layers <= 1.0:
+            raise GraphoptError(f"keep_layers must be a fraction in (0, 1], got {self.keep_layers}")
+        if self.layers is not None and self.layers < 0:
+            raise GraphoptError(f"--layers must be a count of layers to drop, got {self.layers}")
+        alone = [name for name in ("params", "keep_layers", "plan") if getattr(self, name) is not None]
+        given = [name for name in ("heads", "channels", "layers", *alone) if getattr(self, name) is not None]
+        if alone and len(given) > 1:
+            other = next(name for name in given if name != alone[0])
+            raise GraphoptError(f"give --{alone[0].replace('_', '-')} alone, not with --{other.replace('_', '-')}")
+        if self.importance not in IMPORTANCE:
+            raise GraphoptError(f"--importance must be one of {', '.join(IMPORTANCE)}, got {self.importance!r}")
+        if self.split not in SPLITS:
+            raise GraphoptError(f"--split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        if self.keep_where not in KEEP_WHERE:
+            raise GraphoptError(f"unknown layer choice {self.keep_where!r} ({' or '.join(KEEP_WHERE)})")
+
+    @property
+    def needs_importance(self) -> bool:
+        return any((self.heads, self.channels, self.layers, self.params))
+
+    def describe(self) -> dict:
+        record = {key: value for key, value in super().describe().items() if value is not None}
+        if self.params is None:
+            record.pop("split", None)
+        if not self.needs_importance or self.importance != "measured":
+            record.pop("calib", None)
+        return record
 
 
-def apply_plan(source: ModelDir, model: ir.Model, plan: Plan, output, force: bool = False,
-               progress: Callable[[str], None] = lambda message: None, started: float | None = None,
-               parameters: dict | None = None) -> ModelDir:
-    """Run the prune passes for ``plan`` on ``model`` (loaded from ``source``) and write ``output``."""
-    started = time.perf_counter() if started is None else started
-    before = graph_ir.parameter_count(model)
-    heads_pass, channels_pass, layers_pass = PruneHeadsPass(plan.heads), PruneChannelsPass(plan.channels), \
-        PruneLayersPass(plan.drop)
-    counts: dict[str, int] = {}
-    modified = False
-    # Order: heads and channels index the unpruned layers; dropping layers renumbers them, so it is last.
-    for prune_pass in (heads_pass, channels_pass, layers_pass):
-        result = prune_pass(model)
-        modified |= result.modified
-        counts.update({key: value for key, value in prune_pass.counts.items() if value})
-    after = graph_ir.parameter_count(model)
-    progress(f"removed {before - after:,} of {before:,} parameters ({(before - after) / before:.1%})")
-    kept = layers_pass.kept or list(range(len(heads_pass.layout)))
-    layout = [heads_pass.layout[index] for index in kept]
-    sizes = [channels_pass.sizes[index] for index in kept]
-    with atomic_output(output, force) as scratch:
-        graph_ir.save(model, scratch / "model.onnx")
-        manifest = source.manifest
-        updates = _manifest_updates(manifest, model, layout, sizes)
+class PruneStep(Step):
+    """Structured pruning: KV groups with their query heads, MLP channels, whole layers."""
+
+    name = "prune"
+    config_type = PruneConfig
+
+    def run(self, source: ModelDir, model: ir.Model, config: PruneConfig, work) -> StepOutput:
+        shapes = measure_shapes(model)
+        layer_count = len(shapes.layouts)
+        if config.layers is not None and config.layers >= layer_count:
+            raise GraphoptError(f"cannot drop {config.layers} of {layer_count} layers (at least one must stay)")
+        plan = self.plan(source, model, config, shapes)
+        before = graph_ir.parameter_count(model)
+        heads_pass, channels_pass, layers_pass = (PruneHeadsPass(plan.heads), PruneChannelsPass(plan.channels),
+                                                  PruneLayersPass(plan.drop))
+        counts: dict[str, int] = {}
+        modified = False
+        # Order: heads and channels index the unpruned layers; dropping layers renumbers them, so it is last.
+        for prune_pass in (heads_pass, channels_pass, layers_pass):
+            modified |= prune_pass(model).modified
+            counts.update({key: value for key, value in prune_pass.counts.items() if value})
+        after = graph_ir.parameter_count(model)
+        logger.info("removed %s of %s parameters (%.1f%%)", f"{before - after:,}", f"{before:,}",
+                    100 * (before - after) / before)
+        kept = layers_pass.kept or list(range(len(heads_pass.layout)))
+        layout = [heads_pass.layout[index] for index in kept]
+        sizes = [channels_pass.sizes[index] for index in kept]
         figures = {"parameters_before": before, "parameters_after": after,
-                   "removed_fraction": round((before - after) / before, 6), **counts, "modified": modified,
-                   "kept_layers": kept}
-        derive(source, scratch, {"pass": "prune", "counts": counts, "parameters": {k: v for k, v in (parameters or {}).items()
-                                                                    if v is not None},
-                                 "figures": figures, "seconds": round(time.perf_counter() - started, 1)}, **updates)
-    return ModelDir.open(output)
+                   "removed_fraction": round((before - after) / before, 6), "kept_layers": kept}
+        return StepOutput(model, counts, figures, modified, _manifest_updates(source.manifest.cache, layout, sizes))
+
+    @staticmethod
+    def plan(source: ModelDir, model: ir.Model, config: PruneConfig, shapes: Shapes) -> Plan:
+        if config.plan is not None:
+            return config.plan
+        layer_count = len(shapes.layouts)
+        if config.keep_layers is not None:
+            return Plan(drop=sorted(layers_to_drop(layer_count, round(layer_count * config.keep_layers),
+                                                   config.keep_where)))
+        if not config.needs_importance:
+            return Plan()
+        if config.importance == "random":
+            scores = random_importance(model, config.seed)
+        else:
+            calib = config.calib
+            logger.info("measuring importance on calibration data (%s, %d x %d tokens)", calib.describe()["source"],
+                        calib.samples, calib.seq_len)
+            scores = measured_importance(source.model_path, model, calibration_sequences(source.path, calib))
+        if config.params is not None:
+            return plan_for_parameters(config.params, config.split, scores, shapes)
+        drop = plan_layers(config.layers, scores, shapes) if config.layers else []
+        kept = [index for index in range(layer_count) if index not in drop]
+        return Plan(plan_heads(config.heads, scores, shapes, kept) if config.heads else {},
+                    plan_channels(config.channels, scores, shapes, kept) if config.channels else {}, drop)
 
 
-def _manifest_updates(manifest: dict, model: ir.Model, layout: list[tuple[int, int]], sizes: list[int]) -> dict:
+def prune(model_dir: str | pathlib.Path, output: str | pathlib.Path, force: bool = False, **parameters) -> ModelDir:
+    """Prune ``model_dir`` into ``output`` and return the new model directory (``parameters``: :class:`PruneConfig`)."""
+    return run_step(PruneStep(), model_dir, output, PruneConfig(**parameters), force=force).output
+
+
+def apply_plan(source: ModelDir, plan: Plan, output, force: bool = False) -> ModelDir:
+    """Prune ``source`` with an explicit ``plan`` into ``output``."""
+    return prune(source.path, output, force=force, plan=plan)
+
+
+def _manifest_updates(cache: dict, layout: list[tuple[int, int]], sizes: list[int]) -> dict:
     """New shapes for graphopt.json: scalars stay scalars when every layer agrees, per-layer lists always."""
     heads = [heads for heads, _ in layout]
     kv_heads = [kv for _, kv in layout]
-    cache = dict(manifest.get("cache", {}))
-    cache["kv_heads"] = kv_heads
+    inputs, outputs = io_names(len(layout))
     return {
         "layers": len(layout),
         "heads": heads[0] if len(set(heads)) == 1 else max(heads),
@@ -299,7 +347,7 @@ def _manifest_updates(manifest: dict, model: ir.Model, layout: list[tuple[int, i
         "layer_heads": heads,
         "layer_kv_heads": kv_heads,
         "layer_intermediate_sizes": sizes,
-        "cache": cache,
-        "inputs": [value.name for value in model.graph.inputs],
-        "outputs": [value.name for value in model.graph.outputs],
+        "cache": {**cache, "kv_heads": kv_heads},
+        "inputs": inputs,
+        "outputs": outputs,
     }

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
-import time
 from typing import Callable
 
 import numpy as np
@@ -35,20 +34,28 @@ import onnx_ir as ir
 from graphopt import ir as graph_io
 from graphopt.calibration import CalibrationSpec, calibration_sequences
 from graphopt.errors import GraphoptError
-from graphopt.modeldir import ModelDir, atomic_output, derive
+from graphopt.evaluate import sequences_perplexity
+from graphopt.modeldir import ModelDir
 from graphopt.passes.quantize_common import QUANTIZABLE_OPS, check_patterns, linear_sites, quantized_ops
 from graphopt.ranges import METHODS as CALIBRATION_METHODS
 from graphopt.ranges import QuantParams, RangeCollector, fake_quantize, quantization_parameters
+from graphopt.steps import Step, StepConfig, StepOutput, run_step
 
 logger = logging.getLogger(__name__)
 
 SCHEMES = ("w8a8", "int8", "int4")
 HEAD_CHOICES = ("auto", "float", "int8", "int4")
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits: a power of two, at least 16
+METHODS = ("rtn", "gptq")
 
 
 @dataclasses.dataclass(frozen=True)
-class QuantizeConfig:
-    """Everything that decides the output model; recorded in the lineage."""
+class QuantizeConfig(StepConfig):
+    """Everything that decides the output model; recorded in the lineage, validated on creation.
+
+    ``measure_windows``: also measure the perplexity of the float and the quantized model on the
+    default evaluation text (that many windows of 512 tokens) into the lineage step's figures.
+    """
 
     weights: str = "int8"
     activations: str = "int8"
@@ -64,6 +71,10 @@ class QuantizeConfig:
     smooth: float | None = None
     max_ppl_increase: float | None = None
     calib: CalibrationSpec = CalibrationSpec()
+    measure_windows: int | None = None
+
+    def __post_init__(self):
+        self.validate()
 
     @property
     def scheme(self) -> str:
@@ -96,6 +107,12 @@ class QuantizeConfig:
             raise GraphoptError(f"--method {self.method} applies to weight-only quantization")
         if self.max_ppl_increase is not None and self.max_ppl_increase < 0:
             raise GraphoptError("--max-ppl-increase is a percentage of at least 0")
+        if self.block_size not in BLOCK_SIZES:
+            raise GraphoptError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size}")
+        if self.method not in METHODS:
+            raise GraphoptError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.measure_windows is not None and self.measure_windows < 1:
+            raise GraphoptError("--measure-windows must be at least 1")
 
     def head_bits(self) -> int | None:
         """Bits of the LM head for weight-only schemes (None keeps it in float)."""
@@ -117,6 +134,8 @@ class QuantizeConfig:
             record.update(block_size=self.block_size, method=self.method)
         if self.needs_calibration:
             record["calibration_data"] = self.calib.describe()
+        if self.measure_windows:
+            record["measure_windows"] = self.measure_windows
         return record
 
     @property
@@ -126,7 +145,7 @@ class QuantizeConfig:
 
 def refuse_quantized(directory: ModelDir, model: ir.Model) -> None:
     ops = quantized_ops(model)
-    earlier = [step for step in directory.manifest.get("lineage", []) if step.get("pass") == "quantize"]
+    earlier = [step for step in directory.manifest.lineage if step.name == "quantize"]
     if ops or earlier:
         found = f"it holds {', '.join(ops)}" if ops else "its lineage has a quantize step"
         raise GraphoptError(f"{directory.path} is already quantized ({found}); quantize the float model instead")
@@ -175,21 +194,6 @@ def hessians(model_path: pathlib.Path, names: list[str], sequences: list[list[in
     return totals
 
 
-def sequence_perplexity(model_path: pathlib.Path, sequences: list[list[int]]) -> float:
-    """Perplexity of the model on its calibration sequences (each from an empty cache)."""
-    from graphopt.evaluate import log_softmax
-    from graphopt.runtime.decoder import Decoder
-
-    decoder = Decoder(model_path)
-    total, count = 0.0, 0
-    for ids in sequences:
-        decoder.reset()
-        logprobs = log_softmax(decoder.forward(ids[:-1]))
-        total -= float(logprobs[np.arange(len(ids) - 1), ids[1:]].sum())
-        count += len(ids) - 1
-    return float(np.exp(total / count))
-
-
 def site_errors(model: ir.Model, model_path: pathlib.Path, params: dict[str, QuantParams],
                 sequences: list[list[int]], head: bool, reduce_range: bool) -> dict[str, float]:
     """Squared output error of each linear site quantized alone (activation and weight), summed over tokens.
@@ -221,56 +225,47 @@ def site_errors(model: ir.Model, model_path: pathlib.Path, params: dict[str, Qua
     return errors
 
 
-def quantize(model_dir: str | pathlib.Path, output: str | pathlib.Path, config: QuantizeConfig = QuantizeConfig(),
-             force: bool = False, progress: Callable[[str], None] = lambda message: None,
-             measure_windows: int | None = None) -> ModelDir:
-    """Quantize ``model_dir`` into a new model directory ``output`` (atomic; see the module docstring).
+class QuantizeStep(Step):
+    """Static W8A8 QDQ or weight-only MatMulNBits (see the module docstring)."""
 
-    With ``measure_windows``, the perplexity of the float and the quantized model on the default
-    evaluation text (that many windows of 512 tokens) goes into the lineage step's figures.
-    """
-    config.validate()
-    source = ModelDir.open(model_dir)
-    model = graph_io.load(source.model_path)
-    refuse_quantized(source, model)
-    check_patterns(model.graph, config.exclude)
-    head = config.head != "float"
-    sites = linear_sites(model.graph, config.exclude, head=head)
-    if not sites:
-        raise GraphoptError(f"{source.path}: no MatMul with a constant weight left to quantize")
-    started = time.perf_counter()
-    figures: dict = {}
-    with atomic_output(output, force) as scratch:
+    name = "quantize"
+    config_type = QuantizeConfig
+
+    def run(self, source: ModelDir, model: ir.Model, config: QuantizeConfig, work: pathlib.Path) -> StepOutput:
+        refuse_quantized(source, model)
+        check_patterns(model.graph, config.exclude)
+        if not linear_sites(model.graph, config.exclude, head=config.head != "float"):
+            raise GraphoptError(f"{source.path}: no MatMul with a constant weight left to quantize")
         sequences = []
         if config.needs_calibration:
-            progress(f"calibration data: {config.calib.describe()['source']}, {config.calib.samples} x "
-                     f"{config.calib.seq_len} tokens")
+            logger.info("calibration data: %s, %d x %d tokens", config.calib.describe()["source"], config.calib.samples,
+                        config.calib.seq_len)
             sequences = calibration_sequences(source.path, config.calib)
         if config.scheme == "w8a8":
-            model, counts, extra = _w8a8(source, model, config, sequences, scratch, progress)
+            model, counts, figures = _w8a8(source, model, config, sequences, work)
         else:
-            model, counts, extra = _weight_only(source, model, config, sequences, progress)
-        figures.update(extra)
-        graph_io.save(model, scratch / "model.onnx")
-        for leftover in scratch.glob("stage*"):
-            leftover.unlink()
-        figures.update(counts=counts, size_bytes=sum(f.stat().st_size for f in scratch.iterdir() if f.is_file()),
-                       seconds=round(time.perf_counter() - started, 1))
-        step = {"pass": "quantize", "parameters": config.describe(), "figures": figures}
-        manifest = derive(source, scratch, step, quantization=config.scheme)
-        if measure_windows:
-            figures.update(measure_perplexity(source.path, scratch, measure_windows, progress))
-            ModelDir(scratch).write_manifest(manifest)
-    return ModelDir(output)
+            model, counts, figures = _weight_only(source, model, config, sequences)
+        return StepOutput(model, counts, figures, changes={"quantization": config.scheme})
+
+    def check(self, source: ModelDir, written: ModelDir, config: QuantizeConfig) -> dict:
+        figures = {"size_bytes": written.size_bytes()}
+        if config.measure_windows:
+            figures.update(measure_perplexity(source.path, written.path, config.measure_windows))
+        return figures
 
 
-def measure_perplexity(reference: pathlib.Path, quantized: pathlib.Path, max_windows: int,
-                       progress: Callable[[str], None]) -> dict:
+def quantize(model_dir: str | pathlib.Path, output: str | pathlib.Path, config: QuantizeConfig = QuantizeConfig(),
+             force: bool = False) -> ModelDir:
+    """Quantize ``model_dir`` into a new model directory ``output`` (atomic; see the module docstring)."""
+    return run_step(QuantizeStep(), model_dir, output, config, force=force).output
+
+
+def measure_perplexity(reference: pathlib.Path, quantized: pathlib.Path, max_windows: int) -> dict:
     """Perplexity of both models on the default evaluation text, and their agreement."""
     from graphopt.evaluate import DEFAULT_TEXT, evaluate
 
-    window = min(512, (ModelDir.open(reference).manifest.get("max_positions") or 513) - 1)
-    progress(f"measuring perplexity on {DEFAULT_TEXT.name} ({max_windows} windows of {window})")
+    window = min(512, ModelDir.open(reference).manifest.max_positions - 1)
+    logger.info("measuring perplexity on %s (%d windows of %d)", DEFAULT_TEXT.name, max_windows, window)
     float_result = evaluate(reference, DEFAULT_TEXT, window=window, max_windows=max_windows)
     result = evaluate(quantized, DEFAULT_TEXT, window=window, reference_dir=reference, max_windows=max_windows)
     return {"eval_text": DEFAULT_TEXT.name, "eval_window": window, "eval_tokens": result.tokens,
@@ -286,7 +281,7 @@ def _stage(model: ir.Model, scratch: pathlib.Path, name: str) -> pathlib.Path:
     return path
 
 
-def _w8a8(source: ModelDir, model: ir.Model, config: QuantizeConfig, sequences, scratch: pathlib.Path, progress):
+def _w8a8(source: ModelDir, model: ir.Model, config: QuantizeConfig, sequences, scratch: pathlib.Path):
     from graphopt.passes.quantize_qdq import QDQQuantizePass
     from graphopt.passes.smooth_quant import SmoothQuantPass
 
@@ -295,31 +290,31 @@ def _w8a8(source: ModelDir, model: ir.Model, config: QuantizeConfig, sequences, 
     model_path = source.model_path
     names = sorted({site.activation.name for site in linear_sites(model.graph, head=head)})
     if config.smooth is not None:
-        progress(f"SmoothQuant alpha {config.smooth}: collecting per-channel maxima")
+        logger.info(f"SmoothQuant alpha {config.smooth}: collecting per-channel maxima")
         smooth = SmoothQuantPass(config.smooth, channel_absmax(model_path, names, sequences))
         smooth(model)
         extra["smooth_folded"] = smooth.counts
         model_path = _stage(model, scratch, "smoothed")
-    progress(f"collecting {config.calibration} ranges of {len(names)} activations")
+    logger.info(f"collecting {config.calibration} ranges of {len(names)} activations")
     collectors = activation_ranges(model_path, names, sequences)
     params = {name: quantization_parameters(*collector.range(config.calibration, config.percentile, config.symmetric),
                                             symmetric=config.symmetric)
               for name, collector in collectors.items()}
     exclude = list(config.exclude)
     if config.max_ppl_increase is not None:
-        exclude += _sensitive_sites(model, model_path, params, config, sequences, scratch, progress, extra)
+        exclude += _sensitive_sites(model, model_path, params, config, sequences, scratch, extra)
         extra["kept_float"] = exclude[len(config.exclude):]
     qdq = QDQQuantizePass(params, exclude, head=head, reduce_range=config.reduce_range)
     qdq(model)
     return model, qdq.counts, extra
 
 
-def _sensitive_sites(model, model_path, params, config, sequences, scratch, progress, extra) -> list[str]:
+def _sensitive_sites(model, model_path, params, config, sequences, scratch, extra) -> list[str]:
     """Names of the sites to keep in float so the calibration perplexity rises at most ``max_ppl_increase`` %."""
     from graphopt.passes.quantize_qdq import QDQQuantizePass
 
     head = config.head != "float"
-    baseline = sequence_perplexity(model_path, sequences)
+    baseline = sequences_perplexity(model_path, sequences)
     errors = site_errors(model, model_path, params, sequences[:2], head, config.reduce_range)
     ranked = sorted(errors, key=lambda name: -errors[name])
     extra["calibration_perplexity_float"] = round(baseline, 4)
@@ -328,9 +323,9 @@ def _sensitive_sites(model, model_path, params, config, sequences, scratch, prog
     while True:
         candidate = graph_io.load(model_path)
         QDQQuantizePass(params, [*config.exclude, *kept], head=head, reduce_range=config.reduce_range)(candidate)
-        perplexity = sequence_perplexity(_stage(candidate, scratch, "candidate"), sequences)
+        perplexity = sequences_perplexity(_stage(candidate, scratch, "candidate"), sequences)
         increase = 100 * (perplexity / baseline - 1)
-        progress(f"{len(kept)} layer(s) kept in float: calibration perplexity {perplexity:.3f} ({increase:+.2f}%)")
+        logger.info(f"{len(kept)} layer(s) kept in float: calibration perplexity {perplexity:.3f} ({increase:+.2f}%)")
         if increase <= config.max_ppl_increase or count >= len(ranked):
             extra["calibration_perplexity_quantized"] = round(perplexity, 4)
             return kept
@@ -338,7 +333,7 @@ def _sensitive_sites(model, model_path, params, config, sequences, scratch, prog
         kept = ranked[:count]
 
 
-def _weight_only(source: ModelDir, model: ir.Model, config: QuantizeConfig, sequences, progress):
+def _weight_only(source: ModelDir, model: ir.Model, config: QuantizeConfig, sequences):
     from graphopt.passes.quantize_weights import WeightOnlyQuantizePass
 
     bits = 8 if config.scheme == "int8" else 4
@@ -347,10 +342,10 @@ def _weight_only(source: ModelDir, model: ir.Model, config: QuantizeConfig, sequ
     layer_hessians = None
     if config.method == "gptq":
         names = sorted({site.activation.name for site in linear_sites(model.graph, config.exclude, head=False)})
-        progress(f"GPTQ: collecting Hessians of {len(names)} layer inputs")
+        logger.info(f"GPTQ: collecting Hessians of {len(names)} layer inputs")
         layer_hessians = hessians(source.model_path, names, sequences)
-    progress(f"quantizing weights to int{bits}, block {config.block_size}, {config.method}"
-             + ("" if head_bits == bits else f", LM head {'float' if head_bits is None else f'int{head_bits}'}"))
+    logger.info(f"quantizing weights to int{bits}, block {config.block_size}, {config.method}"
+                + ("" if head_bits == bits else f", LM head {'float' if head_bits is None else f'int{head_bits}'}"))
     weights = WeightOnlyQuantizePass(bits, config.block_size, config.method, config.exclude, head_bits, layer_hessians)
     weights(model)
     return model, weights.counts, extra

@@ -16,8 +16,8 @@ The ordering constraints common to all recipes:
   the export; quantization keeps MatMuls as MatMuls inside fused graphs, so the order
   fuse -> quantize is the one both passes support.
 * ``validate`` follows the last stage that writes the target: it checks the model that ships.
-* ``draft`` comes last and builds from the float ``export`` stage (graphopt.drafting's steps take a
-  float model). Its recipe is ``int4`` (graphopt's weight-only int4, MatMulNBits, all layers): dropping half of
+* ``draft`` comes last and builds from the float ``export`` stage (draft recipes prune and
+  quantize, which take a float model). Its recipe is ``int4`` (graphopt's weight-only int4, MatMulNBits, all layers): dropping half of
   SmolLM2-135M's layers leaves ~4% greedy agreement (measured by optimize's draft row), so the
   layer-dropping drafts are not used. An int4 target gets no draft: a same-depth int4 draft costs
   what the target costs.
@@ -26,12 +26,26 @@ The ordering constraints common to all recipes:
 from __future__ import annotations
 
 import dataclasses
+import logging
+import pathlib
 from typing import Any, Mapping
 
+from graphopt.convert import ConvertStep
 from graphopt.errors import GraphoptError
+from graphopt.fusion import FuseStep
+from graphopt.modeldir import ModelDir
+from graphopt.pruning import PruneStep
+from graphopt.quantization import QuantizeStep
+from graphopt.steps import Step, StepConfig, StepRecord, run_step
 
-STAGE_KINDS = ("export", "prune", "fuse", "convert", "quantize", "validate", "draft")
-MODEL_STAGES = ("export", "prune", "fuse", "convert", "quantize")  # stages that write a new target
+logger = logging.getLogger(__name__)
+
+# The registry of model-directory steps: the CLI commands, `graphopt optimize` and `graphopt draft`
+# all run these through graphopt.steps.run_step. A new step is one line here.
+STEPS: dict[str, Step] = {step.name: step for step in (PruneStep(), FuseStep(), ConvertStep(), QuantizeStep())}
+
+STAGE_KINDS = ("export", *STEPS, "validate", "draft")
+MODEL_STAGES = ("export", *STEPS)  # stages that write a new target
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +59,11 @@ class Stage:
         arguments = ", ".join(f"{key}={value}" for key, value in self.parameters.items())
         return f"{self.kind}({arguments})"
 
+    def config(self, where: str = "") -> StepConfig:
+        """The typed, validated parameters of a registered step's stage."""
+        step = STEPS[self.kind]
+        return step.config_type.from_parameters(dict(self.parameters), where=where)
+
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
@@ -56,12 +75,18 @@ class Recipe:
     stages: tuple[Stage, ...]
 
 
+# Every recipe fuses with every attention layer required. The tolerance (max |logits diff| to the
+# unfused source) is looser than `graphopt fuse`'s 1e-3: fused kernels sum in another order, and on
+# a pruned SmolLM2-135M (logits up to ~30) that alone reached 1.07e-3. Perplexity and agreement in
+# the report show any real difference.
+_FUSE = {"require": True, "tolerance": 1e-2}
+
 RECIPES: dict[str, Recipe] = {recipe.name: recipe for recipe in (
     Recipe("cpu-int8", "CPU, int8 weight-only (MatMulNBits), float activations: near-lossless, ~2x fp32 decode",
            ep="cpu", stages=(
                Stage("export"),
                # fuse before quantize (see the module docstring).
-               Stage("fuse", {"target": "cpu"}),
+               Stage("fuse", {"target": "cpu", **_FUSE}),
                Stage("quantize", {"weights": "int8", "activations": "none"}),
                # after the last model stage: it checks the target that ships.
                Stage("validate", {"min_token_agreement": 0.90, "max_perplexity_increase": 5.0}),
@@ -71,7 +96,7 @@ RECIPES: dict[str, Recipe] = {recipe.name: recipe for recipe in (
     Recipe("cpu-int4", "CPU, int4 weight-only (block 32, GPTQ, LM head int8): smallest and fastest CPU decode; no draft",
            ep="cpu", stages=(
                Stage("export"),
-               Stage("fuse", {"target": "cpu"}),  # before quantize
+               Stage("fuse", {"target": "cpu", **_FUSE}),  # before quantize
                # GPTQ: on SmolLM2-135M (2 windows of 512) round-to-nearest kept 68.8% token agreement,
                # GPTQ 75.2% at +20.2% perplexity; the bounds below sit just outside what GPTQ reaches.
                Stage("quantize", {"weights": "int4", "activations": "none", "block_size": 32, "method": "gptq"}),
@@ -81,7 +106,7 @@ RECIPES: dict[str, Recipe] = {recipe.name: recipe for recipe in (
     Recipe("cpu-w8a8", "CPU, static int8 weights and activations (QDQ, calibrated, SmoothQuant 0.5)",
            ep="cpu", stages=(
                Stage("export"),
-               Stage("fuse", {"target": "cpu"}),  # before quantize
+               Stage("fuse", {"target": "cpu", **_FUSE}),  # before quantize
                Stage("quantize", {"weights": "int8", "activations": "int8", "smooth": 0.5}),
                Stage("validate", {"min_token_agreement": 0.80, "max_perplexity_increase": 10.0}),
                Stage("draft", {"recipe": "int4", "source": "export"}),  # from the float export
@@ -91,7 +116,7 @@ RECIPES: dict[str, Recipe] = {recipe.name: recipe for recipe in (
                Stage("export"),
                # fuse before convert: the fusion rules match float32 subgraphs. Packed q/k/v:
                # two fewer kernels per layer, 777 vs 663 tokens/s with CUDA graphs on an H200.
-               Stage("fuse", {"target": "cuda", "pack_qkv": True}),
+               Stage("fuse", {"target": "cuda", "pack_qkv": True, **_FUSE}),
                Stage("convert", {"dtype": "fp16"}),
                Stage("validate", {"min_token_agreement": 0.95, "max_perplexity_increase": 1.0}),
                Stage("draft", {"recipe": "int4", "source": "export"}),  # from the float export
@@ -100,7 +125,7 @@ RECIPES: dict[str, Recipe] = {recipe.name: recipe for recipe in (
            ep="tensorrt", stages=(
                Stage("export"),
                # fuse before quantize; the tensorrt target also raises the opset to 23 (Attention).
-               Stage("fuse", {"target": "tensorrt"}),
+               Stage("fuse", {"target": "tensorrt", **_FUSE}),
                # symmetric: TensorRT's explicit-quantization mode takes zero points of 0 only.
                Stage("quantize", {"weights": "int8", "activations": "int8", "symmetric": True}),
                Stage("validate", {"min_token_agreement": 0.80, "max_perplexity_increase": 10.0}),
@@ -112,10 +137,28 @@ RECIPES: dict[str, Recipe] = {recipe.name: recipe for recipe in (
                Stage("export"),
                # prune before fuse and quantize (see the module docstring).
                Stage("prune", {"params": 0.25}),
-               Stage("fuse", {"target": "cpu"}),
+               Stage("fuse", {"target": "cpu", **_FUSE}),
                Stage("quantize", {"weights": "int4", "activations": "none", "block_size": 32}),
                Stage("validate", {"min_token_agreement": 0.5, "max_perplexity_increase": 100.0}),
            )),
+)}
+
+# Draft recipes: pipelines from the (float) target to a draft for speculative decoding. Layer edits
+# come before quantization: they address layers through the float graph's weight names, which
+# quantization renames. The LM head stays int8: its logits decide which token the draft proposes,
+# so it is where low bits cost most acceptance.
+_DRAFT_QUANTIZE = {"activations": "none", "head": "int8"}
+DRAFT_RECIPES: dict[str, Recipe] = {recipe.name: recipe for recipe in (
+    Recipe("int8", "int8 weight-only copy", ep="cpu", stages=(Stage("quantize", {"weights": "int8", **_DRAFT_QUANTIZE}),)),
+    Recipe("int4", "int4 weight-only copy", ep="cpu", stages=(Stage("quantize", {"weights": "int4", **_DRAFT_QUANTIZE}),)),
+    Recipe("half-layers", "the bottom and top quarters of the layers", ep="cpu",
+           stages=(Stage("prune", {"keep_layers": 0.5, "keep_where": "ends"}),)),
+    Recipe("half-layers-int4", "half the layers (ends), int4", ep="cpu",
+           stages=(Stage("prune", {"keep_layers": 0.5, "keep_where": "ends"}),
+                   Stage("quantize", {"weights": "int4", **_DRAFT_QUANTIZE}))),
+    Recipe("early-exit-int4", "the bottom half of the layers, int4", ep="cpu",
+           stages=(Stage("prune", {"keep_layers": 0.5, "keep_where": "first"}),
+                   Stage("quantize", {"weights": "int4", **_DRAFT_QUANTIZE}))),
 )}
 
 # The recipe that passes its own validation on SmolLM2-135M with the widest margin (int8 weights:
@@ -148,6 +191,38 @@ def check_order(recipe: Recipe) -> None:
     last_model = max(index for index, kind in enumerate(kinds) if kind in MODEL_STAGES)
     if any(kind == "validate" and index < last_model for index, kind in enumerate(kinds)):
         raise GraphoptError(f"recipe {recipe.name}: validate must follow the last stage that writes the target")
+
+
+def check_parameters(recipe: Recipe) -> None:
+    """Every stage's parameters are valid before anything runs (a typo or a bad value fails in a second)."""
+    from graphopt.optimize import STAGE_CONFIGS
+
+    for stage in recipe.stages:
+        where = f"recipe {recipe.name}: stage {stage.describe()}: "
+        try:
+            if stage.kind in STEPS:
+                stage.config(where)
+            else:
+                STAGE_CONFIGS[stage.kind].from_parameters(dict(stage.parameters), where=where)
+        except TypeError as error:
+            raise GraphoptError(f"{where}{error}") from None
+        except GraphoptError as error:
+            message = str(error)
+            raise GraphoptError(message if message.startswith(where) else f"{where}{message}") from None
+
+
+def run_stage(stage: Stage, source: ModelDir, output: pathlib.Path) -> StepRecord:
+    """One registered step's stage on ``source`` into ``output``."""
+    return run_step(STEPS[stage.kind], source.path, output, stage.config())
+
+
+def run_stages(stages: tuple[Stage, ...], source: ModelDir, work: pathlib.Path, label: str = "") -> ModelDir:
+    """Registered steps one after the other, each into its own folder under ``work``; the last one's directory."""
+    current = source
+    for index, stage in enumerate(stages, start=1):
+        logger.info("%s[%d/%d] %s", f"{label}: " if label else "", index, len(stages), stage.describe())
+        current = run_stage(stage, current, work / f"{index:02d}-{stage.kind}").output
+    return current
 
 
 def describe(recipe: Recipe) -> str:

@@ -76,3 +76,38 @@ def tiny_checkpoint(family: str, path: str | pathlib.Path, seed: int = 0, **over
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def chunked_logits(model_path, optimization: str, ids: list[int], splits: tuple[int, ...]) -> list:
+    """Prefill ``ids[:splits[0]]``, then forward each further chunk on the cache; logits of each chunk.
+
+    ``optimization="disable"`` is the reference a rewrite is compared with (ONNX Runtime's own
+    graph rewrites off).
+    """
+    from graphopt.runtime.decoder import Decoder
+    from graphopt.runtime.session import make_session
+
+    decoder = Decoder(model_path, session=make_session(model_path, optimization=optimization))
+    bounds = [0, *splits, len(ids)]
+    return [decoder.forward(ids[start:end]) for start, end in zip(bounds, bounds[1:])]
+
+
+def register_ort_onnx_domain_schemas() -> None:
+    """ORT's SimplifiedLayerNormalization lives in the ONNX domain without an ONNX schema; declare it
+    so that ``onnx.checker`` can check the rest of a cpu-target graph."""
+    import onnx
+
+    if onnx.defs.has("SimplifiedLayerNormalization"):
+        return
+    types = ["tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)"]
+    parameter = onnx.defs.OpSchema.FormalParameter
+    schema = onnx.defs.OpSchema(
+        "SimplifiedLayerNormalization", "", 1,
+        inputs=[parameter("X", "T"), parameter("scale", "V")],
+        outputs=[parameter("Y", "V"),
+                 parameter("inv_std_var", "U", param_option=onnx.defs.OpSchema.FormalParameterOption.Optional)],
+        type_constraints=[("T", types, ""), ("U", ["tensor(float)", "tensor(double)"], ""), ("V", types, "")],
+        attributes=[onnx.defs.OpSchema.Attribute(name, kind, "", required=False) for name, kind in (
+                    ("axis", onnx.defs.OpSchema.AttrType.INT), ("epsilon", onnx.defs.OpSchema.AttrType.FLOAT),
+                    ("stash_type", onnx.defs.OpSchema.AttrType.INT))])
+    onnx.defs.register_schema(schema)

@@ -9,9 +9,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from graphopt.models import WeightNames
 from graphopt.models._common import attend, causal_mask
 
 MODEL_TYPES = ("gpt2",)
+WEIGHT_NAMES = WeightNames("transformer.h", {
+    "attn.c_attn": "qkv", "attn.c_proj": "o", "mlp.c_fc": "up", "mlp.c_proj": "down"})
 
 
 class GPT2Decoder(nn.Module):

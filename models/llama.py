@@ -10,9 +10,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from graphopt.models import WeightNames
 from graphopt.models._common import attend, causal_mask, repeat_kv
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
+WEIGHT_NAMES = WeightNames("model.layers", {
+    "self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o",
+    "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down"})
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -27,6 +27,8 @@ import onnx_ir.passes.common
 
 from graphopt.errors import GraphoptError
 from graphopt.ir import node_tag
+from graphopt.models import WeightNames
+from graphopt.models import weight_names as family_weight_names
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +42,19 @@ FUSED_ATTENTION = frozenset({"GroupQueryAttention", "MultiHeadAttention", "Atten
 QUANTIZED_OPS = frozenset({"DequantizeLinear", "MatMulNBits", "QLinearMatMul", "MatMulInteger", "DynamicQuantizeLinear",
                            "QuantizeLinear", "GatherBlockQuantized"})
 
-# Checkpoint names the export keeps, and the packed q|k|v weight attention fusion makes per layer.
-_LAYER_PREFIXES = (re.compile(r"^model\.layers\.(\d+)\."), re.compile(r"^transformer\.h\.(\d+)\."),
-                   re.compile(r"^qkv_proj\.(\d+)\."))
+# The packed q|k|v weight that attention fusion (--pack-qkv) makes per layer: qkv_proj.{i}.weight.
+PACKED_QKV = WeightNames("qkv_proj", {"": "qkv"})
+
+
+def weight_names() -> tuple[WeightNames, ...]:
+    """The names the export keeps (every family's, see graphopt.models) and fusion's packed q|k|v."""
+    return (*family_weight_names(), PACKED_QKV)
+
+
+def layer_name_pattern() -> re.Pattern:
+    """Any name inside a decoder layer: group 1 is the prefix up to the index, group 2 the index."""
+    prefixes = "|".join(re.escape(names.layers + ".") for names in weight_names())
+    return re.compile(rf"^({prefixes})(\d+)\.")
 
 
 class PruneError(GraphoptError):
@@ -113,20 +125,10 @@ class Layer:
         return [linear for linear in (self.gate, self.up) if linear is not None]
 
 
-_ROLES = {
-    "self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o",
-    "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down",
-    "attn.c_attn": "qkv", "qkv_proj": "qkv", "attn.c_proj": "o", "mlp.c_fc": "up", "mlp.c_proj": "down",
-}
-
-
 def layer_of(name: str) -> int | None:
     """The decoder layer an initializer belongs to, from its checkpoint name, else None."""
-    for prefix in _LAYER_PREFIXES:
-        match = prefix.match(name)
-        if match:
-            return int(match.group(1))
-    return None
+    match = layer_name_pattern().match(name)
+    return int(match.group(2)) if match else None
 
 
 def refuse_quantized(graph: ir.Graph) -> None:
@@ -168,10 +170,10 @@ def decoder_layers(graph: ir.Graph) -> list[Layer]:
     for name, value in graph.initializers.items():
         if not name.endswith(".weight"):
             continue
-        for prefix in _LAYER_PREFIXES:
-            match = prefix.match(name)
+        for names in weight_names():
+            match = names.layer_pattern.match(name)
             if match:
-                role = _ROLES.get(name[match.end():-len(".weight")] or "qkv_proj")
+                role = names.roles.get(name[match.end():-len(".weight")].rstrip("."))
                 if role:
                     layer = layers.setdefault(int(match.group(1)), Layer(int(match.group(1))))
                     setattr(layer, role, _linear(graph, value))

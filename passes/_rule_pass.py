@@ -36,7 +36,7 @@ class RulePass(ir.passes.InPlacePass):
         for key, rule in self.rules:
             matched = pattern.RewriteRuleSet([rule]).apply_to_model(model)
             if matched:
-                logger.info("%s: %d match(es)", rule.name, matched)
+                logger.debug("%s: %d match(es)", rule.name, matched)
             self.counts[key] += matched
         modified = any(self.counts.values())
         if modified:

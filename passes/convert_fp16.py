@@ -182,7 +182,7 @@ class ConvertFloat16Pass(ir.passes.FunctionalPass):
         self.counts = {f"kept_float32.{reason}": len(names) for reason, names in kept.items() if names}
         self.counts["Cast"] = casts_after - casts_before
         self.counts["cast_round_trips_removed"] = round_trips
-        logger.info("float16: %s", self.counts)
+        logger.debug("float16: %s", self.counts)
         return ir.passes.PassResult(result, modified=True)
 
     def ensures(self, model: ir.Model) -> None:

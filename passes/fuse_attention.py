@@ -37,11 +37,11 @@ from onnxscript.rewriter import _basics, pattern
 
 from graphopt.ir import node_tag
 from graphopt.passes._rule_pass import RulePass
+from graphopt.passes.targets import Target, get_target
 
 logger = logging.getLogger(__name__)
 
 CONTRIB_DOMAIN = "com.microsoft"
-TARGETS = ("cpu", "cuda", "tensorrt", "onnx")
 # Attention ops the rules produce; a graph holding any of them counts as fused already.
 FUSED_ATTENTION_OPS = frozenset({"GroupQueryAttention", "MultiHeadAttention", "Attention"})
 _BSNH_TO_BNSH = [0, 2, 1, 3]
@@ -449,11 +449,9 @@ class OnnxAttentionFusion(pattern.RewriteRuleClassBase):
         return outputs
 
 
-def rules(target: str, max_positions: int | None = None, pack_qkv: bool = False) -> list[pattern.RewriteRule]:
+def rules(target: Target | str, max_positions: int | None = None, pack_qkv: bool = False) -> list[pattern.RewriteRule]:
     """The attention rules for ``target``; ``max_positions`` sizes GroupQueryAttention's rotary caches."""
-    if target not in TARGETS:
-        raise ValueError(f"unknown fusion target {target!r}; choose from {', '.join(TARGETS)}")
-    if target in ("cpu", "cuda"):
+    if get_target(target).contrib_ops:
         gqa = [GroupQueryAttentionFusion.rule(f"GroupQueryAttention{suffix}", repeat_kv=repeat, max_positions=max_positions,
                                               pack_qkv=pack_qkv)
                for suffix, repeat in (("", True), ("NoRepeat", False))] if max_positions else []
@@ -469,9 +467,9 @@ class FuseAttention(RulePass):
     models are not fused for cpu/cuda.
     """
 
-    def __init__(self, target: str, max_positions: int | None = None, pack_qkv: bool = False):
+    def __init__(self, target: Target | str, max_positions: int | None = None, pack_qkv: bool = False):
         super().__init__([(rule.name.removesuffix("NoRepeat"), rule) for rule in rules(target, max_positions, pack_qkv)])
-        self.target = target
+        self.target = get_target(target)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         result = super().call(model)

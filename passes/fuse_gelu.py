@@ -15,6 +15,7 @@ import logging
 from onnxscript.rewriter.ort_fusions import gelu as ort_gelu
 
 from graphopt.passes._rule_pass import RulePass
+from graphopt.passes.targets import Target, get_target
 
 logger = logging.getLogger(__name__)
 
@@ -29,9 +30,9 @@ class OnnxGeluErfFusion(ort_gelu.GeluErfFusion):
         return op.Gelu(x, approximate="none")
 
 
-def rules(target: str):
+def rules(target: Target | str):
     """(count key, rule) pairs for ``target``."""
-    if target in ("cpu", "cuda"):
+    if get_target(target).contrib_ops:
         return [("FastGelu", ort_gelu.GeluTanhFusion.rule("FastGelu")), ("Gelu", ort_gelu.GeluErfFusion.rule("Gelu"))]
     return [("Gelu", OnnxGeluTanhFusion.rule("GeluTanh")), ("Gelu", OnnxGeluErfFusion.rule("GeluErf"))]
 
@@ -39,6 +40,6 @@ def rules(target: str):
 class FuseGelu(RulePass):
     """GELU fusion for ``target``; counts keyed by the op produced."""
 
-    def __init__(self, target: str):
+    def __init__(self, target: Target | str):
         super().__init__(rules(target))
-        self.target = target
+        self.target = get_target(target)

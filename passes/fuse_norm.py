@@ -21,13 +21,14 @@ from onnxscript.rewriter.ort_fusions import skip_normalization as ort_skip
 from onnxscript.rewriter.rules.fusion import _rms_normalization as onnx_rms
 
 from graphopt.passes._rule_pass import RulePass
+from graphopt.passes.targets import Target, get_target
 
 logger = logging.getLogger(__name__)
 
 
-def rules(target: str):
+def rules(target: Target | str):
     """(count key, rule) pairs for ``target``, in the order they must run."""
-    if target in ("cpu", "cuda"):
+    if get_target(target).contrib_ops:
         # The RMSNorm rules first: the skip rule matches Add -> SimplifiedLayerNormalization.
         return [*(("SimplifiedLayerNormalization", rule) for rule in ort_rms.rms_normalization_rules),
                 *(("SkipSimplifiedLayerNormalization", rule) for rule in ort_skip.skip_rms_normalization_ruleset),
@@ -42,9 +43,9 @@ class FuseNormalization(RulePass):
     folded into ``SkipSimplifiedLayerNormalization`` are counted there only.
     """
 
-    def __init__(self, target: str):
+    def __init__(self, target: Target | str):
         super().__init__(rules(target))
-        self.target = target
+        self.target = get_target(target)
 
     def call(self, model):
         result = super().call(model)

@@ -142,13 +142,12 @@ def _entering_norm(layer: common.Layer) -> ir.Node:
     raise common.PruneError(f"layer {layer.index}: no normalization feeds its attention projections")
 
 
-_LAYER_NAME = re.compile(r"^(model\.layers\.|transformer\.h\.|qkv_proj\.)(\d+)\.")
 _CACHE_NAME = re.compile(r"^(past_key_values\.|present\.)(\d+)\.(key|value)$")
 
 
 def _drop_layer_initializers(graph: ir.Graph, dropped: set[int]) -> None:
     for name in list(graph.initializers):
-        match = _LAYER_NAME.match(name)
+        match = common.layer_name_pattern().match(name)
         if match and int(match.group(2)) in dropped:
             value = graph.initializers[name]
             if list(value.uses()):
@@ -160,7 +159,7 @@ def _renumber(graph: ir.Graph, kept: list[int]) -> None:
     """Rename layer ``kept[j]``'s weights and cache tensors to index ``j`` (ascending, so no clashes)."""
     new_index = {old: new for new, old in enumerate(kept)}
     values = list(graph.initializers.values()) + list(graph.inputs) + list(graph.outputs)
-    for pattern in (_LAYER_NAME, _CACHE_NAME):
+    for pattern in (common.layer_name_pattern(), _CACHE_NAME):
         renames = []
         for value in values:
             match = pattern.match(value.name or "")

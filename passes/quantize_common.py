@@ -124,8 +124,9 @@ def linear_sites(graph: ir.Graph, exclude: Sequence[str] = (), head: bool = True
 
 
 def is_head(site: LinearSite) -> bool:
-    """The LM head: the site whose output is the graph's ``logits``, or a tied (transposed) weight."""
-    return site.transposed or site.node.outputs[0].name == "logits" or "lm_head" in (site.node.name or "")
+    """The LM head: by the decoder contract, the site whose output is the graph's ``logits``, or a tied
+    (transposed) embedding weight; no family's module names are needed."""
+    return site.transposed or site.node.outputs[0].name == "logits"
 
 
 def check_patterns(graph: ir.Graph, patterns: Iterable[str]) -> None:

@@ -34,15 +34,15 @@ def test_manifest_describes_the_graph(exported):
     directory = ModelDir.open(path)
     manifest = directory.manifest
     model = onnx.load(str(directory.model_path), load_external_data=False)
-    assert [value.name for value in model.graph.input] == manifest["inputs"]
-    assert [value.name for value in model.graph.output] == manifest["outputs"]
-    assert manifest["family"] == ("gpt2" if family == "gpt2" else "llama")
-    assert len(manifest["inputs"]) == 3 + 2 * manifest["layers"]
+    assert [value.name for value in model.graph.input] == manifest.inputs
+    assert [value.name for value in model.graph.output] == manifest.outputs
+    assert manifest.family == ("gpt2" if family == "gpt2" else "llama")
+    assert len(manifest.inputs) == 3 + 2 * manifest.layers
     key = model.graph.input[3].type.tensor_type.shape.dim
-    assert [key[1].dim_value, key[3].dim_value] == [manifest["kv_heads"], manifest["head_dim"]]
-    step = manifest["lineage"][0]
-    assert step["pass"] == "export" and step["figures"]["greedy_steps_agreeing"] == 32
-    assert manifest["source"]["kind"] == "huggingface" and len(manifest["source"]["sha256"]) == 64
+    assert [key[1].dim_value, key[3].dim_value] == [manifest.kv_heads, manifest.head_dim]
+    step = manifest.lineage[0]
+    assert step.name == "export" and step.figures["greedy_steps_agreeing"] == 32
+    assert manifest.source["kind"] == "huggingface" and len(manifest.source["sha256"]) == 64
     assert (directory.path / "tokenizer.json").is_file()
     onnx.checker.check_model(str(directory.model_path), full_check=True)
 
@@ -90,9 +90,9 @@ def test_dynamic_batch_with_left_padding(tiny_llama_dir):
     rows = [[11, 12, 13, 14, 15], [0, 0, 21, 22, 23]]
     mask = np.array([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]], dtype=np.int64)
     positions = np.array([[0, 1, 2, 3, 4], [0, 0, 0, 1, 2]], dtype=np.int64)
-    empty = np.zeros((2, manifest["kv_heads"], 0, manifest["head_dim"]), dtype=np.float32)
+    empty = np.zeros((2, manifest.kv_heads, 0, manifest.head_dim), dtype=np.float32)
     feeds = {"input_ids": np.array(rows), "attention_mask": mask, "position_ids": positions}
-    feeds.update({name: empty for name in manifest["inputs"][3:]})
+    feeds.update({name: empty for name in manifest.inputs[3:]})
     batched = session.run(["logits"], feeds)[0]
     decoder = Decoder(directory.model_path)
     np.testing.assert_allclose(batched[0], decoder.forward(rows[0]), atol=FP32_ATOL)

@@ -89,11 +89,11 @@ def test_fp16_logits_close_to_fp32_and_model_checks(family, request, tmp_path):
     source = request.getfixturevalue(f"tiny_{family}_dir")
     converted = convert(source, tmp_path / "fp16")
     onnx.checker.check_model(str(converted.model_path), full_check=True)
-    figures = compare_logits(source / "model.onnx", converted.model_path, vocab_size=converted.manifest["vocab_size"])
+    figures = compare_logits(source / "model.onnx", converted.model_path, vocab_size=converted.manifest.vocab_size)
     assert figures["finite"]
     assert figures["max_abs_logits_diff"] <= FP16_RELATIVE_TOLERANCE * max(1.0, figures["max_abs_logits"])
     assert figures["argmax_agreement"] == 1.0
-    assert converted.manifest["dtype"] == "float16" and converted.manifest["cache"]["dtype"] == "float16"
+    assert converted.manifest.dtype == "float16" and converted.manifest.cache["dtype"] == "float16"
     assert converted.size_bytes() < 0.7 * sum(f.stat().st_size for f in source.iterdir() if f.is_file())
 
 
@@ -115,7 +115,7 @@ def test_fused_then_fp16_runs_on_cpu(tiny_llama_dir, tmp_path):
     converted = convert(fused.path, tmp_path / "fp16")
     ops = collections.Counter(node.op_type for node in graph_ir.load(converted.model_path).graph)
     assert ops["GroupQueryAttention"] == 2 and ops["Pow"] == 0
-    figures = converted.manifest["lineage"][-1]["figures"]
+    figures = converted.manifest.lineage[-1].figures
     assert figures["argmax_agreement"] == 1.0
 
 
@@ -132,10 +132,10 @@ def test_convert_cli(tiny_llama_dir, fp16_llama, tmp_path):
 def test_smollm2_fp16_close_to_fp32(smollm2_dir, tmp_path):
     """Where the round-trip bypass matters: SmolLM2's RMSNorm variance overflows float16 without it."""
     converted = convert(smollm2_dir, tmp_path / "fp16")
-    step = converted.manifest["lineage"][-1]
-    assert step["counts"]["kept_float32.rms_variance"] == 61 * 5  # 30 layers x 2 norms + the final one
-    assert step["counts"]["kept_float32.softmax"] == 30
-    figures = step["figures"]
+    step = converted.manifest.lineage[-1]
+    assert step.counts["kept_float32.rms_variance"] == 61 * 5  # 30 layers x 2 norms + the final one
+    assert step.counts["kept_float32.softmax"] == 30
+    figures = step.figures
     assert figures["finite"] and figures["argmax_agreement"] == 1.0
     assert figures["max_abs_logits_diff"] <= FP16_RELATIVE_TOLERANCE * figures["max_abs_logits"]  # seen: 0.06 of 30.8
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import json
 import pathlib
 
 import numpy as np
@@ -17,9 +16,10 @@ from graphopt import ir as graph_ir
 from graphopt.cli import main
 from graphopt.errors import GraphoptError
 from graphopt.fusion import fuse, fuse_model
+from graphopt.modeldir import ModelDir
 from graphopt.passes.fuse_attention import FuseAttention
 from graphopt.runtime.decoder import Decoder
-from graphopt.runtime.session import make_session
+from graphopt.testing import chunked_logits, register_ort_onnx_domain_schemas
 
 FAMILIES = ("llama", "qwen2", "gpt2")
 # fp32: the fused kernels sum in a different order than MatMul/Softmax/MatMul; seen ~1e-5 at most.
@@ -76,48 +76,23 @@ def _op_histogram(path) -> collections.Counter:
     return collections.Counter(f"{node.domain}.{node.op_type}" if node.domain else node.op_type for node in model.graph.node)
 
 
-def _register_ort_onnx_domain_ops() -> None:
-    """ORT's SimplifiedLayerNormalization lives in the ONNX domain without an ONNX schema; declare it
-    so that onnx.checker can check the rest of a cpu-target graph."""
-    if onnx.defs.has("SimplifiedLayerNormalization"):
-        return
-    types = ["tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)"]
-    schema = onnx.defs.OpSchema(
-        "SimplifiedLayerNormalization", "", 1,
-        inputs=[onnx.defs.OpSchema.FormalParameter("X", "T"), onnx.defs.OpSchema.FormalParameter("scale", "V")],
-        outputs=[onnx.defs.OpSchema.FormalParameter("Y", "V"),
-                 onnx.defs.OpSchema.FormalParameter("inv_std_var", "U", param_option=onnx.defs.OpSchema.FormalParameterOption.Optional)],
-        type_constraints=[("T", types, ""), ("U", ["tensor(float)", "tensor(double)"], ""), ("V", types, "")],
-        attributes=[onnx.defs.OpSchema.Attribute(name, kind, "", required=False) for name, kind in (
-                    ("axis", onnx.defs.OpSchema.AttrType.INT), ("epsilon", onnx.defs.OpSchema.AttrType.FLOAT),
-                    ("stash_type", onnx.defs.OpSchema.AttrType.INT))])
-    onnx.defs.register_schema(schema)
-
-
-def _logits(model_path, optimization: str, ids: list[int], splits: tuple[int, ...]) -> list[np.ndarray]:
-    """Prefill ids[:splits[0]], then forward each further chunk on the cache."""
-    decoder = Decoder(model_path, session=make_session(model_path, optimization=optimization))
-    bounds = [0, *splits, len(ids)]
-    return [decoder.forward(ids[start:end]) for start, end in zip(bounds, bounds[1:])]
-
-
 # -- positive: exact counts and ops ---------------------------------------------------------------
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("target", ["cpu", "onnx"])
 def test_every_layer_fuses_with_exact_counts(request, fused_dirs, family, target):
     output = fused_dirs(request, family, target)
-    manifest = json.loads((output / "graphopt.json").read_text())
-    step = manifest["lineage"][-1]
-    assert step["pass"] == "fuse" and step["counts"] == EXPECTED_COUNTS[family, target]
-    assert step["figures"]["attention_layers"] == manifest["layers"] == 2
+    manifest = ModelDir.open(output).manifest
+    step = manifest.lineage[-1]
+    assert step.name == "fuse" and step.counts == EXPECTED_COUNTS[family, target]
+    assert step.figures["attention_layers"] == manifest.layers == 2
     histogram = _op_histogram(output / "model.onnx")
     for op, count in EXPECTED_OPS.get((family, target), {}).items():
         assert histogram[op] == count, op
     model = onnx.load(str(output / "model.onnx"), load_external_data=False)
     opsets = {opset.domain: opset.version for opset in model.opset_import}
     if target == "onnx":
-        assert opsets[""] == 23 and manifest["opset"] == 23
+        assert opsets[""] == 23 and manifest.opset == 23
         assert not any(node.domain for node in model.graph.node), "standard ops only"
     else:
         assert opsets[""] == 18 and opsets["com.microsoft"] == 1
@@ -138,8 +113,8 @@ def test_gqa_derives_lengths_from_the_attention_mask(request, fused_dirs):
     producers = {out: node for node in model.graph.node for out in node.output}
     assert producers[gqa.input[5]].op_type == "Cast" and producers[gqa.input[6]].op_type == "Cast"
     assert [t.dims for t in model.graph.initializer if t.name == "rotary.cos_cache"] == [[256, 8]]
-    manifest = json.loads((output / "graphopt.json").read_text())
-    assert manifest["fusion"]["attention_mask"] == "right padding only"
+    manifest = ModelDir.open(output).manifest
+    assert manifest.fusion["attention_mask"] == "right padding only"
 
 
 # -- numerical: fused vs plain export, then onnx.checker ------------------------------------------
@@ -150,11 +125,11 @@ def test_fused_logits_match_prefill_decode_and_multi_token(request, fused_dirs, 
     output = fused_dirs(request, family, target)
     ids = np.random.default_rng(1).integers(0, 300, size=16).tolist()
     splits = (9, 10, 14)  # prefill 9, decode 1, 4 tokens on the cache, decode 2 more
-    reference = _logits(_model_dir(request, family) / "model.onnx", "disable", ids, splits)
-    fused = _logits(output / "model.onnx", "all", ids, splits)
+    reference = chunked_logits(_model_dir(request, family) / "model.onnx", "disable", ids, splits)
+    fused = chunked_logits(output / "model.onnx", "all", ids, splits)
     for label, a, b in zip(("prefill", "decode", "multi-token", "decode after multi-token"), reference, fused):
         assert np.abs(a - b).max() < TOLERANCE, label
-    _register_ort_onnx_domain_ops()
+    register_ort_onnx_domain_schemas()
     onnx.checker.check_model(onnx.load(str(output / "model.onnx")), full_check=True)
 
 
@@ -170,8 +145,8 @@ def test_packed_qkv_option_matches(request, tmp_path):
     assert histogram["MatMul"] == 2 * 5 + 1 and "qkv_proj.0.weight" in model.graph.initializers
     graph_ir.save(model, tmp_path / "model.onnx")
     ids = np.random.default_rng(2).integers(0, 300, size=12).tolist()
-    reference = _logits(_model_dir(request, "qwen2") / "model.onnx", "disable", ids, (8, 9))
-    for a, b in zip(reference, _logits(tmp_path / "model.onnx", "all", ids, (8, 9))):
+    reference = chunked_logits(_model_dir(request, "qwen2") / "model.onnx", "disable", ids, (8, 9))
+    for a, b in zip(reference, chunked_logits(tmp_path / "model.onnx", "all", ids, (8, 9))):
         assert np.abs(a - b).max() < TOLERANCE
 
 
@@ -185,7 +160,7 @@ def test_fusing_twice_changes_nothing(request, fused_dirs, tmp_path, target):
     result = fuse_model(model, target, layers=2, max_positions=256)
     assert not result.modified and result.counts == {} and result.attention_layers == 2
     again, counts = fuse(output, tmp_path / "again", target, require=True)
-    assert counts == {} and again.manifest["lineage"][-1]["modified"] is False
+    assert counts == {} and again.manifest.lineage[-1].modified is False
 
 
 def test_contrib_fused_model_is_refused_for_a_standard_target(request, fused_dirs, tmp_path):
@@ -302,9 +277,9 @@ def test_cli_fuse_prints_counts(tiny_gpt2_dir, tmp_path):
     result = CliRunner().invoke(main, ["fuse", str(tiny_gpt2_dir), "-o", str(tmp_path / "fused"), "--target", "cuda"])
     assert result.exit_code == 0, result.output
     assert "MultiHeadAttention: 2" in result.output and "SkipLayerNormalization: 5" in result.output
-    manifest = json.loads((tmp_path / "fused" / "graphopt.json").read_text())
-    assert [step["pass"] for step in manifest["lineage"]] == ["export", "fuse"]
-    assert manifest["fusion"]["target"] == "cuda"
+    manifest = ModelDir.open(tmp_path / "fused").manifest
+    assert [step.name for step in manifest.lineage] == ["export", "fuse"]
+    assert manifest.fusion["target"] == "cuda"
 
 
 def test_export_with_fuse_is_one_atomic_step(checkpoints, tmp_path):
@@ -312,9 +287,9 @@ def test_export_with_fuse_is_one_atomic_step(checkpoints, tmp_path):
     result = CliRunner().invoke(main, ["export", str(checkpoints["qwen2"]), "-o", str(output), "--fuse", "onnx",
                                        "--no-validate"])
     assert result.exit_code == 0, result.output
-    manifest = json.loads((output / "graphopt.json").read_text())
-    assert [step["pass"] for step in manifest["lineage"]] == ["export", "fuse"]
-    assert manifest["lineage"][-1]["counts"] == EXPECTED_COUNTS["qwen2", "onnx"]
+    manifest = ModelDir.open(output).manifest
+    assert [step.name for step in manifest.lineage] == ["export", "fuse"]
+    assert manifest.lineage[-1].counts == EXPECTED_COUNTS["qwen2", "onnx"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["exported-fused"], "no scratch left behind"
 
 
@@ -323,10 +298,10 @@ def test_export_with_fuse_is_one_atomic_step(checkpoints, tmp_path):
 @pytest.mark.slow
 def test_smollm2_every_layer_fuses_and_greedy_tokens_match(smollm2_dir, tmp_path):
     fused, counts = fuse(smollm2_dir, tmp_path / "fused", "cpu", require=True)
-    layers = fused.manifest["layers"]
+    layers = fused.manifest.layers
     assert counts["GroupQueryAttention"] == layers == 30
     assert counts["SkipSimplifiedLayerNormalization"] == 2 * layers
-    figures = fused.manifest["lineage"][-1]["figures"]
+    figures = fused.manifest.lineage[-1].figures
     assert max(value for key, value in figures.items() if key.startswith("max_abs")) < SMOLLM2_TOLERANCE
     prompt = [1, 504, 3458, 282, 4649, 314]
     streams = []

@@ -38,7 +38,7 @@ def leftovers(parent: pathlib.Path) -> list[str]:
 def test_every_recipe_is_ordered_and_binds(name):
     recipe = recipes.RECIPES[name]
     recipes.check_order(recipe)
-    optimize_lib.check_parameters(recipe)
+    recipes.check_parameters(recipe)
     assert recipe.stages[0].kind == "export"
 
 
@@ -57,7 +57,7 @@ def test_misspelt_stage_parameter_fails_before_any_work(tmp_path, monkeypatch):
     bad = Recipe("typo", "", "cpu", (Stage("export"), Stage("fuse", {"targett": "cpu"})))
     monkeypatch.setitem(recipes.RECIPES, "typo", bad)
     result = run("optimize", tmp_path / "nowhere", "-o", tmp_path / "out", "--recipe", "typo")
-    assert_one_line_error(result, "stage fuse(targett=cpu): missing a required argument: 'target'")
+    assert_one_line_error(result, "stage fuse(targett=cpu): unknown parameter 'targett'")
     assert not (tmp_path / "out").exists()
 
 
@@ -73,7 +73,7 @@ def test_list_recipes_names_every_recipe_and_its_stages():
     assert result.exit_code == 0, result.output
     for name in recipes.RECIPES:
         assert name in result.output
-    assert "export() -> fuse(target=cpu) -> quantize(" in result.output
+    assert "export() -> fuse(target=cpu, require=True, tolerance=0.01) -> quantize(" in result.output
 
 
 def test_cpu_int8_end_to_end_from_a_tiny_checkpoint(checkpoints, tmp_path):
@@ -84,9 +84,9 @@ def test_cpu_int8_end_to_end_from_a_tiny_checkpoint(checkpoints, tmp_path):
     assert sorted(path.name for path in out.iterdir()) == ["draft", "report.json", "report.md", "report.png", "target"]
     assert leftovers(tmp_path) == []
     target, draft = ModelDir.open(out / "target"), ModelDir.open(out / "draft")
-    assert [step["pass"] for step in target.manifest["lineage"]] == ["export", "fuse", "quantize"]
-    assert target.manifest["optimize"]["recipe"] == "cpu-int8"
-    assert draft.manifest["draft_recipe"] == "int4"
+    assert [step.name for step in target.manifest.lineage] == ["export", "fuse", "quantize"]
+    assert target.manifest.extra["optimize"]["recipe"] == "cpu-int8"
+    assert draft.manifest.extra["draft_recipe"] == "int4"
     report = json.loads((out / "report.json").read_text())
     labels = [row["label"] for row in report["rows"]]
     assert labels == ["export", "fuse", "quantize", "draft (int4)", "target + draft (speculative)",
@@ -107,26 +107,29 @@ def test_cpu_int8_end_to_end_from_a_tiny_checkpoint(checkpoints, tmp_path):
 
 def test_interrupted_stage_leaves_no_half_written_output(tiny_llama_dir, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("the previous result")
+    (out / "target").mkdir(parents=True)
+    (out / "report.json").write_text("{}")  # a previous optimize output: what --force may replace
 
-    def interrupted(context, destination, **options):
-        raise KeyboardInterrupt
+    class Interrupted(recipes.QuantizeStep):
+        def run(self, *arguments):
+            raise KeyboardInterrupt
 
-    monkeypatch.setitem(optimize_lib.STAGES, "quantize", interrupted)
+    monkeypatch.setitem(recipes.STEPS, "quantize", Interrupted())
     with pytest.raises(KeyboardInterrupt):
         optimize_lib.optimize(str(tiny_llama_dir), out, "cpu-int8", force=True,
                               settings=optimize_lib.MeasureSettings(tokens=4, eval_windows=1, window=32))
-    assert [path.name for path in out.iterdir()] == ["keep.txt"]
+    assert sorted(path.name for path in out.iterdir()) == ["report.json", "target"]
     assert leftovers(tmp_path) == []
 
 
 def test_failed_validation_exits_2_and_writes_nothing(tiny_llama_dir, tmp_path, monkeypatch):
+    # Fusion changes no token, so an int8 target is what must fail a bound of no perplexity increase.
     strict = Recipe("strict", "", "cpu", (Stage("export"), Stage("fuse", {"target": "cpu"}),
-                                          Stage("validate", {"min_token_agreement": 1.01})))
+                                          Stage("quantize", {"weights": "int4", "activations": "none"}),
+                                          Stage("validate", {"min_token_agreement": 0.0, "max_perplexity_increase": -50.0})))
     monkeypatch.setitem(recipes.RECIPES, "strict", strict)
     result = run("optimize", tiny_llama_dir, "-o", tmp_path / "out", "--recipe", "strict", *FAST)
-    assert_one_line_error(result, "agreement below the recipe's 101%")
+    assert_one_line_error(result, "perplexity increase over the recipe's -50.0%")
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 

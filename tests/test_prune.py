@@ -134,20 +134,20 @@ def exported(tiny_llama_dir, tiny_qwen2_dir, tiny_gpt2_dir):
 def test_pruned_graph_matches_pruned_pytorch(case, exported, tmp_path):
     family, plan = PLANS[case]
     source = ModelDir.open(exported[family])
-    pruned = apply_plan(source, graph_ir.load(source.model_path), plan, tmp_path / "pruned")
+    pruned = apply_plan(source, plan, tmp_path / "pruned")
     onnx.checker.check_model(str(pruned.model_path), full_check=True)
     got = ort_logits(pruned.model_path)
     want = torch_logits(family, plan)
     assert np.abs(got - want).max() < TOLERANCE
     manifest = pruned.manifest
     heads = cache_heads(pruned.model_path)
-    assert heads == manifest["cache"]["kv_heads"] == manifest["layer_kv_heads"]
-    assert manifest["layers"] == len(heads) == len(manifest["layer_heads"])
+    assert heads == manifest.cache["kv_heads"] == manifest.layer_kv_heads
+    assert manifest.layers == len(heads) == len(manifest.layer_heads)
     names = [f"past_key_values.{i}.{kind}" for i in range(len(heads)) for kind in ("key", "value")]
-    assert [name for name in manifest["inputs"] if name.startswith("past")] == names
-    assert [name for name in manifest["outputs"] if name.startswith("present")] == \
+    assert [name for name in manifest.inputs if name.startswith("past")] == names
+    assert [name for name in manifest.outputs if name.startswith("present")] == \
         [name.replace("past_key_values", "present") for name in names]
-    assert manifest["lineage"][-1]["pass"] == "prune"
+    assert manifest.lineage[-1].name == "prune"
 
 
 # -- positive: exact counts and shapes -------------------------------------------------------------
@@ -200,7 +200,7 @@ def test_channels_and_layers_pass_counts(tiny_gpt2_dir):
 
 def test_pruning_nothing_is_an_exact_identity(tiny_qwen2_dir, tmp_path):
     pruned = prune(tiny_qwen2_dir, tmp_path / "same", heads=0.0, channels=0.0, layers=0)
-    assert pruned.manifest["lineage"][-1]["figures"]["modified"] is False
+    assert pruned.manifest.lineage[-1].modified is False
     assert np.array_equal(ort_logits(pruned.model_path), ort_logits(tiny_qwen2_dir / "model.onnx"))
     before = onnx.load(str(tiny_qwen2_dir / "model.onnx"))
     after = onnx.load(str(pruned.model_path))
@@ -257,16 +257,16 @@ def fused_llama(tiny_llama_dir, tmp_path_factory):
                                   Plan(drop=[1]), Plan(heads={1: [1, 3]}, drop=[0])],
                          ids=["heads-channels", "drop-first", "drop-last", "heads-drop"])
 def test_fused_graph_prunes_like_pytorch(fused_llama, tmp_path, plan):
-    pruned = apply_plan(fused_llama, graph_ir.load(fused_llama.model_path), plan, tmp_path / "pruned")
+    pruned = apply_plan(fused_llama, plan, tmp_path / "pruned")
     # No onnx.checker here: the fused graph uses ORT's SimplifiedLayerNormalization, which ORT registers in
     # the default domain and onnx.checker does not know (the unpruned fused graph fails it the same way).
     assert np.abs(ort_logits(pruned.model_path) - torch_logits("llama", plan)).max() < TOLERANCE
     model = onnx.load(str(pruned.model_path), load_external_data=False)
     attention = [node for node in model.graph.node if node.op_type == "GroupQueryAttention"]
     attributes = [{a.name: a.i for a in node.attribute if a.name in ("num_heads", "kv_num_heads")} for node in attention]
-    layout = [(heads, kv) for heads, kv in zip(pruned.manifest["layer_heads"], pruned.manifest["layer_kv_heads"])]
+    layout = [(heads, kv) for heads, kv in zip(pruned.manifest.layer_heads, pruned.manifest.layer_kv_heads)]
     assert [(a["num_heads"], a["kv_num_heads"]) for a in attributes] == layout
-    assert cache_heads(pruned.model_path) == pruned.manifest["cache"]["kv_heads"]
+    assert cache_heads(pruned.model_path) == pruned.manifest.cache["kv_heads"]
 
 
 # -- the command -----------------------------------------------------------------------------------
@@ -277,7 +277,7 @@ def test_cli_prunes_with_measured_importance(tiny_llama_dir, tmp_path):
                                        "--calib-samples", "2", "--seq-len", "16"])
     assert result.exit_code == 0, result.output
     step = json.loads((output / "graphopt.json").read_text())["lineage"][-1]
-    assert step["parameters"]["params"] == 0.2 and step["parameters"]["calibration"]["samples"] == 2
+    assert step["parameters"]["params"] == 0.2 and step["parameters"]["calib"]["samples"] == 2
     assert 0.15 < step["figures"]["removed_fraction"] < 0.25
     assert Decoder(output / "model.onnx").forward(PROMPT).shape == (len(PROMPT), 320)
 
@@ -307,9 +307,9 @@ def test_cli_refuses_a_missing_model(tmp_path):
 def test_smollm2_pruned_quarter_runs_with_smaller_cache(smollm2_dir, tmp_path):
     pruned = prune(smollm2_dir, tmp_path / "pruned", heads=0.25, channels=0.25, layers=2, importance="random")
     manifest = pruned.manifest
-    assert manifest["layers"] == 28
-    assert cache_heads(pruned.model_path) == manifest["cache"]["kv_heads"]
-    assert sum(manifest["layer_heads"]) == 28 * 9 - 3 * round(0.25 * 28 * 9 / 3)
+    assert manifest.layers == 28
+    assert cache_heads(pruned.model_path) == manifest.cache["kv_heads"]
+    assert sum(manifest.layer_heads) == 28 * 9 - 3 * round(0.25 * 28 * 9 / 3)
     decoder = Decoder(pruned.model_path)
     prefill = decoder.forward(PROMPT)
     step = decoder.forward([int(np.argmax(prefill[-1]))])

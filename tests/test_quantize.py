@@ -213,8 +213,8 @@ def test_qdq_pass_runs_integer_kernels_in_ort(tiny_llama_dir, tmp_path):
     plain = logits(result.model_path, IDS, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     np.testing.assert_allclose(fused, plain, atol=5e-3 * np.abs(plain).max())
     assert not QDQQuantizePass({})(model).modified
-    step = result.manifest["lineage"][-1]
-    assert step["parameters"]["calibration_data"] == {"source": "self-generated", "path": None, "samples": 3,
+    step = result.manifest.lineage[-1]
+    assert step.parameters["calibration_data"] == {"source": "self-generated", "path": None, "samples": 3,
                                                       "seq_len": 24, "seed": 0}
 
 
@@ -261,7 +261,7 @@ def test_exclude_and_sensitivity(tiny_llama_dir, tmp_path):
     assert floats == {"/model/layers/0/mlp/down_proj/MatMul", *(f"/model/layers/1/self_attn/{p}_proj/MatMul"
                                                                   for p in "qkvo")}
     result = quantize(tiny_llama_dir, tmp_path / "auto", QuantizeConfig(max_ppl_increase=0.5, calib=FAST_CALIBRATION))
-    figures = result.manifest["lineage"][-1]["figures"]
+    figures = result.manifest.lineage[-1].figures
     assert figures["calibration_perplexity_quantized"] <= figures["calibration_perplexity_float"] * 1.005
     kept = figures["kept_float"]
     model = graph_io.load(result.model_path)
@@ -274,8 +274,8 @@ def test_fuse_then_quantize(tiny_llama_dir, tmp_path):
     fused, _ = fusion.fuse(tiny_llama_dir, tmp_path / "fused", "cpu")
     sites = len(linear_sites(graph_io.load(fused.model_path).graph))
     result = quantize(fused.path, tmp_path / "w8a8", QuantizeConfig(smooth=0.5, calib=FAST_CALIBRATION))
-    figures = result.manifest["lineage"][-1]["figures"]
-    assert figures["smooth_folded"]["norm"] == 4 and figures["counts"]["MatMul"] == sites
+    step = result.manifest.lineage[-1]
+    assert step.figures["smooth_folded"]["norm"] == 4 and step.counts["MatMul"] == sites
     optimized = ort_ops(result.model_path, tmp_path)
     assert optimized["MatMulIntegerToFloat"] == sites and optimized["DequantizeLinear"] == 0
     assert optimized["GroupQueryAttention"] == 2

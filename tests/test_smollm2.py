@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from graphopt.cli import main
+from graphopt.modeldir import ModelDir
 
 pytestmark = pytest.mark.slow
 
@@ -31,9 +32,9 @@ def test_fetch_is_cached_and_verified(graphopt_home, monkeypatch):
 
 
 def test_export_validated_against_pytorch(smollm2_dir):
-    manifest = json.loads((smollm2_dir / "graphopt.json").read_text())
-    assert (manifest["layers"], manifest["heads"], manifest["kv_heads"], manifest["head_dim"]) == (30, 9, 3, 64)
-    figures = manifest["lineage"][0]["figures"]
+    manifest = ModelDir.open(smollm2_dir).manifest
+    assert (manifest.layers, manifest.heads, manifest.kv_heads, manifest.head_dim) == (30, 9, 3, 64)
+    figures = manifest.lineage[0].figures
     assert figures["greedy_steps_agreeing"] == 32
     assert max(value for key, value in figures.items() if key.startswith("max_abs")) < figures["tolerance"]
 

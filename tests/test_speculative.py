@@ -13,7 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from graphopt.cli import main
-from graphopt.drafting import build_recipe, layers_to_drop
+from graphopt.drafting import build_recipe
+from graphopt.pruning import layers_to_drop
 from graphopt.errors import GraphoptError
 from graphopt.export import export
 from graphopt.modeldir import ModelDir
@@ -84,7 +85,7 @@ def test_greedy_stops_at_eos_like_plain(plain, tiny_llama_dir, half_draft_dir):
             expected = plain.generate(prompt_ids, max_new_tokens=30)
             result = speculative.generate(prompt_ids, max_new_tokens=30)
         finally:
-            plain.eos_token_ids = set(plain.manifest["eos_token_ids"])
+            plain.eos_token_ids = set(plain.manifest.eos_token_ids)
         assert expected.stopped_on_eos and result.stopped_on_eos
         assert result.token_ids == expected.token_ids == reference[:reference.index(reference[position]) + 1]
 
@@ -244,14 +245,14 @@ def test_layers_to_drop_keeps_the_ends_or_the_bottom():
 
 def test_half_layer_draft_runs_and_records_its_lineage(half_draft_dir):
     manifest = ModelDir.open(half_draft_dir).manifest
-    assert manifest["layers"] == 1
-    assert manifest["lineage"][-1]["pass"] == "keep_layers"
-    assert manifest["draft_recipe"] == "half-layers"
+    assert manifest.layers == 1
+    assert manifest.lineage[-1].name == "prune"
+    assert manifest.extra["draft_recipe"] == "half-layers"
     import onnx
 
     onnx.checker.check_model(str(ModelDir.open(half_draft_dir).model_path), full_check=True)
     decoder = Decoder(ModelDir.open(half_draft_dir).model_path)
-    assert decoder.forward([1, 2, 3]).shape == (3, manifest["vocab_size"])
+    assert decoder.forward([1, 2, 3]).shape == (3, manifest.vocab_size)
 
 
 def test_cli_generate_with_draft_json(tiny_llama_dir, half_draft_dir):
@@ -287,8 +288,8 @@ def test_cli_draft_builds_a_recipe(tiny_llama_dir, tmp_path):
     run = runner.invoke(main, ["draft", str(tiny_llama_dir), "-o", str(output), "--recipe", "half-layers", "--json"])
     assert run.exit_code == 0, run.output
     report = json.loads(run.stdout)
-    assert report["recipe"] == "half-layers" and report["lineage"][-1] == "keep_layers"
-    assert ModelDir.open(output).manifest["layers"] == 1
+    assert report["recipe"] == "half-layers" and report["lineage"][-1] == "prune"
+    assert ModelDir.open(output).manifest.layers == 1
     run = runner.invoke(main, ["draft", str(tiny_llama_dir), "-o", str(output), "--recipe", "half-layers"])
     assert run.exit_code == 2 and "already exists" in run.output
 
@@ -304,7 +305,7 @@ def test_cli_draft_auto_keeps_the_fastest_candidate(tiny_llama_dir, tmp_path):
     assert report["recipe"] == fastest
     assert isinstance(report["beats_plain"], bool)
     manifest = ModelDir.open(tmp_path / "draft").manifest
-    assert manifest["draft_recipe"] == fastest and "auto" in manifest["lineage"][-1]["figures"]
+    assert manifest.extra["draft_recipe"] == fastest and "auto" in manifest.lineage[-1].figures
     assert not list(tmp_path.glob(".*"))  # candidates and scratch directories are gone
 
 

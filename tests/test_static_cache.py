@@ -145,8 +145,8 @@ def test_cuda_graphs_are_only_tried_for_float16_graphs(fused_llama_dir, tmp_path
     """A float32 GroupQueryAttention has no CUDA kernel, so it would sit on the CPU and forbid capture."""
     half = tmp_path / "fp16"
     convert(fused_llama_dir, half, dtype="fp16")
-    assert not runs_whole_on_cuda(ModelDir.open(fused_llama_dir).model_path)
-    assert runs_whole_on_cuda(ModelDir.open(half).model_path)
+    assert not runs_whole_on_cuda(ModelDir.open(fused_llama_dir).manifest)
+    assert runs_whole_on_cuda(ModelDir.open(half).manifest)
     growing, static = Decoder(ModelDir.open(half).model_path), Generator(half).decoder
     assert isinstance(static, StaticCacheDecoder) and static.cache_dtype == np.float16
     ids = [5, 9, 31, 2, 77]
@@ -175,7 +175,7 @@ def test_speculative_greedy_on_static_caches_is_plain_greedy(fused_llama_dir, tm
 def test_pack_qkv_fuses_one_projection_per_layer_and_is_recorded(packed_qwen2_dir, tiny_qwen2_dir, tmp_path):
     model = onnx.load(str(packed_qwen2_dir / "model.onnx"), load_external_data=False)
     histogram = collections.Counter(node.op_type for node in model.graph.node)
-    layers = ModelDir.open(packed_qwen2_dir).manifest["layers"]
+    layers = ModelDir.open(packed_qwen2_dir).manifest.layers
     # Per layer: packed qkv, o, gate, up, down; plus the LM head.
     assert histogram["GroupQueryAttention"] == layers and histogram["MatMul"] == 5 * layers + 1
     lineage = json.loads((packed_qwen2_dir / "graphopt.json").read_text())["lineage"][-1]

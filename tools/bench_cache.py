@@ -58,7 +58,7 @@ def main() -> None:
     from graphopt.runtime.device import open_decoder
 
     model = ModelDir.open(args.model_dir)
-    vocab = int(model.manifest["vocab_size"])
+    vocab = model.manifest.vocab_size
     decoders = {cache: open_decoder(model.model_path, ep=args.ep, cache=cache) for cache in CACHES}
     rng = np.random.default_rng(0)
     prompts = {length: rng.integers(100, vocab, size=length).tolist() for length in args.contexts}

@@ -147,8 +147,7 @@ def prune_and_measure(args, out: pathlib.Path) -> list[dict]:
         else:
             target = out / name
             plan = plan_for_parameters(size, split, importance(kind), shapes)
-            apply_plan(source, graph_ir.load(source.model_path), plan, target, force=True,
-                       parameters={"params": size, "split": split, "importance": kind})
+            apply_plan(source, plan, target, force=True)
         row = {"model": name, "path": str(target), "target": size, "split": split, "importance": kind,
                **measure(target, args)}
         rows.append(row)

@@ -123,7 +123,7 @@ def genai_builder(source: ModelDir, built: pathlib.Path):
 
     def write(path):
         model = onnx.load(str(built / "model.onnx"), load_external_data=False)
-        head_dim = int(source.manifest["head_dim"])
+        head_dim = source.manifest.head_dim
         for value in [*model.graph.input, *model.graph.output]:
             for dim in value.type.tensor_type.shape.dim:
                 if dim.dim_param == "kv_cache_dim":
@@ -188,8 +188,7 @@ def main() -> int:
         target = work / (name.replace(" ", "-") + ("-unfused" if arguments.unfused else ""))
         if not (target / "model.onnx").exists():
             started = time.perf_counter()
-            quantize(source.path, target, QuantizeConfig(calib=calibration, **options),
-                     progress=lambda message: print(f"  [{name}] {message}", file=sys.stderr))
+            quantize(source.path, target, QuantizeConfig(calib=calibration, **options))
             timings[name] = time.perf_counter() - started
         variants[name] = target
     if not arguments.no_peers:

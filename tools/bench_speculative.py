@@ -96,7 +96,7 @@ def hf_assistants(model, kinds: list[str]):
         if kind == "full":
             assistants[kind] = model
         elif kind == "half-layers":
-            from graphopt.drafting import layers_to_drop
+            from graphopt.pruning import layers_to_drop
 
             assistant = copy.deepcopy(model)
             layers = assistant.config.num_hidden_layers

@@ -48,10 +48,10 @@ def build_variants(src: str, work: pathlib.Path, skip_export: bool, errors: dict
                                             "draft-fp16-fused")}
     if not (skip_export and (paths["fp32"] / "model.onnx").is_file()):
         started = time.perf_counter()
-        export(src, paths["fp32"], force=True, progress=log)
+        export(src, paths["fp32"], force=True)
         log(f"export + validation: {time.perf_counter() - started:.0f} s")
     steps = [
-        ("fp32-fused", lambda: fuse(paths["fp32"], paths["fp32-fused"], "cuda", require=True, force=True, progress=log)),
+        ("fp32-fused", lambda: fuse(paths["fp32"], paths["fp32-fused"], "cuda", require=True, force=True)),
         ("fp16", lambda: convert(paths["fp32"], paths["fp16"], dtype="fp16", force=True)),
         ("fp16-fused", lambda: convert(paths["fp32-fused"], paths["fp16-fused"], dtype="fp16", force=True)),
         ("fp32-fused-packed", lambda: fuse(paths["fp32"], paths["fp32-fused-packed"], "cuda", require=True,

@@ -31,6 +31,7 @@ ORT_MODEL_FILE = "model.ort"
 def convert(model_dir: pathlib.Path, output: pathlib.Path, optimization: str = "basic", force: bool = False) -> pathlib.Path:
     from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, _convert
 
+    from graphopt.manifest import LineageStep
     from graphopt.modeldir import MODEL_FILE, ModelDir, atomic_output, derive
 
     source = ModelDir.open(model_dir)
@@ -46,9 +47,8 @@ def convert(model_dir: pathlib.Path, output: pathlib.Path, optimization: str = "
                              allow_conversion_failures=False, target_platform=None,
                              session_options_config_entries={})
         shutil.move(str(converted[0]), scratch / ORT_MODEL_FILE)
-        step = {"pass": "to_ort_format", "parameters": {"optimization": optimization, "style": "Fixed"},
-                "figures": check_logits(source.model_path, scratch / ORT_MODEL_FILE,
-                                        int(source.manifest.get("vocab_size", 100)))}
+        step = LineageStep("to_ort_format", {"optimization": optimization, "style": "Fixed"},
+                           figures=check_logits(source.model_path, scratch / ORT_MODEL_FILE, source.manifest.vocab_size))
         derive(source, scratch, step, model_file=ORT_MODEL_FILE)
     return output
 

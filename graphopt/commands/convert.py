@@ -21,14 +21,9 @@ def command(model_dir: str, output: str, dtype: str, keep_softmax: bool, force: 
 
     Example: graphopt convert smollm2-fused -o smollm2-fp16 --dtype fp16
     """
-    from graphopt.cli import progress
+    from graphopt.commands import report_step
     from graphopt.convert import convert
 
-    converted = convert(model_dir, output, dtype=dtype, keep_softmax=keep_softmax, force=force, validate=validate,
-                        progress=progress)
-    step = converted.manifest["lineage"][-1]
-    for name, count in step.get("counts", {}).items():
-        progress(f"  {name}: {count}")
-    for name, value in step.get("figures", {}).items():
-        progress(f"  {name}: {value:.3g}" if isinstance(value, float) else f"  {name}: {value}")
+    converted = convert(model_dir, output, dtype=dtype, keep_softmax=keep_softmax, force=force, validate=validate)
+    report_step(converted.manifest.lineage[-1])
     click.echo(str(converted.path))

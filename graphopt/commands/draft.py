@@ -10,9 +10,9 @@ from graphopt.runtime.session import EXECUTION_PROVIDERS
 
 
 def _recipe_names() -> list[str]:
-    from graphopt.drafting import RECIPES
+    from graphopt.recipes import DRAFT_RECIPES
 
-    return ["auto", *RECIPES]
+    return ["auto", *DRAFT_RECIPES]
 
 
 @click.command("draft")
@@ -26,12 +26,11 @@ def _recipe_names() -> list[str]:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 def command(target, output, recipe, ep, force, as_json):
     """Build a draft model for `graphopt generate TARGET --draft OUTPUT`."""
-    from graphopt.cli import progress
     from graphopt.drafting import build_draft
 
-    draft, report = build_draft(target, output, recipe=recipe, force=force, ep=ep, progress=progress)
+    draft, report = build_draft(target, output, recipe=recipe, force=force, ep=ep)
     report = {"draft": str(draft.path), **report, "size_bytes": draft.size_bytes(),
-              "lineage": [step["pass"] for step in draft.manifest.get("lineage", [])]}
+              "lineage": [step.name for step in draft.manifest.lineage]}
     if as_json:
         click.echo(json.dumps(report))
         return

@@ -7,6 +7,7 @@ import json
 import click
 
 from graphopt.evaluate import DEFAULT_TEXT
+from graphopt.runtime.session import EXECUTION_PROVIDERS
 
 
 @click.command("eval")
@@ -19,20 +20,15 @@ from graphopt.evaluate import DEFAULT_TEXT
 @click.option("--reference", type=click.Path(), default=None,
               help="Model directory to compare with: greedy token agreement and mean KL(reference || model).")
 @click.option("--max-windows", type=int, default=None, help="Score only the first N windows.")
-@click.option("--ep", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
+@click.option("--ep", type=click.Choice(list(EXECUTION_PROVIDERS)), default="cpu", show_default=True,
               help="Execution provider.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (perplexity, tokens, ...).")
 def command(model_dir: str, text: str, window: int, reference: str | None, max_windows: int | None, ep: str,
             as_json: bool) -> None:
     """Perplexity of MODEL_DIR on a text (and agreement with --reference)."""
-    from graphopt.cli import progress
     from graphopt.evaluate import evaluate
 
-    def report(done: int, total: int) -> None:
-        progress(f"window {done}/{total}")
-
-    result = evaluate(model_dir, text, window=window, reference_dir=reference, max_windows=max_windows, ep=ep,
-                      progress=report)
+    result = evaluate(model_dir, text, window=window, reference_dir=reference, max_windows=max_windows, ep=ep)
     if as_json:
         click.echo(json.dumps({**result.to_json(), "text": str(text)}))
         return

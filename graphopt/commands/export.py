@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from graphopt import sources
+from graphopt.passes.targets import TARGETS
 
 
 @click.command("export")
@@ -15,28 +16,24 @@ from graphopt import sources
               help="Check ONNX Runtime against PyTorch (logits and 32 greedy tokens).")
 @click.option("--tolerance", type=float, default=1e-3, show_default=True, help="Max |logits diff| accepted.")
 @click.option("--opset", type=click.IntRange(18, 23), default=18, show_default=True, help="ONNX opset of the graph.")
-@click.option("--fuse", "fuse_target", type=click.Choice(["cpu", "cuda", "tensorrt", "onnx"]), default=None,
+@click.option("--fuse", "fuse_target", type=click.Choice(list(TARGETS)), default=None,
               help="Also fuse attention for this target (as `graphopt fuse`), in one step.")
 def command(src: str, output: str, force: bool, validate: bool, tolerance: float, opset: int,
             fuse_target: str | None) -> None:
     """Export SRC (a registry name, a Hugging Face checkpoint directory or a .gguf file) to OUTPUT."""
-    from graphopt.cli import progress
+    from graphopt.commands import report_step
     from graphopt.export import export
 
     if fuse_target is None:
-        model_dir = export(src, output, force=force, run_validation=validate, tolerance=tolerance, opset=opset,
-                           progress=progress)
+        model_dir = export(src, output, force=force, run_validation=validate, tolerance=tolerance, opset=opset)
     else:
-        model_dir = _export_fused(src, output, force, validate, tolerance, opset, fuse_target, progress)
-    for step in model_dir.manifest["lineage"][-2 if fuse_target else -1:]:
-        for name, count in step.get("counts", {}).items():
-            progress(f"  {name}: {count}")
-        for name, value in step.get("figures", {}).items():
-            progress(f"  {name}: {value:.3g}" if isinstance(value, float) else f"  {name}: {value}")
+        model_dir = _export_fused(src, output, force, validate, tolerance, opset, fuse_target)
+    for step in model_dir.manifest.lineage[-2 if fuse_target else -1:]:
+        report_step(step)
     click.echo(str(model_dir.path))
 
 
-def _export_fused(src, output, force, validate, tolerance, opset, target, progress):
+def _export_fused(src, output, force, validate, tolerance, opset, target):
     """Export into a hidden directory beside OUTPUT, fuse from it into OUTPUT, drop the plain export.
 
     ``fuse`` writes OUTPUT atomically, so a failure anywhere leaves OUTPUT as it was.
@@ -48,11 +45,9 @@ def _export_fused(src, output, force, validate, tolerance, opset, target, progre
     from graphopt.fusion import fuse
     from graphopt.modeldir import check_output
 
-    target_path = check_output(output, force)
+    target_path = check_output(output, force, sources=[src])
     target_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{target_path.name}.", suffix=".export", dir=target_path.parent) as scratch:
-        plain = export(src, pathlib.Path(scratch) / "plain", run_validation=validate, tolerance=tolerance, opset=opset,
-                       progress=progress)
-        fused, _counts = fuse(plain.path, output, target, force=force, validate=validate, tolerance=tolerance,
-                              progress=progress)
+        plain = export(src, pathlib.Path(scratch) / "plain", run_validation=validate, tolerance=tolerance, opset=opset)
+        fused, _counts = fuse(plain.path, output, target, force=force, validate=validate, tolerance=tolerance)
     return fused

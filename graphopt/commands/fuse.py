@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from graphopt.fusion import TARGETS
+from graphopt.passes.targets import TARGETS
 
 
 @click.command("fuse")
@@ -22,16 +22,12 @@ from graphopt.fusion import TARGETS
 def command(model_dir: str, output: str, target: str, explain: bool, require: bool, force: bool, validate: bool,
             pack_qkv: bool) -> None:
     """Fuse attention, norms and GELU of MODEL_DIR for TARGET into OUTPUT."""
-    from graphopt.cli import progress
+    from graphopt.commands import report_step, say
     from graphopt.fusion import fuse
 
     fused, counts = fuse(model_dir, output, target, require=require, explain=explain, force=force, validate=validate,
-                         pack_qkv=pack_qkv, progress=progress)
-    step = fused.manifest["lineage"][-1]
-    for name, count in counts.items():
-        progress(f"  {name}: {count}")
+                         pack_qkv=pack_qkv)
     if not counts:
-        progress("  nothing fused (model unchanged)")
-    for name, value in step.get("figures", {}).items():
-        progress(f"  {name}: {value:.3g}" if isinstance(value, float) else f"  {name}: {value}")
+        say("  nothing fused (model unchanged)")
+    report_step(fused.manifest.lineage[-1])
     click.echo(str(fused.path))

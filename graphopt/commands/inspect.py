@@ -28,7 +28,7 @@ def summarize(model_dir: ModelDir) -> dict:
     manifest = model_dir.manifest
     return {
         "path": str(model_dir.path),
-        "family": manifest.get("family"),
+        "family": manifest.family,
         "nodes": len(model.graph.node),
         "ops": dict(ops.most_common()),
         "parameters": parameter_count(model),
@@ -36,7 +36,7 @@ def summarize(model_dir: ModelDir) -> dict:
         "opsets": {entry.domain or "ai.onnx": entry.version for entry in model.opset_import},
         "inputs": describe(model.graph.input),
         "outputs": describe(model.graph.output),
-        "lineage": manifest.get("lineage", []),
+        "lineage": [step.to_json() for step in manifest.lineage],
     }
 
 

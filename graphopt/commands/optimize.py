@@ -8,18 +8,6 @@ from graphopt import sources
 from graphopt.recipes import DEFAULT_RECIPE
 
 
-class _OneLineErrors(click.Command):
-    """Bad options get the one-line ``error: ...`` and exit 2 of every graphopt user error."""
-
-    def parse_args(self, ctx, args):
-        try:
-            return super().parse_args(ctx, args)
-        except click.UsageError as error:
-            from graphopt.cli import UserError
-
-            raise UserError(f"{error.format_message()} (graphopt optimize --help)") from None
-
-
 def _list_recipes(ctx, _parameter, value) -> None:
     if not value or ctx.resilient_parsing:
         return
@@ -30,7 +18,7 @@ def _list_recipes(ctx, _parameter, value) -> None:
     ctx.exit(0)
 
 
-@click.command("optimize", cls=_OneLineErrors)
+@click.command("optimize")
 @click.argument("src", required=False, default=sources.DEFAULT_MODEL)
 @click.option("-o", "--output", required=True, type=click.Path(), help="Directory to create: target/, draft/, report.*")
 @click.option("--recipe", default=DEFAULT_RECIPE, show_default=True, help="Pipeline to run (see --list-recipes).")
@@ -56,11 +44,10 @@ def command(src: str, output: str, recipe: str, force: bool, tokens: int, eval_w
     """
     import pathlib
 
-    from graphopt.cli import progress
     from graphopt.optimize import MeasureSettings, optimize, table
 
     settings = MeasureSettings(tokens=tokens, eval_windows=eval_windows, window=window, reference_tools=reference,
                                with_peers=with_peers)
-    out = optimize(src, output, recipe, force=force, settings=settings, progress=progress)
+    out = optimize(src, output, recipe, force=force, settings=settings)
     click.echo(table(pathlib.Path(out) / "report.md"))
     click.echo(str(out))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
+from graphopt.commands import default
 from graphopt.commands._options import calibration_options
+from graphopt.pruning import IMPORTANCE, SPLITS, PruneConfig
 
 
 @click.command("prune")
@@ -17,9 +19,9 @@ from graphopt.commands._options import calibration_options
 @click.option("--layers", type=int, default=None, metavar="N", help="Number of decoder layers to drop.")
 @click.option("--params", type=float, default=None, metavar="F",
               help="Fraction of all parameters to remove, divided as --split says (not with the three above).")
-@click.option("--split", type=click.Choice(["uniform", "channels", "layers"]), default="channels", show_default=True,
+@click.option("--split", type=click.Choice(SPLITS), default=default(PruneConfig, "split"), show_default=True,
               help="For --params: channels only, heads and channels at one fraction, or layers first.")
-@click.option("--importance", type=click.Choice(["measured", "random"]), default="measured", show_default=True,
+@click.option("--importance", type=click.Choice(IMPORTANCE), default=default(PruneConfig, "importance"), show_default=True,
               help="Measured on calibration data, or seeded random (the control).")
 @calibration_options
 @click.option("--seed", type=int, default=0, show_default=True,
@@ -31,16 +33,15 @@ def command(model_dir, output, force, heads, channels, layers, params, split, im
     Example: graphopt prune smollm2 -o smollm2-pruned --params 0.25
     """
     from graphopt.calibration import CalibrationSpec
-    from graphopt.cli import progress
+    from graphopt.commands import report_step
     from graphopt.errors import GraphoptError
     from graphopt.pruning import prune
 
     if not any(value is not None for value in (heads, channels, layers, params)):
         raise GraphoptError("say what to remove: --heads F, --channels F, --layers N or --params F")
     result = prune(model_dir, output, heads=heads, channels=channels, layers=layers, params=params, split=split,
-                   importance=importance, seed=seed, force=force, progress=progress,
+                   importance=importance, seed=seed, force=force,
                    calib=CalibrationSpec(text=calib_text, npz=calib_npz, samples=calib_samples, seq_len=seq_len,
                                          seed=seed))
-    for name, value in result.manifest["lineage"][-1]["figures"].items():
-        progress(f"  {name}: {value}")
+    report_step(result.manifest.lineage[-1])
     click.echo(str(result.path))

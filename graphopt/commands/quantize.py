@@ -57,17 +57,15 @@ def command(model_dir, output, force, weights, activations, symmetric, reduce_ra
     model samples itself. Weight-only: --activations none --weights int8|int4 [--block-size N].
     """
     from graphopt.calibration import CalibrationSpec
-    from graphopt.cli import progress
+    from graphopt.commands import report_step
     from graphopt.quantization import QuantizeConfig, quantize
 
     config = QuantizeConfig(weights=weights, activations=activations, symmetric=symmetric, reduce_range=reduce_range, calibration=calibration,
                             percentile=percentile, block_size=int(block_size), method=method, head=head,
                             exclude=tuple(exclude), op_types=tuple(op_types.split(",")), smooth=smooth, max_ppl_increase=max_ppl_increase,
                             calib=CalibrationSpec(text=calib_text, npz=calib_npz, samples=calib_samples,
-                                                  seq_len=seq_len, seed=seed))
-    result = quantize(model_dir, output, config, force=force, progress=progress,
-                      measure_windows=measure_windows if measure else None)
-    step = result.manifest["lineage"][-1]
-    for name, value in step["figures"].items():
-        progress(f"  {name}: {value}")
+                                                  seq_len=seq_len, seed=seed),
+                            measure_windows=measure_windows if measure else None)
+    result = quantize(model_dir, output, config, force=force)
+    report_step(result.manifest.lineage[-1])
     click.echo(str(result.path))

@@ -15,10 +15,12 @@ import warnings
 import numpy as np
 
 from graphopt.runtime.decoder import Decoder
+from graphopt.runtime.session import DEVICE_OF_PROVIDER, captures_cuda_graphs, make_session
+from graphopt.manifest import Manifest
+from graphopt.runtime.static_cache import (StaticCacheDecoder, fused_with_group_query_attention, manifest_beside,
+                                           require_group_query_attention, runs_whole_on_cuda)
 
 logger = logging.getLogger(__name__)
-
-DEVICE_OF_PROVIDER = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
 
 
 def _slice_model(count: int, dtype: np.dtype):
@@ -108,7 +110,7 @@ CACHES = ("auto", "static", "device", "host")
 
 
 def open_decoder(model_path: str | os.PathLike, ep: str = "cpu", threads: int | None = None, cache: str = "auto",
-                 cuda_graph: bool = True, spinning: bool = True) -> Decoder:
+                 cuda_graph: bool = True, spinning: bool = True, manifest: Manifest | None = None) -> Decoder:
     """The right decoder for where the session runs.
 
     ``cache`` picks where the KV cache lives: ``host`` (numpy, a round trip per step: the naive
@@ -117,22 +119,20 @@ def open_decoder(model_path: str | os.PathLike, ep: str = "cpu", threads: int | 
     allows it (also on the CPU, where it saves copying the cache each step), else device on a GPU
     and host on the CPU. A static cache on CUDA replays one-token steps as a CUDA graph unless
     ``cuda_graph`` is False; when ONNX Runtime refuses graph capture for the model (nodes left on
-    the CPU) it runs without, with a warning.
+    the CPU) it runs without, with a warning. ``manifest``: the caller's, else read beside the model.
     """
-    from graphopt.runtime.session import make_session
-    from graphopt.runtime.static_cache import (StaticCacheDecoder, fused_with_group_query_attention,
-                                               require_group_query_attention, runs_whole_on_cuda)
-
     if cache not in CACHES:
         raise ValueError(f"unknown cache {cache!r}; choose from {', '.join(CACHES)}")
+    manifest = manifest if manifest is not None else manifest_beside(model_path)
     if cache == "static":
-        require_group_query_attention(model_path)  # before the session: fail fast
-    static = cache == "static" or (cache == "auto" and fused_with_group_query_attention(model_path))
+        require_group_query_attention(manifest, model_path)  # before the session: fail fast
+    static = cache == "static" or (cache == "auto" and fused_with_group_query_attention(manifest))
     session = None
-    if static and cuda_graph and ep == "cuda" and not runs_whole_on_cuda(model_path):
+    cuda_graph = cuda_graph and captures_cuda_graphs(ep)
+    if static and cuda_graph and not runs_whole_on_cuda(manifest):
         logger.info("no CUDA graph for %s: its GroupQueryAttention is float32 and runs on the CPU", model_path)
         cuda_graph = False
-    if static and cuda_graph and ep == "cuda":
+    if static and cuda_graph:
         try:
             session = make_session(model_path, ep=ep, threads=threads, spinning=spinning, cuda_graph=True)
         except Exception as error:  # ORT refuses capture at session creation, e.g. nodes left on the CPU
@@ -142,7 +142,7 @@ def open_decoder(model_path: str | os.PathLike, ep: str = "cpu", threads: int | 
         session = make_session(model_path, ep=ep, threads=threads, spinning=spinning)
     on_device = DEVICE_OF_PROVIDER.get(session.get_providers()[0], "cpu") != "cpu"
     if static:
-        return StaticCacheDecoder(model_path, session=session, cuda_graph=cuda_graph)
+        return StaticCacheDecoder(model_path, session=session, cuda_graph=cuda_graph, manifest=manifest)
     if cache == "device" or (cache == "auto" and on_device):
         return DeviceDecoder(model_path, session=session)
     return Decoder(model_path, session=session)

@@ -70,10 +70,10 @@ class Generator:
         self.model_dir = ModelDir.open(model_dir)
         self.manifest = self.model_dir.manifest
         self.decoder = open_decoder(self.model_dir.model_path, ep=ep, threads=threads, cache=cache,
-                                    cuda_graph=cuda_graph, spinning=spinning)
+                                    cuda_graph=cuda_graph, spinning=spinning, manifest=self.manifest)
         self.tokenizer = Tokenizer(self.model_dir.path)
-        self.eos_token_ids = set(self.manifest.get("eos_token_ids", []))
-        self.max_positions = int(self.manifest.get("max_positions", 1 << 30))
+        self.eos_token_ids = set(self.manifest.eos_token_ids)
+        self.max_positions = self.manifest.max_positions
 
     @property
     def provider(self) -> str:
@@ -84,8 +84,8 @@ class Generator:
             text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
             return self.tokenizer.encode(text)
         ids = self.tokenizer.encode(prompt)
-        bos = self.manifest.get("bos_token_id")
-        if self.manifest.get("add_bos_token") and bos is not None and (not ids or ids[0] != bos):
+        bos = self.manifest.bos_token_id
+        if self.manifest.add_bos_token and bos is not None and (not ids or ids[0] != bos):
             ids = [bos, *ids]
         return ids
 

@@ -7,13 +7,24 @@ import os
 import pathlib
 import warnings
 
+from graphopt.errors import GraphoptError
+
 logger = logging.getLogger(__name__)
 
+# The one provider table: what each --ep name asks ONNX Runtime for (in order of preference) and
+# where the first provider keeps its tensors. A new provider is one row here.
 EXECUTION_PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
     "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
+DEVICE_OF_PROVIDER = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
+# Providers that can replay a captured step as a CUDA graph (ORT's enable_cuda_graph).
+CUDA_GRAPH_PROVIDERS = ("CUDAExecutionProvider",)
+
+
+def captures_cuda_graphs(ep: str) -> bool:
+    return EXECUTION_PROVIDERS.get(ep, [""])[0] in CUDA_GRAPH_PROVIDERS
 
 
 def tensorrt_options(cache_dir: str | os.PathLike | None = None, fp16: bool = False, int8: bool = False) -> dict:
@@ -71,7 +82,7 @@ def resolve_providers(ep: str, available: list[str] | None = None, model_dir: st
         if name == "TensorrtExecutionProvider":
             cache = pathlib.Path(model_dir) / "trt_cache" if model_dir is not None else None
             resolved.append((name, tensorrt_options(cache)))
-        elif name == "CUDAExecutionProvider" and cuda_graph:
+        elif name in CUDA_GRAPH_PROVIDERS and cuda_graph:
             resolved.append((name, {"enable_cuda_graph": "1"}))
         else:
             resolved.append(name)
@@ -101,4 +112,10 @@ def make_session(model_path: str | os.PathLike, ep: str = "cpu", threads: int | 
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     model_path = pathlib.Path(model_path)
     providers = resolve_providers(ep, model_dir=model_path.parent, cuda_graph=cuda_graph)
-    return ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
+    try:
+        return ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
+    except (RuntimeError, ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+            ort.capi.onnxruntime_pybind11_state.InvalidProtobuf, ort.capi.onnxruntime_pybind11_state.NoSuchFile) as error:
+        # A damaged or foreign file: ONNX Runtime's message is long, its first line says what failed.
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise GraphoptError(f"{model_path}: ONNX Runtime cannot load it ({first[:300]})") from None

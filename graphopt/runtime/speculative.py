@@ -44,7 +44,7 @@ def check_same_vocabulary(target: ModelDir, draft: ModelDir) -> None:
     Raises:
         GraphoptError: the manifests' ``vocab_size`` or the tokenizers' token -> id maps differ.
     """
-    target_size, draft_size = target.manifest.get("vocab_size"), draft.manifest.get("vocab_size")
+    target_size, draft_size = target.manifest.vocab_size, draft.manifest.vocab_size
     if target_size != draft_size:
         raise GraphoptError(f"draft {draft.path} has vocab_size {draft_size}, target {target.path} has {target_size}; "
                             "a draft must share the target's tokenizer")
@@ -194,7 +194,7 @@ class CostCheck:
             self._backoff = self.first_backoff
 
     def _fall_back(self, speculative_rate: float) -> None:
-        logger.info("speculation at %.1f tokens/s loses to plain decoding at %.1f; plain for %d tokens",
+        logger.debug("speculation at %.1f tokens/s loses to plain decoding at %.1f; plain for %d tokens",
                     speculative_rate, 1.0 / self.plain_step_s, self._backoff)
         self._plain_left = self._backoff
         self._backoff = min(2 * self._backoff, self.max_backoff)

@@ -16,16 +16,18 @@ cpu|cuda``); it runs on the CPU provider too, which is how CI tests it.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pathlib
 
 import numpy as np
 
+from graphopt import manifest as manifest_io
 from graphopt.errors import GraphoptError
+from graphopt.manifest import Manifest
+from graphopt.modeldir import MANIFEST_FILE
 from graphopt.runtime.decoder import Decoder
-from graphopt.runtime.device import DEVICE_OF_PROVIDER
+from graphopt.runtime.session import DEVICE_OF_PROVIDER
 
 logger = logging.getLogger(__name__)
 
@@ -39,27 +41,28 @@ FIRST_GRAPH_ID = 1
 WARM_UP_STEPS = 3
 
 
-def _manifest(model_path: str | os.PathLike) -> dict:
-    path = pathlib.Path(model_path).parent / "graphopt.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+def manifest_beside(model_path: str | os.PathLike) -> Manifest | None:
+    """The manifest of the model directory holding ``model_path``, if it is in one."""
+    path = pathlib.Path(model_path).parent / MANIFEST_FILE
+    return manifest_io.read(path) if path.is_file() else None
 
 
-def fused_with_group_query_attention(model_path: str | os.PathLike) -> bool:
-    """Whether the model directory's manifest says its attention is GroupQueryAttention."""
-    return (_manifest(model_path).get("fusion") or {}).get("attention_op") == GROUP_QUERY_ATTENTION
+def fused_with_group_query_attention(manifest: Manifest | None) -> bool:
+    """Whether the manifest says the model's attention is GroupQueryAttention."""
+    return manifest is not None and (manifest.fusion or {}).get("attention_op") == GROUP_QUERY_ATTENTION
 
 
-def runs_whole_on_cuda(model_path: str | os.PathLike) -> bool:
+def runs_whole_on_cuda(manifest: Manifest | None) -> bool:
     """Whether a GroupQueryAttention graph can run entirely on CUDA, as graph capture requires.
 
     ORT's CUDA GroupQueryAttention is float16 / bfloat16 only; a float32 graph leaves it on the CPU.
     """
-    return _manifest(model_path).get("dtype") in ("float16", "bfloat16")
+    return manifest is not None and manifest.dtype in ("float16", "bfloat16")
 
 
-def require_group_query_attention(model_path: str | os.PathLike) -> None:
+def require_group_query_attention(manifest: Manifest | None, model_path: str | os.PathLike) -> None:
     """Raise GraphoptError, with the command that fixes it, unless the model uses GroupQueryAttention."""
-    if not fused_with_group_query_attention(model_path):
+    if not fused_with_group_query_attention(manifest):
         raise GraphoptError(f"{pathlib.Path(model_path).parent}: a static KV cache needs attention fused into "
                             "GroupQueryAttention (graphopt fuse --target cuda, or cpu)")
 
@@ -74,11 +77,14 @@ class StaticCacheDecoder(Decoder):
         cuda_graph: replay one-token steps as a CUDA graph. Needs a session made with
             ``make_session(..., cuda_graph=True)``; ignored on CPU.
         session: an existing session for ``model_path``.
+        manifest: the model directory's manifest, when the caller holds it already.
     """
 
     def __init__(self, model_path: str | os.PathLike, ep: str = "cuda", threads: int | None = None,
-                 capacity: int = CAPACITY_STEP, cuda_graph: bool = False, session=None, device_id: int = 0):
-        require_group_query_attention(model_path)
+                 capacity: int = CAPACITY_STEP, cuda_graph: bool = False, session=None, device_id: int = 0,
+                 manifest: Manifest | None = None):
+        manifest = manifest if manifest is not None else manifest_beside(model_path)
+        require_group_query_attention(manifest, model_path)
         self.device = None
         super().__init__(model_path, ep=ep, threads=threads, session=session)
         import onnxruntime as ort
@@ -87,10 +93,8 @@ class StaticCacheDecoder(Decoder):
         self.device = DEVICE_OF_PROVIDER.get(self.provider, "cpu")
         self.device_id = device_id if self.device != "cpu" else 0
         self.cuda_graph = cuda_graph and self.device == "cuda"
-        manifest = _manifest(model_path)
         # GroupQueryAttention's rotary tables cover max_positions; the capacity may not exceed them.
-        self.max_positions = int((manifest.get("fusion") or {}).get("max_positions") or manifest.get("max_positions")
-                                 or 1 << 30)
+        self.max_positions = int((manifest.fusion or {}).get("max_positions") or manifest.max_positions)
         outputs = {meta.name: meta for meta in self.session.get_outputs()}
         self._logits_dtype = {"tensor(float16)": np.float16}.get(outputs["logits"].type, np.float32)
         self._vocab = outputs["logits"].shape[2]
@@ -115,7 +119,7 @@ class StaticCacheDecoder(Decoder):
         if length <= self.capacity:
             return
         grown = min(max(-(-length // CAPACITY_STEP) * CAPACITY_STEP, 2 * self.capacity), self.max_positions)
-        logger.info("static KV cache grows from %d to %d positions", self.capacity, grown)
+        logger.debug("static KV cache grows from %d to %d positions", self.capacity, grown)
         self._allocate(grown)
 
     def _allocate(self, capacity: int) -> None:
