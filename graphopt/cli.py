@@ -42,6 +42,10 @@ def handle_termination_signals() -> None:
             signal.signal(getattr(signal, name), _raise_terminated)
 
 
+# `graphopt` alone prints the help (click >= 8.2 signals it with this UsageError subclass).
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 class UserError(click.ClickException):
     exit_code = 2
 
@@ -57,6 +61,9 @@ class GraphoptGroup(click.Group):
         kwargs.pop("standalone_mode", None)
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
+        except _NO_ARGS_IS_HELP as error:
+            click.echo(error.ctx.get_help())
+            sys.exit(0)
         except click.UsageError as error:
             command = f"graphopt {error.ctx.info_name} --help" if error.ctx and error.ctx.parent else "graphopt --help"
             UserError(f"{error.format_message()} (see {command})").show()
