@@ -36,8 +36,8 @@ from typing import Any
 from graphopt.errors import GraphoptError, ValidationError
 from graphopt.modeldir import MANIFEST_FILE, MODEL_FILE, ModelDir, atomic_output, check_output, derive
 from graphopt.manifest import LineageStep
-from graphopt.recipes import MODEL_STAGES, STEPS, Recipe, check_order, check_parameters, get_recipe, run_stage
-from graphopt.steps import StepConfig
+from graphopt.recipes import (MODEL_STAGES, STEPS, DraftStage, ExportStage, Recipe, ValidateStage, check_order,
+                              check_parameters, get_recipe, run_stage)
 
 logger = logging.getLogger(__name__)
 
@@ -57,42 +57,6 @@ class MeasureSettings:
 
 
 # --- the pipeline's own stages (the model stages are registered steps, see graphopt.recipes) ------
-
-
-@dataclasses.dataclass(frozen=True)
-class ExportStage(StepConfig):
-    """SRC as a float32 model directory: exported (and validated against PyTorch), or SRC itself."""
-
-    opset: int = 18
-
-
-@dataclasses.dataclass(frozen=True)
-class ValidateStage(StepConfig):
-    """Bounds on the target against the float32 export: token agreement, perplexity increase (percent)."""
-
-    min_token_agreement: float = 0.9
-    max_perplexity_increase: float = 5.0
-
-    def __post_init__(self):
-        if not 0.0 <= self.min_token_agreement <= 1.0:
-            raise GraphoptError(f"min_token_agreement must be in [0, 1], got {self.min_token_agreement}")
-
-
-@dataclasses.dataclass(frozen=True)
-class DraftStage(StepConfig):
-    """A draft for speculative decoding, by a draft recipe (or ``auto``) from an earlier stage's model."""
-
-    recipe: str = "auto"
-    source: str = "export"
-
-    def __post_init__(self):
-        from graphopt.recipes import DRAFT_RECIPES
-
-        if self.recipe != "auto" and self.recipe not in DRAFT_RECIPES:
-            raise GraphoptError(f"unknown draft recipe {self.recipe!r}; choose from auto, {', '.join(DRAFT_RECIPES)}")
-
-
-STAGE_CONFIGS: dict[str, type[StepConfig]] = {"export": ExportStage, "validate": ValidateStage, "draft": DraftStage}
 
 
 def export_stage(src: str, destination: pathlib.Path, config: ExportStage) -> ModelDir:

@@ -44,6 +44,42 @@ logger = logging.getLogger(__name__)
 # all run these through graphopt.steps.run_step. A new step is one line here.
 STEPS: dict[str, Step] = {step.name: step for step in (PruneStep(), FuseStep(), ConvertStep(), QuantizeStep())}
 
+# --- the pipeline stages that are not model steps; their parameters are typed like a step's ----------
+
+@dataclasses.dataclass(frozen=True)
+class ExportStage(StepConfig):
+    """SRC as a float32 model directory: exported (and validated against PyTorch), or SRC itself."""
+
+    opset: int = 18
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidateStage(StepConfig):
+    """Bounds on the target against the float32 export: token agreement, perplexity increase (percent)."""
+
+    min_token_agreement: float = 0.9
+    max_perplexity_increase: float = 5.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.min_token_agreement <= 1.0:
+            raise GraphoptError(f"min_token_agreement must be in [0, 1], got {self.min_token_agreement}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftStage(StepConfig):
+    """A draft for speculative decoding, by a draft recipe (or ``auto``) from an earlier stage's model."""
+
+    recipe: str = "auto"
+    source: str = "export"
+
+    def __post_init__(self):
+        if self.recipe != "auto" and self.recipe not in DRAFT_RECIPES:
+            raise GraphoptError(f"unknown draft recipe {self.recipe!r}; choose from auto, {', '.join(DRAFT_RECIPES)}")
+
+
+STAGE_CONFIGS: dict[str, type[StepConfig]] = {"export": ExportStage, "validate": ValidateStage, "draft": DraftStage}
+
+
 STAGE_KINDS = ("export", *STEPS, "validate", "draft")
 MODEL_STAGES = ("export", *STEPS)  # stages that write a new target
 
@@ -195,8 +231,6 @@ def check_order(recipe: Recipe) -> None:
 
 def check_parameters(recipe: Recipe) -> None:
     """Every stage's parameters are valid before anything runs (a typo or a bad value fails in a second)."""
-    from graphopt.optimize import STAGE_CONFIGS
-
     for stage in recipe.stages:
         where = f"recipe {recipe.name}: stage {stage.describe()}: "
         try:

@@ -172,3 +172,17 @@ def test_smollm2_cpu_int8_passes_its_validation_and_answers(smollm2_dir, tmp_pat
     assert answer.token_ids and answer.provider == "CPUExecutionProvider"
     rows = {row["label"]: row for row in report["rows"]}
     assert rows["target + draft (speculative)"]["identical_to_target_greedy"] is True
+
+
+@pytest.mark.parametrize("stage, message", [
+    (Stage("quantize", {"weights": "int4", "activations": "none", "block_size": 7}), "--block-size must be one of"),
+    (Stage("fuse", {"target": "gpu"}), "unknown fusion target 'gpu'"),
+    (Stage("prune", {"params": 1.5}), "--params must be a fraction"),
+])
+def test_bad_value_in_a_recipe_fails_before_any_work(tmp_path, monkeypatch, stage, message):
+    """Every parameter is validated by its config type, so a bad value fails in a second, not after export."""
+    bad = Recipe("bad", "", "cpu", (Stage("export"), stage))
+    monkeypatch.setitem(recipes.RECIPES, "bad", bad)
+    result = run("optimize", tmp_path / "nowhere", "-o", tmp_path / "out", "--recipe", "bad")
+    assert_one_line_error(result, message)
+    assert not (tmp_path / "out").exists()
