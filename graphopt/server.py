@@ -22,6 +22,8 @@ import collections
 import contextlib
 import json
 import logging
+import os
+import socket
 import threading
 import time
 import uuid
@@ -191,6 +193,8 @@ def create_app(engine: BatchEngine, model_name: str, metrics: ServerMetrics | No
     if engine.on_step is None:
         engine.on_step = metrics.on_step
     created = int(time.time())
+    # Which process answered: tells replicas apart behind a load balancer (Ray Serve's proxy).
+    replica = f"{socket.gethostname()}:{os.getpid()}"
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -222,7 +226,8 @@ def create_app(engine: BatchEngine, model_name: str, metrics: ServerMetrics | No
     async def health():
         if engine._failure is not None or engine._closing:
             return JSONResponse({"status": "unavailable"}, status_code=503)
-        return {"status": "ok", "batch_size": engine.batch_size, "queue_depth": engine.queue_depth}
+        return {"status": "ok", "batch_size": engine.batch_size, "queue_depth": engine.queue_depth,
+                "replica": replica}
 
     @app.get("/v1/models")
     async def models():

@@ -234,3 +234,32 @@ def test_missing_model_dir_is_a_one_line_error(tmp_path):
                             capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+
+
+def test_ray_serve_with_two_replicas_answers_through_one_endpoint(served_dir, generator):
+    """`graphopt serve --ray --replicas 2` on a local Ray cluster: both replicas answer, correctly."""
+    pytest.importorskip("ray.serve", reason="graphopt[ray] is not installed")
+    with server_process(served_dir, "--ray", "--replicas", "2", "--context", "256", "--threads", "1",
+                        timeout=240) as (base, process):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+        expected = [generator.generate_text(prompt, chat=True, max_new_tokens=40).text for prompt in PROMPTS]
+        texts = [None] * len(PROMPTS)
+
+        def chat(index):
+            response = client.chat.completions.create(model=MODEL, max_tokens=40, temperature=0,
+                                                      messages=[{"role": "user", "content": PROMPTS[index]}])
+            texts[index] = response.choices[0].message.content
+
+        threads = [threading.Thread(target=chat, args=(index,)) for index in range(len(PROMPTS))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert texts == expected
+        streamed = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12, temperature=0, stream=True)
+        assert "".join(chunk.choices[0].text for chunk in streamed) == generator.generate_text(
+            PROMPTS[0], max_new_tokens=12).text
+        replicas = {httpx.get(f"{base}/health", timeout=30).json()["replica"] for _ in range(40)}
+        assert len(replicas) == 2, replicas
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(120) == 0
