@@ -42,7 +42,8 @@ class GraphoptDeployment:
     """One replica: a BatchEngine on its own thread, and the OpenAI-compatible app over it."""
 
     def __init__(self, model_dir: str, model_name: str, engine_options: dict[str, Any]):
-        self.engine = BatchEngine(model_dir, **engine_options).start()
+        # Not spinning, as in graphopt.server.serve: the replica's event loop shares the cores.
+        self.engine = BatchEngine(model_dir, **{"spinning": False, **engine_options}).start()
         # Not ``self.app``: Serve's ingress wrapper defines that name itself.
         self._asgi_app = create_app(self.engine, model_name, manage_engine=False)
 

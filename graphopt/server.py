@@ -435,7 +435,10 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, max_batch: 
 
     import uvicorn
 
-    engine = BatchEngine(model_dir, ep=ep, max_batch=max_batch, max_queue=max_queue, context=context, threads=threads)
+    # Not spinning: ORT's idle threads would busy-wait on the cores that the event loop and the
+    # tokenizer need between steps (on 2 cores under load, 8 streams decoded ~1.3x faster so).
+    engine = BatchEngine(model_dir, ep=ep, max_batch=max_batch, max_queue=max_queue, context=context, threads=threads,
+                         spinning=False)
     name = model_name or pathlib.Path(model_dir).resolve().name
     app = create_app(engine, name)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_timeout,
