@@ -263,3 +263,14 @@ def test_ray_serve_with_two_replicas_answers_through_one_endpoint(served_dir, ge
         assert len(replicas) == 2, replicas
         process.send_signal(signal.SIGTERM)
         assert process.wait(120) == 0
+
+
+def test_a_port_in_use_is_a_one_line_error(served_dir):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        result = subprocess.run([sys.executable, "-m", "graphopt", "serve", str(served_dir), "--port",
+                                 str(held.getsockname()[1])], capture_output=True, text=True,
+                                env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: cannot listen on") and result.stderr.count("\n") == 1

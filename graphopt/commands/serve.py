@@ -42,6 +42,7 @@ def command(model_dir, host, port, max_batch, max_queue, context, ep, threads, m
     ModelDir.open(model_dir)  # a missing or broken directory is a one-line error before anything starts
     if not use_ray and (replicas != 1 or ray_address is not None):
         raise click.UsageError("--replicas and --ray-address need --ray")
+    _check_port(host, port)
 
     def ready(url: str, name: str, engine) -> None:
         click.echo(f"graphopt: serving {name} at {url} ({engine.max_batch} slots of {engine.context} positions, "
@@ -55,6 +56,18 @@ def command(model_dir, host, port, max_batch, max_queue, context, ep, threads, m
         return
     load_server().serve(model_dir, host=host, port=port, max_batch=max_batch, max_queue=max_queue, ep=ep, context=context,
           threads=threads, model_name=model_name, shutdown_timeout=shutdown_timeout, ready=ready)
+
+
+def _check_port(host: str, port: int) -> None:
+    """A port someone else holds is a one-line error now, not a traceback after the model has loaded."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as error:
+        raise GraphoptError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
 
 
 def load_server():
