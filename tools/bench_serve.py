@@ -10,7 +10,8 @@ Starts ``graphopt serve MODEL_DIR`` on a free local port (or uses ``--url``), th
   ``--requests`` chat completions one after another, greedy, from a mix of short and long
   prompts and output lengths (each client starts at a different place in the mix). Rounds are
   interleaved (1, 8, 1, 8, ...) so that load from other processes hits every count alike; the
-  table shows the median round. Aggregate tokens/s = completion tokens of all clients / the
+  table shows the median over rounds, and the speed-up is the median of each round's ratio to
+  the fewest clients' round just before it. Aggregate tokens/s = completion tokens of all clients / the
   round's wall time (prefills included); time to first token (TTFT) and inter-token latency (ITL:
   the gaps between streamed chunks) are per request, p50 / p99 over the round. With
   ``--check-generate`` every response's text is compared with ``graphopt generate --chat --json``
@@ -159,7 +160,7 @@ def concurrency_round(url: str, clients: int, requests: int) -> dict:
     def run(index: int) -> None:
         barrier.wait()
         for number in range(requests):
-            prompt, max_tokens = WORKLOAD[(index + number * 3) % len(WORKLOAD)]
+            prompt, max_tokens = WORKLOAD[(index + number) % len(WORKLOAD)]
             try:
                 result = stream_chat(client, prompt, max_tokens)
             except Exception as error:  # counted as lost
@@ -182,8 +183,27 @@ def concurrency_round(url: str, clients: int, requests: int) -> dict:
     return {"clients": clients, "requests": len(flat), "lost": clients * requests - len(flat), "errors": errors[:5],
             "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
             "ttft_p50": percentile(ttfts, 50), "ttft_p99": percentile(ttfts, 99),
-            "itl_p50": percentile(gaps, 50), "itl_p99": percentile(gaps, 99),
+            "itl_p50": percentile(gaps, 50), "itl_p99": percentile(gaps, 99), "ttfts": ttfts, "gaps": gaps,
             "texts": [(result["prompt"], result["max_tokens"], result["text"]) for result in flat]}
+
+
+def summarize(by_clients: dict[int, list[dict]]) -> dict[int, dict]:
+    """Per client count: median tokens/s over rounds, the median of the per-round ratios to the fewest
+    clients' round run just before (interleaved, so both saw the same load), latencies pooled."""
+    fewest = min(by_clients)
+    summary = {}
+    for count, results in by_clients.items():
+        ratios = [result["tokens_per_s"] / base["tokens_per_s"] for result, base in zip(results, by_clients[fewest])]
+        ttfts = [value for result in results for value in result["ttfts"]]
+        gaps = [value for result in results for value in result["gaps"]]
+        summary[count] = {"clients": count, "rounds": len(results), "requests": sum(r["requests"] for r in results),
+                          "lost": sum(r["lost"] for r in results), "tokens": sum(r["tokens"] for r in results),
+                          "tokens_per_s": statistics.median(r["tokens_per_s"] for r in results),
+                          "per_round": [round(r["tokens_per_s"], 1) for r in results],
+                          "speedup": statistics.median(ratios), "speedups": [round(ratio, 2) for ratio in ratios],
+                          "ttft_p50": percentile(ttfts, 50), "ttft_p99": percentile(ttfts, 99),
+                          "itl_p50": percentile(gaps, 50), "itl_p99": percentile(gaps, 99)}
+    return summary
 
 
 def generate_reference(model_dir: str, prompt: str, max_tokens: int) -> str:
@@ -362,8 +382,7 @@ def main() -> None:
                 by_clients[count].append(result)
                 print(f"round {round_number + 1}, {count} clients: {result['tokens_per_s']:.1f} tokens/s "
                       f"(load {os.getloadavg()[0]:.1f})", file=sys.stderr)
-        medians = {count: sorted(results, key=lambda result: result["tokens_per_s"])[len(results) // 2]
-                   for count, results in by_clients.items()}
+        medians = summarize(by_clients)
         mismatches, checked = [], 0
         if args.check_generate:
             references = {}
@@ -382,14 +401,15 @@ def main() -> None:
             load = load_run(url, pid, args.load_seconds, args.load_clients, args.context, args.request_timeout)
     load_after = os.getloadavg()
 
-    base = medians[min(medians)]["tokens_per_s"]
     print(f"\nmachine: {machine}; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")
-    print("| clients | requests | lost | completion tokens | aggregate tok/s | vs 1 client | TTFT p50 ms | TTFT p99 ms "
+    for count, result in sorted(medians.items()):
+        print(f"{count} clients: tokens/s per round {result['per_round']}, ratio per round {result['speedups']}")
+    print("| clients | requests | lost | completion tokens | aggregate tok/s | vs fewest clients | TTFT p50 ms | TTFT p99 ms "
           "| ITL p50 ms | ITL p99 ms |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for count, result in sorted(medians.items()):
         print(f"| {count} | {result['requests']} | {result['lost']} | {result['tokens']} | {result['tokens_per_s']:.1f} "
-              f"| {result['tokens_per_s'] / base:.2f}x | {result['ttft_p50'] * 1e3:.0f} | {result['ttft_p99'] * 1e3:.0f} "
+              f"| {result['speedup']:.2f}x | {result['ttft_p50'] * 1e3:.0f} | {result['ttft_p99'] * 1e3:.0f} "
               f"| {result['itl_p50'] * 1e3:.0f} | {result['itl_p99'] * 1e3:.0f} |")
     if args.check_generate:
         print(f"greedy answers identical to `graphopt generate`: {checked - len(mismatches)}/{checked}")
@@ -408,8 +428,11 @@ def main() -> None:
     if args.json:
         record = {"machine": machine, "load_average_before": load_before, "load_average_after": load_after,
                   "model_dir": args.model_dir, "max_batch": args.max_batch, "context": args.context,
-                  "rounds": {str(count): [{key: value for key, value in result.items() if key != "texts"}
+                  "rounds": {str(count): [{key: value for key, value in result.items()
+                                           if key not in ("texts", "ttfts", "gaps")}
                                           for result in results] for count, results in by_clients.items()},
+                  "summary": {str(count): {key: value for key, value in result.items() if key != "per_round"}
+                              for count, result in medians.items()},
                   "greedy_checked": checked, "greedy_mismatches": mismatches,
                   "load": None if load is None else {key: value for key, value in load.items() if key != "token_times"}}
         args.json.parent.mkdir(parents=True, exist_ok=True)
