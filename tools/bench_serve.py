@@ -12,7 +12,9 @@ Starts ``graphopt serve MODEL_DIR`` on a free local port (or uses ``--url``), th
   interleaved (1, 8, 1, 8, ...) so that load from other processes hits every count alike; the
   table shows the median over rounds, and the speed-up is the median of each round's ratio to
   the fewest clients' round just before it. Aggregate tokens/s = completion tokens of all clients / the
-  round's wall time (prefills included); time to first token (TTFT) and inter-token latency (ITL:
+  round's wall time (prefills included); aggregate decode tokens/s = the sum over clients of each
+  client's decode speed (tokens after the first / time from first to last chunk, so the stalls
+  that other clients' prefills cause are in it); time to first token (TTFT) and inter-token latency (ITL:
   the gaps between streamed chunks) are per request, p50 / p99 over the round. With
   ``--check-generate`` every response's text is compared with ``graphopt generate --chat --json``
   for the same prompt and length.
@@ -146,7 +148,9 @@ def stream_chat(client, prompt: str, max_tokens: int, stop_after: int | None = N
     ended = time.perf_counter()
     return {"text": "".join(text), "tokens": tokens, "finish": finish, "seconds": ended - started,
             "ttft": arrivals[0] - started if arrivals else float("nan"),
-            "gaps": [later - earlier for earlier, later in zip(arrivals, arrivals[1:])]}
+            "gaps": [later - earlier for earlier, later in zip(arrivals, arrivals[1:])],
+            # Decoding proper: the tokens after the first, over the time from the first chunk to the last.
+            "decode_tokens": max(tokens - 1, 0), "decode_s": arrivals[-1] - arrivals[0] if arrivals else 0.0}
 
 
 def concurrency_round(url: str, clients: int, requests: int) -> dict:
@@ -180,7 +184,10 @@ def concurrency_round(url: str, clients: int, requests: int) -> dict:
     tokens = sum(result["tokens"] for result in flat)
     gaps = [gap for result in flat for gap in result["gaps"]]
     ttfts = [result["ttft"] for result in flat]
-    return {"clients": clients, "requests": len(flat), "lost": clients * requests - len(flat), "errors": errors[:5],
+    # Each client's decode speed (its decode tokens over its decode time), summed over the clients.
+    decode_rates = [sum(r["decode_tokens"] for r in per_client) / sum(r["decode_s"] for r in per_client)
+                    for per_client in results if per_client and sum(r["decode_s"] for r in per_client) > 0]
+    return {"clients": clients, "requests": len(flat), "decode_tokens_per_s": sum(decode_rates), "lost": clients * requests - len(flat), "errors": errors[:5],
             "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
             "ttft_p50": percentile(ttfts, 50), "ttft_p99": percentile(ttfts, 99),
             "itl_p50": percentile(gaps, 50), "itl_p99": percentile(gaps, 99), "ttfts": ttfts, "gaps": gaps,
@@ -194,6 +201,8 @@ def summarize(by_clients: dict[int, list[dict]]) -> dict[int, dict]:
     summary = {}
     for count, results in by_clients.items():
         ratios = [result["tokens_per_s"] / base["tokens_per_s"] for result, base in zip(results, by_clients[fewest])]
+        decode_ratios = [result["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+                         for result, base in zip(results, by_clients[fewest])]
         ttfts = [value for result in results for value in result["ttfts"]]
         gaps = [value for result in results for value in result["gaps"]]
         summary[count] = {"clients": count, "rounds": len(results), "requests": sum(r["requests"] for r in results),
@@ -201,6 +210,9 @@ def summarize(by_clients: dict[int, list[dict]]) -> dict[int, dict]:
                           "tokens_per_s": statistics.median(r["tokens_per_s"] for r in results),
                           "per_round": [round(r["tokens_per_s"], 1) for r in results],
                           "speedup": statistics.median(ratios), "speedups": [round(ratio, 2) for ratio in ratios],
+                          "decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in results),
+                          "decode_speedup": statistics.median(decode_ratios),
+                          "decode_speedups": [round(ratio, 2) for ratio in decode_ratios],
                           "ttft_p50": percentile(ttfts, 50), "ttft_p99": percentile(ttfts, 99),
                           "itl_p50": percentile(gaps, 50), "itl_p99": percentile(gaps, 99)}
     return summary
@@ -403,13 +415,14 @@ def main() -> None:
 
     print(f"\nmachine: {machine}; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")
     for count, result in sorted(medians.items()):
-        print(f"{count} clients: tokens/s per round {result['per_round']}, ratio per round {result['speedups']}")
-    print("| clients | requests | lost | completion tokens | aggregate tok/s | vs fewest clients | TTFT p50 ms | TTFT p99 ms "
-          "| ITL p50 ms | ITL p99 ms |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print(f"{count} clients: tokens/s per round {result['per_round']}, ratio per round {result['speedups']}, "
+              f"decode ratio per round {result['decode_speedups']}")
+    print("| clients | requests | lost | completion tokens | aggregate tok/s | vs fewest | aggregate decode tok/s "
+          "| vs fewest | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for count, result in sorted(medians.items()):
         print(f"| {count} | {result['requests']} | {result['lost']} | {result['tokens']} | {result['tokens_per_s']:.1f} "
-              f"| {result['speedup']:.2f}x | {result['ttft_p50'] * 1e3:.0f} | {result['ttft_p99'] * 1e3:.0f} "
+              f"| {result['speedup']:.2f}x | {result['decode_tokens_per_s']:.1f} | {result['decode_speedup']:.2f}x | {result['ttft_p50'] * 1e3:.0f} | {result['ttft_p99'] * 1e3:.0f} "
               f"| {result['itl_p50'] * 1e3:.0f} | {result['itl_p99'] * 1e3:.0f} |")
     if args.check_generate:
         print(f"greedy answers identical to `graphopt generate`: {checked - len(mismatches)}/{checked}")
