@@ -33,6 +33,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from graphopt.errors import GraphoptError
@@ -222,9 +223,14 @@ def create_app(engine: BatchEngine, model_name: str, metrics: ServerMetrics | No
         return _error(400, f"{'.'.join(location) or 'body'}: {first.get('msg', 'invalid')}",
                       param=".".join(location) or None)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, error: StarletteHTTPException):
+        return _error(error.status_code, str(error.detail), kind="invalid_request_error" if error.status_code < 500
+                      else "server_error", headers=getattr(error, "headers", None))
+
     @app.get("/health")
     async def health():
-        if engine._failure is not None or engine._closing:
+        if not engine.accepting:
             return JSONResponse({"status": "unavailable"}, status_code=503)
         return {"status": "ok", "batch_size": engine.batch_size, "queue_depth": engine.queue_depth,
                 "replica": replica}

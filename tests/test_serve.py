@@ -174,6 +174,8 @@ def test_errors_have_the_openai_shape(server, client):
     assert no_room.value.code == "context_length_exceeded"
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="another", prompt="hi", max_tokens=2)
+    unknown = httpx.get(f"{server}/v1/engines")
+    assert unknown.status_code == 404 and "error" in unknown.json()
     assert httpx.get(f"{server}/health").json()["status"] == "ok"
 
 

@@ -276,6 +276,11 @@ class BatchEngine:
         """Sequences holding a slot now."""
         return sum(sequence is not None for sequence in self._slots)
 
+    @property
+    def accepting(self) -> bool:
+        """Whether ``submit`` takes requests: False once shutting down, or after the session failed."""
+        return not self._closing
+
     def idle(self) -> bool:
         return not self._waiting and self.batch_size == 0
 
