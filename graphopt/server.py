@@ -87,6 +87,7 @@ class ServerMetrics:
                                              buckets=latency_buckets, registry=self.registry)
         self.inter_token = Histogram("graphopt_inter_token_latency_seconds", "Time between a sequence's tokens.",
                                      buckets=latency_buckets, registry=self.registry)
+        self.registry.register(_EngineCollector(engine))
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self._lock = threading.Lock()
 
@@ -113,6 +114,24 @@ class ServerMetrics:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _EngineCollector:
+    """The engine's own counters, read at scrape time: where its time goes, prefill against decode."""
+
+    def __init__(self, engine: BatchEngine):
+        self.engine = engine
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        stats = self.engine.stats
+        for name, help_text, value in (
+                ("graphopt_prefill_seconds", "Seconds spent in prefills.", stats.prefill_s),
+                ("graphopt_prefill_tokens", "Prompt tokens prefilled by the engine.", stats.prefill_tokens),
+                ("graphopt_decode_step_seconds", "Seconds spent in decode steps.", stats.decode_s),
+                ("graphopt_decode_step_tokens", "Tokens produced by decode steps.", stats.decode_tokens)):
+            yield CounterMetricFamily(name, help_text, value=value)
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,

@@ -14,7 +14,9 @@ Starts ``graphopt serve MODEL_DIR`` on a free local port (or uses ``--url``), th
   the fewest clients' round just before it. Aggregate tokens/s = completion tokens of all clients / the
   round's wall time (prefills included); aggregate decode tokens/s = the sum over clients of each
   client's decode speed (tokens after the first / time from first to last chunk, so the stalls
-  that other clients' prefills cause are in it); time to first token (TTFT) and inter-token latency (ITL:
+  that other clients' prefills cause are in it); decode-step tokens/s = the server engine's tokens
+  from decode steps over its seconds in decode steps (from /metrics: batching's gain per step,
+  without the prefills); time to first token (TTFT) and inter-token latency (ITL:
   the gaps between streamed chunks) are per request, p50 / p99 over the round. With
   ``--check-generate`` every response's text is compared with ``graphopt generate --chat --json``
   for the same prompt and length.
@@ -153,6 +155,18 @@ def stream_chat(client, prompt: str, max_tokens: int, stop_after: int | None = N
             "decode_tokens": max(tokens - 1, 0), "decode_s": arrivals[-1] - arrivals[0] if arrivals else 0.0}
 
 
+def engine_counters(url: str) -> dict[str, float]:
+    """The server's engine counters (prefill and decode-step seconds and tokens) from /metrics."""
+    import httpx
+
+    counters = {}
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith(("graphopt_prefill_", "graphopt_decode_step_")) and "_created" not in line:
+            name, value = line.split()
+            counters[name] = float(value)
+    return counters
+
+
 def concurrency_round(url: str, clients: int, requests: int) -> dict:
     import openai
 
@@ -174,12 +188,15 @@ def concurrency_round(url: str, clients: int, requests: int) -> dict:
             results[index].append(result)
 
     threads = [threading.Thread(target=run, args=(index,)) for index in range(clients)]
+    engine_before = engine_counters(url)
     started = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - started
+    engine_after = engine_counters(url)
+    engine = {name: engine_after[name] - engine_before.get(name, 0.0) for name in engine_after}
     flat = [result for per_client in results for result in per_client]
     tokens = sum(result["tokens"] for result in flat)
     gaps = [gap for result in flat for gap in result["gaps"]]
@@ -187,7 +204,11 @@ def concurrency_round(url: str, clients: int, requests: int) -> dict:
     # Each client's decode speed (its decode tokens over its decode time), summed over the clients.
     decode_rates = [sum(r["decode_tokens"] for r in per_client) / sum(r["decode_s"] for r in per_client)
                     for per_client in results if per_client and sum(r["decode_s"] for r in per_client) > 0]
-    return {"clients": clients, "requests": len(flat), "decode_tokens_per_s": sum(decode_rates), "lost": clients * requests - len(flat), "errors": errors[:5],
+    step_seconds = engine.get("graphopt_decode_step_seconds_total", 0.0)
+    return {"clients": clients, "requests": len(flat), "decode_tokens_per_s": sum(decode_rates),
+            "step_tokens_per_s": engine.get("graphopt_decode_step_tokens_total", 0.0) / step_seconds
+            if step_seconds else float("nan"),
+            "prefill_share": engine.get("graphopt_prefill_seconds_total", 0.0) / wall, "lost": clients * requests - len(flat), "errors": errors[:5],
             "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
             "ttft_p50": percentile(ttfts, 50), "ttft_p99": percentile(ttfts, 99),
             "itl_p50": percentile(gaps, 50), "itl_p99": percentile(gaps, 99), "ttfts": ttfts, "gaps": gaps,
@@ -203,6 +224,8 @@ def summarize(by_clients: dict[int, list[dict]]) -> dict[int, dict]:
         ratios = [result["tokens_per_s"] / base["tokens_per_s"] for result, base in zip(results, by_clients[fewest])]
         decode_ratios = [result["decode_tokens_per_s"] / base["decode_tokens_per_s"]
                          for result, base in zip(results, by_clients[fewest])]
+        step_ratios = [result["step_tokens_per_s"] / base["step_tokens_per_s"]
+                       for result, base in zip(results, by_clients[fewest])]
         ttfts = [value for result in results for value in result["ttfts"]]
         gaps = [value for result in results for value in result["gaps"]]
         summary[count] = {"clients": count, "rounds": len(results), "requests": sum(r["requests"] for r in results),
@@ -213,6 +236,10 @@ def summarize(by_clients: dict[int, list[dict]]) -> dict[int, dict]:
                           "decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in results),
                           "decode_speedup": statistics.median(decode_ratios),
                           "decode_speedups": [round(ratio, 2) for ratio in decode_ratios],
+                          "step_tokens_per_s": statistics.median(r["step_tokens_per_s"] for r in results),
+                          "step_speedup": statistics.median(step_ratios),
+                          "step_speedups": [round(ratio, 2) for ratio in step_ratios],
+                          "prefill_share": statistics.median(r["prefill_share"] for r in results),
                           "ttft_p50": percentile(ttfts, 50), "ttft_p99": percentile(ttfts, 99),
                           "itl_p50": percentile(gaps, 50), "itl_p99": percentile(gaps, 99)}
     return summary
@@ -416,13 +443,15 @@ def main() -> None:
     print(f"\nmachine: {machine}; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")
     for count, result in sorted(medians.items()):
         print(f"{count} clients: tokens/s per round {result['per_round']}, ratio per round {result['speedups']}, "
-              f"decode ratio per round {result['decode_speedups']}")
+              f"decode ratio per round {result['decode_speedups']}, decode-step ratio per round "
+              f"{result['step_speedups']}, engine time in prefills {result['prefill_share']:.0%}")
     print("| clients | requests | lost | completion tokens | aggregate tok/s | vs fewest | aggregate decode tok/s "
-          "| vs fewest | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| vs fewest | decode-step tok/s | vs fewest | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for count, result in sorted(medians.items()):
         print(f"| {count} | {result['requests']} | {result['lost']} | {result['tokens']} | {result['tokens_per_s']:.1f} "
-              f"| {result['speedup']:.2f}x | {result['decode_tokens_per_s']:.1f} | {result['decode_speedup']:.2f}x | {result['ttft_p50'] * 1e3:.0f} | {result['ttft_p99'] * 1e3:.0f} "
+              f"| {result['speedup']:.2f}x | {result['decode_tokens_per_s']:.1f} | {result['decode_speedup']:.2f}x "
+              f"| {result['step_tokens_per_s']:.1f} | {result['step_speedup']:.2f}x | {result['ttft_p50'] * 1e3:.0f} | {result['ttft_p99'] * 1e3:.0f} "
               f"| {result['itl_p50'] * 1e3:.0f} | {result['itl_p99'] * 1e3:.0f} |")
     if args.check_generate:
         print(f"greedy answers identical to `graphopt generate`: {checked - len(mismatches)}/{checked}")

@@ -142,6 +142,10 @@ class EngineStats:
     cancelled: int = 0
     busy_s: float = 0.0
     last_batch_size: int = 0
+    prefill_tokens: int = 0  # prompt tokens prefilled
+    prefill_s: float = 0.0
+    decode_tokens: int = 0  # tokens produced by decode steps (a request's first token comes from its prefill)
+    decode_s: float = 0.0
 
 
 class BatchEngine:
@@ -390,8 +394,11 @@ class BatchEngine:
         self._bind_cache(binding, sequence.slot, 1)
         self.session.run_with_iobinding(binding)
         logits = binding.get_outputs()[0].numpy()[0, -1].astype(np.float32)
+        seconds = time.perf_counter() - started
         self.stats.prefills += 1
-        self.stats.busy_s += time.perf_counter() - started
+        self.stats.prefill_tokens += length
+        self.stats.prefill_s += seconds
+        self.stats.busy_s += seconds
         self._accept(sequence, choose(logits, sequence.request.sampling, sequence._rng))
 
     def _decode(self, running: list[Sequence]) -> None:
@@ -418,6 +425,8 @@ class BatchEngine:
         seconds = time.perf_counter() - started
         self.stats.steps += 1
         self.stats.busy_s += seconds
+        self.stats.decode_s += seconds
+        self.stats.decode_tokens += len(running)
         self.stats.last_batch_size = len(running)
         for sequence in running:
             self._accept(sequence, choose(logits[sequence.slot], sequence.request.sampling, sequence._rng))
