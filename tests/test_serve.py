@@ -267,6 +267,15 @@ def test_ray_serve_with_two_replicas_answers_through_one_endpoint(served_dir, ge
         assert process.wait(120) == 0
 
 
+@pytest.mark.parametrize("ray", [False, True])
+def test_an_unfused_model_is_a_one_line_error(tiny_llama_dir, ray):
+    result = subprocess.run([sys.executable, "-m", "graphopt", "serve", str(tiny_llama_dir), "--port", str(free_port()),
+                             *(["--ray"] if ray else [])], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 2
+    assert "GroupQueryAttention" in result.stderr and result.stderr.count("\n") == 1
+
+
 def test_a_port_in_use_is_a_one_line_error(served_dir):
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))

@@ -37,9 +37,9 @@ from graphopt.runtime.session import EXECUTION_PROVIDERS
 def command(model_dir, host, port, max_batch, max_queue, context, ep, threads, model_name, shutdown_timeout, use_ray,
             replicas, ray_address):
     """Serve MODEL_DIR over HTTP with the OpenAI API (chat and text completions, streaming or not)."""
-    from graphopt.modeldir import ModelDir
+    from graphopt.runtime.batching import require_batchable
 
-    ModelDir.open(model_dir)  # a missing or broken directory is a one-line error before anything starts
+    require_batchable(model_dir)  # a missing, broken or unfused directory: one line, before anything starts
     if not use_ray and (replicas != 1 or ray_address is not None):
         raise click.UsageError("--replicas and --ray-address need --ray")
     _check_port(host, port)

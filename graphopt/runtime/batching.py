@@ -175,11 +175,8 @@ class BatchEngine:
             raise GraphoptError("max_batch must be at least 1")
         if max_queue < 0:
             raise GraphoptError("max_queue must be at least 0")
-        self.model_dir = ModelDir.open(model_dir)
+        self.model_dir = require_batchable(model_dir)
         model_path = self.model_dir.model_path
-        if not fused_with_group_query_attention(model_path):
-            raise GraphoptError(f"{self.model_dir.path}: batched decoding needs attention fused into "
-                                f"GroupQueryAttention (graphopt fuse {self.model_dir.path} -o FUSED --target cpu)")
         import onnxruntime as ort
 
         from graphopt.runtime.device import DEVICE_OF_PROVIDER
@@ -490,6 +487,16 @@ class BatchEngine:
             sequence.listener(event)
         except Exception:  # one client's broken callback must not take the batch down
             logger.exception("listener of sequence %d failed", sequence.id)
+
+
+def require_batchable(model_dir: str | os.PathLike) -> ModelDir:
+    """The model directory, or GraphoptError (with the command that fixes it) unless it is fused with
+    GroupQueryAttention, which batched decoding needs."""
+    directory = ModelDir.open(model_dir)
+    if not fused_with_group_query_attention(directory.model_path):
+        raise GraphoptError(f"{directory.path}: batched decoding needs attention fused into GroupQueryAttention "
+                            f"(graphopt fuse {directory.path} -o FUSED --target cpu)")
+    return directory
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:
