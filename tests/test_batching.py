@@ -1,0 +1,160 @@
+"""Continuous batching: every sequence of a batch decodes exactly what it decodes alone.
+
+The reference is graphopt's single-sequence ``Generator`` (static cache, batch 1). Arrivals are
+staged with ``BatchEngine.step`` so that requests join while others decode, take slots freed by
+finished ones, sit below running ones (dummy rows) and are cancelled midway.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from graphopt.errors import GraphoptError
+from graphopt.fusion import fuse
+from graphopt.quantization import QuantizeConfig, quantize
+from graphopt.runtime import Generator, Sampling
+from graphopt.runtime.batching import (BatchEngine, BatchRequest, EngineClosedError, PromptTooLongError,
+                                       QueueFullError, _held_back)
+
+
+@pytest.fixture(scope="module")
+def fused_llama_dir(tiny_llama_dir, tmp_path_factory):
+    output = tmp_path_factory.mktemp("batching") / "fused"
+    fuse(tiny_llama_dir, output, "cpu", require=True)
+    return output
+
+
+@pytest.fixture(scope="module")
+def int8_llama_dir(fused_llama_dir, tmp_path_factory):
+    output = tmp_path_factory.mktemp("batching") / "int8"
+    quantize(fused_llama_dir, output, QuantizeConfig(weights="int8", activations="none"))
+    return output
+
+
+def _prompts(count: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 300, size=int(length)).tolist() for length in rng.integers(2, 40, size=count)]
+
+
+@pytest.mark.parametrize("directory", ["fused_llama_dir", "int8_llama_dir"])
+def test_batched_greedy_equals_alone_with_staggered_arrivals_and_a_cancellation(request, directory):
+    model_dir = request.getfixturevalue(directory)
+    generator = Generator(model_dir)
+    prompts = _prompts(7)
+    lengths = [24, 9, 30, 16, 5, 20, 12]
+    alone = [generator.generate(prompt, max_new_tokens=count).token_ids for prompt, count in zip(prompts, lengths)]
+    engine = BatchEngine(model_dir, max_batch=3, context=96)
+    sequences = {}
+
+    def submit(index):
+        sequences[index] = engine.submit(BatchRequest(tuple(prompts[index]), lengths[index]))
+
+    submit(0)
+    engine.step()
+    engine.step()
+    submit(1)
+    submit(2)
+    submit(3)  # waits: three slots are taken
+    for _ in range(10):  # 1 finishes (9 tokens) and frees slot 1 for 3, while 0 and 2 decode on
+        engine.step()
+    assert sequences[1].finish_reason == "length" and sequences[3].slot == 1
+    assert sequences[0].finish_reason is None and sequences[2].finish_reason is None
+    submit(4)
+    submit(5)
+    engine.step()
+    # cancel 2 in the middle of its decoding; 4 takes its slot, 5 waits.
+    engine.cancel(sequences[2])
+    engine.step()
+    assert sequences[2].finish_reason == "cancelled"
+    submit(6)
+    engine.run_until_idle()
+    assert engine.batch_size == 0 and engine.queue_depth == 0
+    for index, sequence in sequences.items():
+        if index == 2:
+            assert 0 < len(sequence.token_ids) < lengths[2]
+            assert sequence.token_ids == alone[2][:len(sequence.token_ids)]
+            continue
+        assert sequence.finish_reason in ("stop", "length")
+        assert sequence.token_ids == alone[index], f"sequence {index} in slot {sequence.slot}"
+    # Slots were reused and some steps ran with free rows below busy ones.
+    assert {sequence.slot for sequence in sequences.values()} == {0, 1, 2}
+
+
+def test_engine_thread_serves_concurrent_submissions(fused_llama_dir):
+    generator = Generator(fused_llama_dir)
+    prompts = _prompts(6, seed=1)
+    alone = [generator.generate(prompt, max_new_tokens=20).token_ids for prompt in prompts]
+    engine = BatchEngine(fused_llama_dir, max_batch=4, context=96).start()
+    events = {index: [] for index in range(len(prompts))}
+    sequences = [None] * len(prompts)
+
+    def client(index):
+        sequences[index] = engine.submit(BatchRequest(tuple(prompts[index]), 20), events[index].append)
+        sequences[index].wait(60)
+
+    threads = [threading.Thread(target=client, args=(index,)) for index in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    engine.shutdown(timeout=30)
+    for index, sequence in enumerate(sequences):
+        assert sequence.token_ids == alone[index]
+        assert [event.token_id for event in events[index][:-1]] == alone[index]
+        assert events[index][-1].finish_reason in ("stop", "length")
+        assert "".join(event.text for event in events[index]) == generator.tokenizer.decode(alone[index])
+
+
+def test_sampling_is_per_request_and_seeded(fused_llama_dir):
+    """A seeded request samples the same tokens alone and beside other requests, like Generator does."""
+    generator = Generator(fused_llama_dir)
+    prompt = _prompts(1, seed=2)[0]
+    sampling = Sampling(temperature=0.9, top_k=40, top_p=0.9, seed=7)
+    expected = generator.generate(prompt, max_new_tokens=16, sampling=sampling).token_ids
+    engine = BatchEngine(fused_llama_dir, max_batch=3, context=96)
+    others = [BatchRequest(tuple(other), 16, Sampling(temperature=1.0, seed=seed))
+              for seed, other in enumerate(_prompts(2, seed=3))]
+    batch = engine.generate([others[0], BatchRequest(tuple(prompt), 16, sampling), others[1]])
+    assert batch[1].token_ids == expected
+    assert batch[0].token_ids != batch[2].token_ids
+
+
+def test_stop_strings_end_the_text_before_them(fused_llama_dir):
+    engine = BatchEngine(fused_llama_dir, max_batch=2, context=96)
+    prompt = tuple(_prompts(1, seed=4)[0])
+    free = engine.generate([BatchRequest(prompt, 24, stop_on_eos=False)])[0]
+    text = engine.tokenizer.decode(free.token_ids)
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    assert len(stop) == 3
+    events = []
+    sequence = engine.submit(BatchRequest(prompt, 24, stop=(stop,), stop_on_eos=False), events.append)
+    engine.run_until_idle()
+    assert sequence.finish_reason == "stop"
+    assert sequence.text == text[:text.index(stop)]
+    assert "".join(event.text for event in events) == sequence.text
+    assert len(sequence.token_ids) < 24
+
+
+def test_held_back_text_is_a_stop_prefix():
+    assert _held_back("hello wor", ("world",)) == 3
+    assert _held_back("hello", ("xyz",)) == 0
+    assert _held_back("ab", ("abc", "b!")) == 2
+
+
+def test_limits_are_typed_errors(fused_llama_dir, tiny_llama_dir):
+    engine = BatchEngine(fused_llama_dir, max_batch=1, max_queue=1, context=32)
+    with pytest.raises(PromptTooLongError, match="context is 32"):
+        engine.submit(BatchRequest(tuple(range(3, 30)), 8))
+    first = engine.submit(BatchRequest((5, 6, 7), 4))
+    engine.submit(BatchRequest((5, 6, 7), 4))  # the one slot is free: not counted as queued
+    with pytest.raises(QueueFullError):
+        engine.submit(BatchRequest((5, 6, 7), 4))
+    engine.shutdown(cancel=True)
+    assert first.finish_reason == "cancelled" and engine.idle()
+    with pytest.raises(EngineClosedError):
+        engine.submit(BatchRequest((5, 6, 7), 4))
+    with pytest.raises(GraphoptError, match="GroupQueryAttention"):
+        BatchEngine(tiny_llama_dir)
