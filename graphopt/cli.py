@@ -77,7 +77,7 @@ class GraphoptGroup(click.Group):
             click.echo("error: interrupted; nothing was written", err=True)
             sys.exit(130)
         except Terminated as error:
-            click.echo(f"error: stopped by {error}; nothing was written", err=True)
+            click.echo(f"error: stopped by {error}; no output was left half written", err=True)
             sys.exit(128 + error.signum)
         # Without standalone mode click returns a ctx.exit(N) code instead of exiting.
         sys.exit(code if isinstance(code, int) else 0)

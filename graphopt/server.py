@@ -38,7 +38,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from graphopt.errors import GraphoptError
 from graphopt.runtime.batching import (BatchEngine, BatchRequest, EngineClosedError, PromptTooLongError,
-                                       QueueFullError, Sequence, SequenceEvent)
+                                       QueueFullError, SequenceEvent)
+from graphopt.runtime.generator import encode_prompt as prompt_ids
 from graphopt.runtime.sampling import Sampling
 
 logger = logging.getLogger(__name__)
@@ -53,11 +54,7 @@ RATE_WINDOW_S = 10.0
 
 def encode_prompt(engine: BatchEngine, text: str) -> list[int]:
     """Token ids of a plain prompt, with BOS where the model wants one (as ``Generator.encode_prompt``)."""
-    ids = engine.tokenizer.encode(text)
-    bos = engine.manifest.get("bos_token_id")
-    if engine.manifest.get("add_bos_token") and bos is not None and (not ids or ids[0] != bos):
-        ids = [bos, *ids]
-    return ids
+    return prompt_ids(engine.tokenizer, engine.manifest, text)
 
 
 class ServerMetrics:

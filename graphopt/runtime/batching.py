@@ -179,8 +179,7 @@ class BatchEngine:
         model_path = self.model_dir.model_path
         import onnxruntime as ort
 
-        from graphopt.runtime.device import DEVICE_OF_PROVIDER
-        from graphopt.runtime.session import make_session
+        from graphopt.runtime.session import DEVICE_OF_PROVIDER, make_session
 
         self._ort = ort
         self.manifest = self.model_dir.manifest
@@ -192,8 +191,7 @@ class BatchEngine:
         self.past_names = [name for name in inputs if name.startswith("past_key_values.")]
         self.present_names = ["present." + name[len("past_key_values."):] for name in self.past_names]
         # GroupQueryAttention's rotary tables cover max_positions; a slot may not hold more.
-        fused_positions = (self.manifest.get("fusion") or {}).get("max_positions") or self.manifest.get("max_positions")
-        max_positions = int(fused_positions or DEFAULT_CONTEXT)
+        max_positions = int((self.manifest.fusion or {}).get("max_positions") or self.manifest.max_positions)
         self.context = min(context or DEFAULT_CONTEXT, max_positions)
         if self.context < 2:
             raise GraphoptError(f"a context of {self.context} positions leaves no room to generate")
@@ -211,7 +209,7 @@ class BatchEngine:
             slot_bytes = kv_heads * self.context * head_dim * np.dtype(dtype).itemsize
             self._cache.append((value, (kv_heads, self.context, head_dim), slot_bytes, dtype))
         self.tokenizer = Tokenizer(self.model_dir.path)
-        self.eos_token_ids = frozenset(int(token) for token in self.manifest.get("eos_token_ids", []))
+        self.eos_token_ids = frozenset(self.manifest.eos_token_ids)
         self.on_step = on_step
         self.stats = EngineStats()
         self._slots: list[Sequence | None] = [None] * max_batch
@@ -493,7 +491,7 @@ def require_batchable(model_dir: str | os.PathLike) -> ModelDir:
     """The model directory, or GraphoptError (with the command that fixes it) unless it is fused with
     GroupQueryAttention, which batched decoding needs."""
     directory = ModelDir.open(model_dir)
-    if not fused_with_group_query_attention(directory.model_path):
+    if not fused_with_group_query_attention(directory.manifest):
         raise GraphoptError(f"{directory.path}: batched decoding needs attention fused into GroupQueryAttention "
                             f"(graphopt fuse {directory.path} -o FUSED --target cpu)")
     return directory

@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from graphopt.errors import GraphoptError
+from graphopt.manifest import Manifest
 from graphopt.modeldir import ModelDir
 from graphopt.runtime.device import open_decoder
 from graphopt.runtime.sampling import GREEDY, Sampling, choose
@@ -53,6 +54,17 @@ class GenerationResult:
         }
 
 
+def encode_prompt(tokenizer: Tokenizer, manifest: Manifest, prompt: str, chat: bool = False) -> list[int]:
+    """Token ids of a prompt: through the chat template, or plain with BOS where the model wants one."""
+    if chat:
+        return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": prompt}]))
+    ids = tokenizer.encode(prompt)
+    bos = manifest.bos_token_id
+    if manifest.add_bos_token and bos is not None and (not ids or ids[0] != bos):
+        ids = [bos, *ids]
+    return ids
+
+
 class Generator:
     """Owns an ORT decoder session, its KV cache and the tokenizer of a model directory.
 
@@ -80,14 +92,7 @@ class Generator:
         return self.decoder.provider
 
     def encode_prompt(self, prompt: str, chat: bool = False) -> list[int]:
-        if chat:
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-            return self.tokenizer.encode(text)
-        ids = self.tokenizer.encode(prompt)
-        bos = self.manifest.bos_token_id
-        if self.manifest.add_bos_token and bos is not None and (not ids or ids[0] != bos):
-            ids = [bos, *ids]
-        return ids
+        return encode_prompt(self.tokenizer, self.manifest, prompt, chat)
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int = 128, sampling: Sampling = GREEDY,
                  on_token: Callable[[int], None] | None = None, stop_on_eos: bool = True) -> GenerationResult:
