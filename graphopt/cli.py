@@ -63,10 +63,10 @@ def progress(message: str) -> None:
 
 
 def _register() -> None:
-    from graphopt.commands import convert, draft, export, fetch, fuse, generate, inspect, optimize, prune, quantize
+    from graphopt.commands import convert, distill, draft, export, fetch, fuse, generate, inspect, optimize, prune, quantize
     from graphopt.commands import eval as evaluate
 
-    for module in (fetch, export, fuse, generate, inspect, draft, quantize, prune, evaluate, convert, optimize):
+    for module in (fetch, export, fuse, generate, inspect, draft, quantize, prune, distill, evaluate, convert, optimize):
         main.add_command(module.command)
 
 
