@@ -88,7 +88,7 @@ class DistillConfig:
     checkpoint_dir: str | None = None
     resume: bool = False
     eval_windows: int = 4
-    warmup_steps: int = 20
+    warmup_steps: int = 10
     stop_after_steps: int | None = None  # end as if interrupted after this step (a checkpoint is written)
 
     def check(self) -> None:
@@ -340,9 +340,8 @@ class _Distributed:
 
 
 def _schedule(step: int, progress: float, config: DistillConfig) -> float:
-    warmup = min(config.warmup_steps, 1_000_000)
-    if step < warmup:
-        return config.lr * (step + 1) / warmup
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
     return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 

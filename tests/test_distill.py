@@ -13,8 +13,8 @@ import torch
 from click.testing import CliRunner
 
 from graphopt.cli import main
-from graphopt.distill import DistillConfig, distill, fake_quantize, snap_to_grid
-from graphopt.evaluate import DEFAULT_TEXT, evaluate
+from graphopt.distill import DistillConfig, _kl_loss, distill, fake_quantize, self_sampled_pool, snap_to_grid
+from graphopt.evaluate import DEFAULT_TEXT
 from graphopt.export import export
 from graphopt.pruning import prune
 from graphopt.student import check_round_trip, load_student, ort_logits
@@ -59,7 +59,7 @@ def _weights(model_dir: pathlib.Path) -> dict[str, np.ndarray]:
 
 
 def _config(**overrides) -> DistillConfig:
-    settings = dict(tokens=8 * 32 * 6, batch_size=8, seq_len=32, lr=3e-3, data_tokens=8 * 32 * 2, eval_windows=0,
+    settings = dict(tokens=8 * 32 * 8, batch_size=8, seq_len=32, lr=3e-3, data_tokens=8 * 32 * 8, eval_windows=0,
                     warmup_steps=2, seed=0)
     settings.update(overrides)
     return DistillConfig(**settings)
@@ -99,19 +99,22 @@ def test_untrained_weights_written_back_unchanged(student_dir, tmp_path):
                                   ort_logits(student_dir / "model.onnx", ids))
 
 
-def _mean_kl(model_dir, teacher_dir, tmp_path) -> float:
-    text = tmp_path / "held-out.txt"
-    text.write_text(" ".join(CORPUS) * 6)
-    return evaluate(model_dir, text, window=48, reference_dir=teacher_dir, max_windows=4).mean_kl
+def _held_out_kl(model_dir, teacher_dir) -> float:
+    """Mean KL(teacher || model) on teacher samples of another seed than the training data's."""
+    student, teacher = load_student(model_dir).module, load_student(teacher_dir)
+    pool = self_sampled_pool(teacher.module, teacher.directory.path, 32, 32, 99, torch.device("cpu"), 0, 1, 16)
+    ids = torch.from_numpy(pool.astype(np.int64))
+    with torch.no_grad():
+        return float(_kl_loss(student(ids)[0], teacher.module(ids)[0], 1.0))
 
 
 def test_short_distillation_lowers_kl(student_dir, teacher_dir, tmp_path):
     result = distill(student_dir, teacher_dir, tmp_path / "out", _config())
     assert result is not None
-    before, after = _mean_kl(student_dir, teacher_dir, tmp_path), _mean_kl(result.model_dir.path, teacher_dir, tmp_path)
-    assert after < 0.7 * before, (before, after)
+    before, after = _held_out_kl(student_dir, teacher_dir), _held_out_kl(result.model_dir.path, teacher_dir)
+    assert after < 0.75 * before, (before, after)
     step = result.model_dir.manifest["lineage"][-1]
-    assert step["pass"] == "distill" and step["figures"]["tokens"] == 8 * 32 * 6
+    assert step["pass"] == "distill" and step["figures"]["tokens"] == 8 * 32 * 8
     assert step["figures"]["loss_curve"][-1][2] < step["figures"]["loss_curve"][0][2]
     assert result.model_dir.manifest["layer_heads"] == load_student(student_dir).manifest["layer_heads"]
     assert not (tmp_path / "out.ckpt").exists()  # a finished run leaves no checkpoint
@@ -186,14 +189,12 @@ def test_qat_weights_quantize_exactly_onto_the_trained_grid(student_dir, teacher
     model = ir.load(str(tmp_path / "int4" / "model.onnx"))
     checked = 0
     for node in model.graph:
-        if node.op_type != "MatMulNBits" or "lm_head" in node.name:
+        if node.op_type != "MatMulNBits" or node.inputs[1].name.startswith("lm_head"):
             continue
         packed, scales, zeros = (value.const_value.numpy() for value in node.inputs[1:4])
         attributes = node.attributes
         weight = dequantize(packed, scales, zeros, 4, attributes["K"].as_int())
-        name = node.inputs[1].name.split(".q4")[0] if ".q4" in node.inputs[1].name else None
-        source = next(key for key in float_weights if node.name.replace("/", ".").strip(".").startswith(
-            key.rsplit(".weight", 1)[0].replace(".", ".")) or key.startswith(name or "\0"))
+        source = node.inputs[1].name.removesuffix("_q4")  # model.layers.0.mlp.up_proj.weight_q4
         np.testing.assert_allclose(weight, float_weights[source], rtol=1e-6, atol=1e-7, err_msg=source)
         checked += 1
     assert checked == 7 * 3

@@ -25,6 +25,7 @@ class _ProgressHandler(logging.Handler):
 @click.option("--max-minutes", type=float, default=None, metavar="M", help="Wall-clock budget of the whole run.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--lr", type=float, default=3e-4, show_default=True, help="Peak learning rate (AdamW, cosine to 10%).")
+@click.option("--warmup-steps", type=int, default=10, show_default=True, help="Linear warm-up of the learning rate.")
 @click.option("--batch-size", type=int, default=8, show_default=True,
               help="Sequences per optimizer step, all processes together.")
 @click.option("--micro-batch", type=int, default=None, help="Sequences per forward on one process (memory).")
@@ -49,7 +50,7 @@ class _ProgressHandler(logging.Handler):
 @click.option("--eval-windows", type=int, default=4, show_default=True,
               help="Perplexity on eval-gpl3 before and after (windows of 512); 0 skips it.")
 @click.option("--plot", type=click.Path(), default=None, help="Write the loss curve to this PNG.")
-def command(student, teacher, output, force, tokens, max_minutes, device, lr, batch_size, micro_batch, seq_len, seed,
+def command(student, teacher, output, force, tokens, max_minutes, device, lr, warmup_steps, batch_size, micro_batch, seq_len, seed,
             temperature, ce_weight, data, data_tokens, teacher_runtime, quantize, block_size, float_head,
             train_embeddings, checkpoint_minutes, resume, eval_windows, plot) -> None:
     """Train STUDENT's weights (its graph stays) on the KL to TEACHER's next-token distribution.
@@ -71,7 +72,8 @@ def command(student, teacher, output, force, tokens, max_minutes, device, lr, ba
         logger.addHandler(_ProgressHandler())
         logger.setLevel(logging.INFO)
         logger.propagate = False
-    config = DistillConfig(tokens=tokens, max_minutes=max_minutes, device=device, lr=lr, batch_size=batch_size,
+    config = DistillConfig(tokens=tokens, max_minutes=max_minutes, device=device, lr=lr, warmup_steps=warmup_steps,
+                           batch_size=batch_size,
                            micro_batch=micro_batch, seq_len=seq_len, seed=seed, temperature=temperature,
                            ce_weight=ce_weight, data=data, data_tokens=data_tokens, teacher_runtime=teacher_runtime,
                            quantize=quantize, block_size=block_size, quantize_head=not float_head,
