@@ -168,9 +168,21 @@ def read_data_file(path: str | pathlib.Path) -> list[str]:
 
 
 def data_sequences(model_dir: pathlib.Path, path: str, seq_len: int) -> np.ndarray:
-    """The file's documents tokenized, joined by EOS, cut into rows of ``seq_len`` tokens."""
+    """The file's documents tokenized, joined by EOS, cut into rows of ``seq_len`` tokens.
+
+    A ``.npy`` file is token ids already, (rows, seq_len) integers, e.g. a pool saved by
+    :func:`sample_data` and shared by several runs with one teacher.
+    """
     from graphopt.runtime.tokenizer import Tokenizer
 
+    if str(path).endswith(".npy"):
+        try:
+            rows = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as error:
+            raise GraphoptError(f"{path}: not a readable .npy of token ids ({error})") from None
+        if rows.ndim != 2 or not np.issubdtype(rows.dtype, np.integer) or rows.shape[1] < seq_len:
+            raise GraphoptError(f"{path}: expected integer token ids (rows, >= {seq_len}), got {rows.dtype} {rows.shape}")
+        return np.ascontiguousarray(rows[:, :seq_len]).astype(np.int32)
     tokenizer = Tokenizer(model_dir)
     eos = (ModelDir(model_dir).manifest.get("eos_token_ids") or [0])[0]
     stream: list[int] = []
@@ -256,6 +268,21 @@ def self_sampled_pool(teacher, teacher_dir: pathlib.Path, rows: int, seq_len: in
         for part in gathered:
             mine.update(part)
     return np.concatenate([mine[index] for index in range(chunks)])[:rows]
+
+
+def sample_data(teacher_dir: str | pathlib.Path, tokens: int, seq_len: int, seed: int = 0, device: str = "cpu",
+                chunk: int | None = None) -> np.ndarray:
+    """A self-sampled pool of about ``tokens`` tokens from ``teacher_dir`` on one device, as rows of ``seq_len``."""
+    import torch
+
+    from graphopt.student import load_student
+
+    target = torch.device(device)
+    teacher = load_student(teacher_dir).module.to(target).eval()
+    rows = max(1, -(-tokens // seq_len))
+    chunk = min(rows, chunk or (512 if target.type == "cuda" else 16))
+    rows = -(-rows // chunk) * chunk
+    return self_sampled_pool(teacher, pathlib.Path(teacher_dir), rows, seq_len, seed, target, 0, 1, chunk)
 
 
 # ---------------------------------------------------------------------------------------------
