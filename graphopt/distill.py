@@ -247,14 +247,21 @@ def sample_chunk(teacher, prompt: list[int], count: int, seq_len: int, seed: int
 
 
 def self_sampled_pool(teacher, teacher_dir: pathlib.Path, rows: int, seq_len: int, seed: int, device,
-                      rank: int, world: int, chunk: int) -> np.ndarray:
+                      rank: int, world: int, chunk: int, deadline: float | None = None) -> np.ndarray:
     """``rows`` teacher-sampled sequences. Chunk ``c`` (one prompt, seed ``(seed, c)``) is sampled by
-    process ``c % world``, so the pool does not depend on the number of processes."""
+    process ``c % world``, so the pool does not depend on the number of processes.
+
+    Past ``deadline`` (a ``time.perf_counter()`` value) a process starts no new chunk once it has one:
+    a time-bounded run then trains on fewer rows rather than spending its budget sampling.
+    """
     prompts = seed_prompts(teacher_dir)
     chunks = -(-rows // chunk)
     mine = {}
     started = time.perf_counter()
     for index in range(rank, chunks, world):
+        if mine and deadline is not None and time.perf_counter() > deadline:
+            logger.info("sampling stopped at its share of the time budget")
+            break
         mine[index] = sample_chunk(teacher, prompts[index % len(prompts)], chunk, seq_len, seed * 1_000_003 + index,
                                    device)
         done = len(mine) * chunk * seq_len * world
@@ -267,7 +274,7 @@ def self_sampled_pool(teacher, teacher_dir: pathlib.Path, rows: int, seq_len: in
         dist.all_gather_object(gathered, mine)
         for part in gathered:
             mine.update(part)
-    return np.concatenate([mine[index] for index in range(chunks)])[:rows]
+    return np.concatenate([mine[index] for index in sorted(mine)])[:rows]
 
 
 def sample_data(teacher_dir: str | pathlib.Path, tokens: int, seq_len: int, seed: int = 0, device: str = "cpu",
@@ -452,6 +459,9 @@ def distill(student_dir: str | pathlib.Path, teacher_dir: str | pathlib.Path, ou
             before = evaluate(loaded.directory.path, max_windows=config.eval_windows).perplexity
             logger.info("perplexity before: %.3f (eval-gpl3, %d windows of 512)", before, config.eval_windows)
 
+        # The time budget is the distillation's: the perplexity before is measured outside it.
+        budget_started = time.perf_counter()
+        deadline = None if config.max_minutes is None else budget_started + 60 * config.max_minutes
         # Data: the same rows whatever the number of processes; kept with the checkpoint for --resume.
         pool_path = checkpoint_dir / POOL_FILE
         if config.resume and pool_path.is_file():
@@ -463,11 +473,13 @@ def distill(student_dir: str | pathlib.Path, teacher_dir: str | pathlib.Path, ou
             if config.tokens:
                 wanted = min(wanted, max(config.tokens, config.batch_size * config.seq_len))
             rows = max(config.batch_size, -(-wanted // config.seq_len))
-            chunk = min(rows, 512 if env.device.type == "cuda" else 16)
+            chunk = min(rows, max(512 if env.device.type == "cuda" else 8, config.batch_size))
             rows = -(-rows // chunk) * chunk
             logger.info("sampling %d sequences of %d tokens from the teacher", rows, config.seq_len)
+            # Sampling may take at most 30% of a time budget; the rest is training.
+            sampling_deadline = None if deadline is None else budget_started + 0.3 * (deadline - budget_started)
             pool = self_sampled_pool(teacher, teacher_loaded.directory.path, rows, config.seq_len, config.seed,
-                                     env.device, env.rank, env.world, chunk)
+                                     env.device, env.rank, env.world, chunk, sampling_deadline)
         if pool.shape[1] != config.seq_len or len(pool) < config.batch_size:
             raise GraphoptError(f"the data has {len(pool)} rows of {pool.shape[1]} tokens; need at least "
                                 f"--batch-size {config.batch_size} rows of --seq-len {config.seq_len}")
@@ -475,7 +487,7 @@ def distill(student_dir: str | pathlib.Path, teacher_dir: str | pathlib.Path, ou
             checkpoint_dir.mkdir(parents=True, exist_ok=True)
             if not pool_path.is_file():
                 _save_pool(pool, pool_path)
-        sampling_seconds = time.perf_counter() - started
+        sampling_seconds = time.perf_counter() - budget_started
 
         ort_session = None
         if config.teacher_runtime == "ort":
@@ -505,7 +517,6 @@ def distill(student_dir: str | pathlib.Path, teacher_dir: str | pathlib.Path, ou
             optimizer.load_state_dict(state["optimizer"])
             step, curve, train_seconds = state["step"], state["curve"], state["train_seconds"]
             logger.info("resumed at step %d (%d tokens)", step, step * tokens_per_step)
-        deadline = None if config.max_minutes is None else started + 60 * config.max_minutes
         per_rank = config.batch_size // env.world
         micro = min(per_rank, config.micro_batch or per_rank)
         autocast = env.device.type == "cuda"
