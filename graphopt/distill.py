@@ -686,3 +686,17 @@ def plot_loss(curve: list, path: str | pathlib.Path, title: str = "distillation"
     figure.savefig(partial, dpi=120)
     plt.close(figure)
     os.replace(partial, path)
+
+
+def recipe_stage(student_dir: str | pathlib.Path, teacher_dir: str | pathlib.Path, destination: str | pathlib.Path,
+                 **options) -> tuple[ModelDir, dict]:
+    """A ``distill`` stage for ``graphopt optimize``: ``options`` are DistillConfig fields.
+
+    Returns the distilled model directory and the figures a report shows (tokens, seconds, loss,
+    perplexity before/after), the loss curve left out.
+    """
+    result = distill(student_dir, teacher_dir, destination, DistillConfig(**options), force=True)
+    if result is None:
+        raise GraphoptError("the distill stage ended without a model (interrupted)")
+    figures = {key: value for key, value in result.figures.items() if key != "loss_curve"}
+    return result.model_dir, figures

@@ -236,3 +236,15 @@ def test_cli_distills_with_a_data_file(student_dir, teacher_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert "loss" in result.output and (tmp_path / "loss.png").is_file()
     assert load_student(tmp_path / "out").spec.layers == load_student(student_dir).spec.layers
+
+
+@pytest.mark.slow
+def test_smollm2_round_trip(smollm2_dir):
+    """The real model: 30 layers of float32; ONNX Runtime itself is 5e-4 from float64 here (logits up to 35)."""
+    from graphopt.runtime.tokenizer import Tokenizer
+
+    loaded = load_student(smollm2_dir)
+    random_ids = np.random.default_rng(0).integers(0, loaded.spec.vocab, size=(2, 16))
+    prompt = np.asarray([Tokenizer(smollm2_dir).encode("The capital of France is Paris, and the capital of Italy is")])
+    assert check_round_trip(loaded, random_ids) <= 1e-4
+    assert check_round_trip(loaded, prompt) <= 1e-4
