@@ -161,10 +161,13 @@ def test_two_process_ddp_matches_one_process(student_dir, teacher_dir, tmp_path)
 
     figures = ModelDir(tmp_path / "ddp").manifest["lineage"][-1]["figures"]
     assert figures["world_size"] == 2 and figures["tokens"] == single.figures["tokens"]
-    expected, actual = _weights(single.model_dir.path), _weights(tmp_path / "ddp")
+    expected, actual, initial = _weights(single.model_dir.path), _weights(tmp_path / "ddp"), _weights(student_dir)
     for name in expected:
-        # Same data, same steps; only the order of float sums (gradient all-reduce, split batches) differs.
-        np.testing.assert_allclose(actual[name], expected[name], rtol=0, atol=2e-5, err_msg=name)
+        # Same data, same steps; only the order of float sums (gradient all-reduce, split batches)
+        # differs, which Adam's normalisation can magnify for near-zero gradients: a few 1e-5.
+        np.testing.assert_allclose(actual[name], expected[name], rtol=0, atol=2e-4, err_msg=name)
+        trained = np.linalg.norm(expected[name] - initial[name])
+        assert np.linalg.norm(actual[name] - expected[name]) <= 1e-3 * max(trained, 1e-3), name
 
 
 @pytest.mark.parametrize("bits", [4, 8])
