@@ -135,10 +135,12 @@ def quiet_libraries() -> None:
 
 
 def _register() -> None:
-    from graphopt.commands import convert, draft, export, fetch, fuse, generate, inspect, optimize, prune, quantize, serve
+    from graphopt.commands import (convert, distill, draft, export, fetch, fuse, generate, inspect, optimize, prune,
+                                   quantize, serve)
     from graphopt.commands import eval as evaluate
 
-    for module in (fetch, export, fuse, generate, inspect, draft, quantize, prune, evaluate, convert, optimize, serve):
+    for module in (fetch, export, fuse, generate, inspect, draft, quantize, prune, distill, evaluate, convert, optimize,
+                   serve):
         main.add_command(module.command)
 
 

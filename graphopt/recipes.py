@@ -12,6 +12,9 @@ The ordering constraints common to all recipes:
 * ``prune`` comes before ``fuse``: pruning heads rewrites the Reshape constants of the written-out
   attention; fusing afterwards reads the smaller head counts from the pruned graph, so no fused
   op attribute needs rewriting.
+* ``distill`` comes after ``prune`` and before ``fuse``, ``quantize`` and ``convert``: it trains the
+  weights of a float, written-out graph (graphopt.student refuses fused and quantized graphs) to
+  heal what pruning removed.
 * ``fuse`` comes before ``quantize`` and ``convert``: the fusion rules match float32 subgraphs of
   the export; quantization keeps MatMuls as MatMuls inside fused graphs, so the order
   fuse -> quantize is the one both passes support.
@@ -31,6 +34,7 @@ import pathlib
 from typing import Any, Mapping
 
 from graphopt.convert import ConvertStep
+from graphopt.distill import DistillConfig
 from graphopt.errors import GraphoptError
 from graphopt.fusion import FuseStep
 from graphopt.modeldir import ModelDir
@@ -77,11 +81,14 @@ class DraftStage(StepConfig):
             raise GraphoptError(f"unknown draft recipe {self.recipe!r}; choose from auto, {', '.join(DRAFT_RECIPES)}")
 
 
-STAGE_CONFIGS: dict[str, type[StepConfig]] = {"export": ExportStage, "validate": ValidateStage, "draft": DraftStage}
+# distill trains (many processes under torchrun, checkpoints, resume): a pipeline stage with its own
+# runner (graphopt.distill), not a single-process graph rewrite.
+STAGE_CONFIGS: dict[str, type[StepConfig]] = {"export": ExportStage, "distill": DistillConfig,
+                                              "validate": ValidateStage, "draft": DraftStage}
 
 
-STAGE_KINDS = ("export", *STEPS, "validate", "draft")
-MODEL_STAGES = ("export", *STEPS)  # stages that write a new target
+STAGE_KINDS = ("export", *STEPS, "distill", "validate", "draft")
+MODEL_STAGES = ("export", *STEPS, "distill")  # stages that write a new target
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,12 +174,14 @@ RECIPES: dict[str, Recipe] = {recipe.name: recipe for recipe in (
                Stage("validate", {"min_token_agreement": 0.80, "max_perplexity_increase": 10.0}),
                Stage("draft", {"recipe": "int4", "source": "export"}),  # from the float export
            )),
-    Recipe("edge-small", "Edge/mobile: 25% of parameters pruned (MLP channels), fused, int4; no draft "
-           "(one model in memory)",
+    Recipe("edge-small", "Edge/mobile: 25% of parameters pruned (MLP channels), healed by 10 minutes of "
+           "distillation on the CPU, fused, int4; no draft (one model in memory)",
            ep="cpu", stages=(
                Stage("export"),
-               # prune before fuse and quantize (see the module docstring).
+               # prune, then distill, before fuse and quantize (see the module docstring).
                Stage("prune", {"params": 0.25}),
+               # The export is the teacher. Without healing, 25% pruned SmolLM2 loses 3.6x perplexity.
+               Stage("distill", {"max_minutes": 10.0, "device": "cpu"}),
                Stage("fuse", {"target": "cpu", **_FUSE}),
                Stage("quantize", {"weights": "int4", "activations": "none", "block_size": 32}),
                Stage("validate", {"min_token_agreement": 0.5, "max_perplexity_increase": 100.0}),
@@ -220,7 +229,8 @@ def check_order(recipe: Recipe) -> None:
     def position(kind: str) -> int | None:
         return kinds.index(kind) if kind in kinds else None
 
-    for before, after in (("prune", "quantize"), ("prune", "fuse"), ("fuse", "quantize"), ("fuse", "convert")):
+    for before, after in (("prune", "quantize"), ("prune", "fuse"), ("fuse", "quantize"), ("fuse", "convert"),
+                          ("prune", "distill"), ("distill", "fuse"), ("distill", "quantize"), ("distill", "convert")):
         first, second = position(before), position(after)
         if first is not None and second is not None and first > second:
             raise GraphoptError(f"recipe {recipe.name}: {before} must come before {after}")

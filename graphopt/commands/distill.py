@@ -1,0 +1,83 @@
+"""`graphopt distill STUDENT --teacher TEACHER -o OUT`: train a (pruned or small) model's weights to imitate a teacher."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+
+@click.command("distill")
+@click.argument("student", type=click.Path())
+@click.option("--teacher", required=True, type=click.Path(), help="Teacher model directory (same tokenizer).")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Model directory to create.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--tokens", type=int, default=None, metavar="N", help="Training budget in tokens (all processes).")
+@click.option("--max-minutes", type=float, default=None, metavar="M", help="Wall-clock budget of the whole run.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--lr", type=float, default=3e-4, show_default=True, help="Peak learning rate (AdamW, cosine to 10%).")
+@click.option("--warmup-steps", type=int, default=10, show_default=True, help="Linear warm-up of the learning rate.")
+@click.option("--batch-size", type=int, default=8, show_default=True,
+              help="Sequences per optimizer step, all processes together.")
+@click.option("--micro-batch", type=int, default=None, help="Sequences per forward on one process (memory).")
+@click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per training sequence.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampled data and its order.")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="Softmax temperature of the KL.")
+@click.option("--ce-weight", type=float, default=0.0, show_default=True,
+              help="Weight of cross-entropy on the data (the KL gets 1 - this).")
+@click.option("--data", type=click.Path(), default=None,
+              help="Text or JSONL ({\"text\": ...}) file; default: text the teacher samples from seed prompts.")
+@click.option("--data-tokens", type=int, default=None,
+              help="Size of the self-sampled pool in tokens (default 8M on cuda, 16k on cpu).")
+@click.option("--teacher-runtime", type=click.Choice(["torch", "ort"]), default="torch", show_default=True,
+              help="Run the teacher as torch (on --device) or with ONNX Runtime on the CPU.")
+@click.option("--quantize", type=click.Choice(["int4", "int8"]), default=None,
+              help="Quantization-aware training on the weight-only pass's grid; then run graphopt quantize.")
+@click.option("--block-size", type=int, default=32, show_default=True, help="QAT block size (as graphopt quantize).")
+@click.option("--float-head", is_flag=True, help="QAT: leave the LM head out (graphopt quantize --head float).")
+@click.option("--train-embeddings", is_flag=True, help="Also train the token embedding (and a tied head).")
+@click.option("--checkpoint-minutes", type=float, default=5.0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from OUTPUT.ckpt/ (written every --checkpoint-minutes).")
+@click.option("--eval-windows", type=int, default=4, show_default=True,
+              help="Perplexity on eval-gpl3 before and after (windows of 512); 0 skips it.")
+@click.option("--plot", type=click.Path(), default=None, help="Write the loss curve to this PNG.")
+def command(student, teacher, output, force, tokens, max_minutes, device, lr, warmup_steps, batch_size, micro_batch, seq_len, seed,
+            temperature, ce_weight, data, data_tokens, teacher_runtime, quantize, block_size, float_head,
+            train_embeddings, checkpoint_minutes, resume, eval_windows, plot) -> None:
+    """Train STUDENT's weights (its graph stays) on the KL to TEACHER's next-token distribution.
+
+    Order: prune -> distill -> fuse -> quantize (fused or quantized students are refused).
+    Several GPUs: torchrun --nproc-per-node N -m graphopt distill ... --device cuda
+
+    Example: graphopt distill smollm2-pruned --teacher smollm2 -o smollm2-healed --max-minutes 10
+    """
+    import os
+
+    import click as click_module
+
+    from graphopt.commands import say
+    from graphopt.distill import DistillConfig, distill, plot_loss
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        logging.getLogger("graphopt").setLevel(logging.WARNING)  # progress from process 0 only
+    config = DistillConfig(tokens=tokens, max_minutes=max_minutes, device=device, lr=lr, warmup_steps=warmup_steps,
+                           batch_size=batch_size,
+                           micro_batch=micro_batch, seq_len=seq_len, seed=seed, temperature=temperature,
+                           ce_weight=ce_weight, data=data, data_tokens=data_tokens, teacher_runtime=teacher_runtime,
+                           quantize=quantize, block_size=block_size, quantize_head=not float_head,
+                           train_embeddings=train_embeddings, checkpoint_minutes=checkpoint_minutes, resume=resume,
+                           eval_windows=eval_windows)
+    result = distill(student, teacher, output, config, force=force)
+    if result is None:
+        return
+    figures = result.figures
+    for name in ("tokens", "train_seconds", "tokens_per_second", "final_loss", "perplexity_before", "perplexity_after"):
+        if figures.get(name) is not None:
+            say(f"  {name}: {figures[name]}")
+    if quantize:
+        head = "float" if float_head else quantize
+        say(f"  next: graphopt quantize {result.model_dir.path} -o OUT --weights {quantize} --block-size "
+                 f"{block_size} --head {head}")
+    if plot:
+        plot_loss(figures["loss_curve"], plot)
+    click_module.echo(str(result.model_dir.path))

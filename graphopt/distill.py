@@ -1,0 +1,692 @@
+"""Knowledge distillation: train a student model directory's weights to imitate a teacher, keep its graph.
+
+``distill(student, teacher, output, config)`` builds the student's torch form
+(:mod:`graphopt.student`: same function, same weight names), trains it on the KL divergence to the
+teacher's next-token distribution (optionally plus cross-entropy on the data), and writes the
+trained weights into a copy of the student's graph. Order of a pipeline: prune -> distill -> fuse ->
+quantize; fused or quantized students are refused.
+
+* Data: by default sequences the teacher samples itself (temperature 1, top-p 0.95) from seed
+  prompts (calibration's plus a few chat turns), so no dataset is needed; ``data`` reads a text
+  or JSONL (``{"text": ...}`` per line) file instead. graphopt's evaluation text is refused.
+* Teacher: a model directory, run as torch (the same builder as the student; the only choice on
+  a GPU machine whose onnxruntime is CPU-only) or through ONNX Runtime (``teacher_runtime="ort"``).
+* Runs under torch.distributed (``torchrun --nproc-per-node N``, or a process group the caller
+  made): ``batch_size`` is the global batch, split evenly over the processes, so one process
+  and N processes take the same optimizer steps on the same data (DDP averages the gradients).
+* Budget: ``tokens`` (deterministic) and/or ``max_minutes`` (wall clock of the whole run). The
+  learning rate warms up, then follows a cosine to 10% over the budget's progress.
+* Checkpoints (student, optimizer, step, curve, data) every ``checkpoint_minutes`` into
+  ``<output>.ckpt/``, written atomically; ``resume=True`` continues from the last one. With a
+  token budget a resumed run ends with the same weights as an uninterrupted one (same seed).
+* QAT: ``quantize="int4"|"int8"`` trains through fake-quantized weights (straight-through
+  estimator) on the exact grid of ``passes/quantize_weights.py`` (same block size; asymmetric
+  4-bit, symmetric 8-bit), and snaps the written weights onto that grid, so ``graphopt quantize
+  --weights int4 --block-size B`` afterwards reproduces the trained weights exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import pathlib
+import shutil
+import time
+
+import numpy as np
+
+from graphopt.errors import GraphoptError
+from graphopt.evaluate import DEFAULT_TEXT, read_text
+from graphopt.manifest import LineageStep
+from graphopt.modeldir import ModelDir, atomic_output, check_output, derive
+from graphopt.runtime.generator import encode_prompt
+from graphopt.steps import StepConfig
+
+logger = logging.getLogger(__name__)
+
+QUANTIZE_CHOICES = ("int4", "int8")
+TEACHER_RUNTIMES = ("torch", "ort")
+CHAT_SEEDS = (
+    "Explain how a rainbow forms.",
+    "Give me three tips for learning a new language.",
+    "What is the largest planet in the solar system?",
+    "Write a short poem about the sea.",
+    "How do I make a cup of tea?",
+    "What does a computer's CPU do?",
+    "Summarize the plot of a fairy tale you like.",
+    "Why is the sky blue?",
+)
+CHECKPOINT_FILE = "state.pt"
+POOL_FILE = "pool.npy"
+RUN_FILE = "run.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig(StepConfig):
+    """How to distill; recorded in the lineage, validated on creation. ``batch_size`` is global
+    (all processes together)."""
+
+    tokens: int | None = None
+    max_minutes: float | None = None
+    device: str = "cpu"
+    lr: float = 3e-4
+    batch_size: int = 8
+    micro_batch: int | None = None  # sequences per forward on one process (memory); None: all of its share
+    seq_len: int = 256
+    seed: int = 0
+    temperature: float = 1.0
+    ce_weight: float = 0.0
+    data: str | None = None
+    data_tokens: int | None = None  # size of the self-sampled pool; None: by device
+    teacher_runtime: str = "torch"
+    quantize: str | None = None
+    block_size: int = 32
+    quantize_head: bool = True
+    train_embeddings: bool = False
+    checkpoint_minutes: float = 5.0
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    eval_windows: int = 4
+    warmup_steps: int = 10
+    stop_after_steps: int | None = None  # end as if interrupted after this step (a checkpoint is written)
+
+    def __post_init__(self):
+        if self.tokens is None and self.max_minutes is None:
+            raise GraphoptError("give a budget: --tokens N and/or --max-minutes M")
+        if self.tokens is not None and self.tokens < 1:
+            raise GraphoptError(f"--tokens must be positive, got {self.tokens}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise GraphoptError(f"--max-minutes must be positive, got {self.max_minutes}")
+        if self.device not in ("cpu", "cuda"):
+            raise GraphoptError(f"--device must be cpu or cuda, got {self.device!r}")
+        if self.batch_size < 1 or self.seq_len < 2:
+            raise GraphoptError("--batch-size must be at least 1 and --seq-len at least 2")
+        if self.temperature <= 0 or not 0.0 <= self.ce_weight <= 1.0:
+            raise GraphoptError("--temperature must be positive and --ce-weight in [0, 1]")
+        if self.lr <= 0:
+            raise GraphoptError(f"--lr must be positive, got {self.lr}")
+        if self.quantize is not None and self.quantize not in QUANTIZE_CHOICES:
+            raise GraphoptError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {self.quantize!r}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise GraphoptError(f"--block-size must be a power of two of at least 16, got {self.block_size}")
+        if self.teacher_runtime not in TEACHER_RUNTIMES:
+            raise GraphoptError(f"--teacher-runtime must be one of {', '.join(TEACHER_RUNTIMES)}")
+
+    def describe(self) -> dict:
+        return {key: value for key, value in dataclasses.asdict(self).items()
+                if value is not None and key not in ("resume", "checkpoint_dir", "stop_after_steps")}
+
+
+@dataclasses.dataclass
+class DistillResult:
+    """What a finished run reports (on the process that wrote the output; None elsewhere)."""
+
+    model_dir: ModelDir
+    figures: dict
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def refuse_evaluation_text(path: str | pathlib.Path) -> None:
+    """graphopt's evaluation text must never be trained on: refuse it by path and by content."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise GraphoptError(f"{path}: no such file")
+    if path.resolve() == DEFAULT_TEXT.resolve() or _digest(path.read_bytes()) == _digest(DEFAULT_TEXT.read_bytes()):
+        raise GraphoptError(f"{path} is graphopt's evaluation text; training on it would make every perplexity "
+                            "figure meaningless: give other data")
+
+
+def read_data_file(path: str | pathlib.Path) -> list[str]:
+    """Documents of a text file (one) or a JSONL file (``{"text": ...}`` per line)."""
+    refuse_evaluation_text(path)
+    path = pathlib.Path(path)
+    text = read_text(path)
+    if path.suffix not in (".jsonl", ".ndjson"):
+        return [text]
+    documents = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise GraphoptError(f"{path}:{number}: not JSON") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise GraphoptError(f"{path}:{number}: expected an object with a \"text\" string")
+        documents.append(record["text"])
+    if not documents:
+        raise GraphoptError(f"{path}: no documents")
+    return documents
+
+
+def data_sequences(model_dir: pathlib.Path, path: str, seq_len: int) -> np.ndarray:
+    """The file's documents tokenized, joined by EOS, cut into rows of ``seq_len`` tokens.
+
+    A ``.npy`` file is token ids already, (rows, seq_len) integers, e.g. a pool saved by
+    :func:`sample_data` and shared by several runs with one teacher.
+    """
+    from graphopt.runtime.tokenizer import Tokenizer
+
+    if str(path).endswith(".npy"):
+        try:
+            rows = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as error:
+            raise GraphoptError(f"{path}: not a readable .npy of token ids ({error})") from None
+        if rows.ndim != 2 or not np.issubdtype(rows.dtype, np.integer) or rows.shape[1] < seq_len:
+            raise GraphoptError(f"{path}: expected integer token ids (rows, >= {seq_len}), got {rows.dtype} {rows.shape}")
+        return np.ascontiguousarray(rows[:, :seq_len]).astype(np.int32)
+    tokenizer = Tokenizer(model_dir)
+    eos = (ModelDir.open(model_dir).manifest.eos_token_ids or [0])[0]
+    stream: list[int] = []
+    for document in read_data_file(path):
+        stream.extend(tokenizer.encode(document))
+        stream.append(eos)
+    rows = len(stream) // seq_len
+    if rows < 1:
+        raise GraphoptError(f"{path}: {len(stream)} tokens, fewer than one sequence of {seq_len}")
+    return np.asarray(stream[:rows * seq_len], dtype=np.int32).reshape(rows, seq_len)
+
+
+def seed_prompts(model_dir: pathlib.Path) -> list[list[int]]:
+    """Token ids of the sampling prompts: calibration's seed texts and chat turns (when a template exists)."""
+    from graphopt.calibration import SEED_PROMPTS
+    from graphopt.runtime.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(model_dir)
+    manifest = ModelDir.open(model_dir).manifest
+    prompts = [encode_prompt(tokenizer, manifest, text) for text in SEED_PROMPTS]
+    if tokenizer.chat_template:
+        prompts += [encode_prompt(tokenizer, manifest, text, chat=True) for text in CHAT_SEEDS]
+    return prompts
+
+
+def _top_p_sample(logits, top_p: float, generator):
+    import torch
+
+    probs = torch.softmax(logits.float(), dim=-1)
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    cumulative = sorted_probs.cumsum(-1)
+    sorted_probs = torch.where(cumulative - sorted_probs > top_p, torch.zeros_like(sorted_probs), sorted_probs)
+    choice = torch.multinomial(sorted_probs, 1, generator=generator)
+    return order.gather(-1, choice)
+
+
+def sample_chunk(teacher, prompt: list[int], count: int, seq_len: int, seed: int, device) -> np.ndarray:
+    """``count`` sequences of ``seq_len`` tokens: ``prompt`` and the teacher's sampled continuation."""
+    import torch
+
+    generator = torch.Generator(device=device).manual_seed(seed)
+    prompt = prompt[:seq_len - 1]
+    ids = torch.tensor([prompt] * count, dtype=torch.int64, device=device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits, past = teacher(ids, dtype=dtype)
+        tokens = [ids]
+        for _ in range(seq_len - len(prompt)):
+            token = _top_p_sample(logits[:, -1], 0.95, generator)
+            tokens.append(token)
+            if sum(piece.shape[1] for piece in tokens) >= seq_len:
+                break
+            logits, past = teacher(token, past, dtype=dtype)
+    return torch.cat(tokens, dim=1)[:, :seq_len].cpu().numpy().astype(np.int32)
+
+
+def self_sampled_pool(teacher, teacher_dir: pathlib.Path, rows: int, seq_len: int, seed: int, device,
+                      rank: int, world: int, chunk: int, deadline: float | None = None) -> np.ndarray:
+    """``rows`` teacher-sampled sequences. Chunk ``c`` (one prompt, seed ``(seed, c)``) is sampled by
+    process ``c % world``, so the pool does not depend on the number of processes.
+
+    Past ``deadline`` (a ``time.perf_counter()`` value) a process starts no new chunk once it has one:
+    a time-bounded run then trains on fewer rows rather than spending its budget sampling.
+    """
+    prompts = seed_prompts(teacher_dir)
+    chunks = -(-rows // chunk)
+    mine = {}
+    started = time.perf_counter()
+    for index in range(rank, chunks, world):
+        if mine and deadline is not None and time.perf_counter() > deadline:
+            logger.info("sampling stopped at its share of the time budget")
+            break
+        mine[index] = sample_chunk(teacher, prompts[index % len(prompts)], chunk, seq_len, seed * 1_000_003 + index,
+                                   device)
+        done = len(mine) * chunk * seq_len * world
+        logger.info("sampled %d of %d sequences (%.0f tokens/s)", min(rows, (len(mine)) * chunk * world), rows,
+                    done / max(1e-9, time.perf_counter() - started))
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered: list[dict] = [None] * world  # type: ignore[list-item]
+        dist.all_gather_object(gathered, mine)
+        for part in gathered:
+            mine.update(part)
+    return np.concatenate([mine[index] for index in sorted(mine)])[:rows]
+
+
+def sample_data(teacher_dir: str | pathlib.Path, tokens: int, seq_len: int, seed: int = 0, device: str = "cpu",
+                chunk: int | None = None) -> np.ndarray:
+    """A self-sampled pool of about ``tokens`` tokens from ``teacher_dir`` on one device, as rows of ``seq_len``."""
+    import torch
+
+    from graphopt.student import load_student
+
+    target = torch.device(device)
+    teacher = load_student(teacher_dir).module.to(target).eval()
+    rows = max(1, -(-tokens // seq_len))
+    chunk = min(rows, chunk or (512 if target.type == "cuda" else 16))
+    rows = -(-rows // chunk) * chunk
+    return self_sampled_pool(teacher, pathlib.Path(teacher_dir), rows, seq_len, seed, target, 0, 1, chunk)
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantization-aware training
+
+
+def fake_quantize(weight, bits: int, block_size: int):
+    """``weight`` (in, out) rounded onto quantize_weights' grid in the forward, identity in the backward."""
+    import torch
+
+    weight_t = weight.t()
+    rows, columns = weight_t.shape
+    pad = (-columns) % block_size
+    padded = torch.nn.functional.pad(weight_t, (0, pad)) if pad else weight_t
+    blocks = padded.reshape(rows, -1, block_size).detach()
+    if bits == 8:
+        amax = blocks.abs().amax(-1, keepdim=True)
+        scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+        zero = torch.full_like(scale, 128.0)
+        levels = 255
+    else:
+        levels = 2**bits - 1
+        low = blocks.amin(-1, keepdim=True).clamp(max=0.0)
+        high = blocks.amax(-1, keepdim=True).clamp(min=0.0)
+        scale = torch.where(high > low, (high - low) / levels, torch.ones_like(high))
+        zero = torch.clamp(torch.round(-low / scale), 0, levels)
+    codes = torch.clamp(torch.round(blocks / scale) + zero, 0, levels)
+    dequantized = ((codes - zero) * scale).reshape(rows, -1)[:, :columns].t()
+    return weight + (dequantized - weight).detach()
+
+
+def snap_to_grid(weight: np.ndarray, bits: int, block_size: int) -> np.ndarray:
+    """``weight`` (in, out) replaced by its dequantized round-to-nearest codes (the weight-only pass's own math)."""
+    from graphopt.passes.quantize_weights import quantize_rtn
+
+    codes, scale, zero = quantize_rtn(weight.T.astype(np.float32), bits, block_size)
+    values = (codes.astype(np.float64) - zero[..., None]) * scale[..., None].astype(np.float64)
+    return np.ascontiguousarray(values.reshape(values.shape[0], -1)[:, :weight.shape[0]].T.astype(np.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+class _Distributed:
+    """Rank, world size and device; makes (and later ends) a process group under torchrun."""
+
+    def __init__(self, device: str):
+        import torch
+        import torch.distributed as dist
+
+        self.created = False
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if not dist.is_initialized() and world > 1:
+            if device == "cuda":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl" if device == "cuda" else "gloo")
+            self.created = True
+        self.active = dist.is_initialized()
+        self.rank = dist.get_rank() if self.active else 0
+        self.world = dist.get_world_size() if self.active else 1
+        if device == "cuda":
+            if not torch.cuda.is_available():
+                raise GraphoptError("--device cuda: no CUDA device is visible to torch")
+            local = int(os.environ.get("LOCAL_RANK", self.rank % max(1, torch.cuda.device_count())))
+            torch.cuda.set_device(local)
+            self.device = torch.device("cuda", local)
+        else:
+            self.device = torch.device("cpu")
+
+    def barrier(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _schedule(step: int, progress: float, config: DistillConfig) -> float:
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _kl_loss(student_logits, teacher_logits, temperature: float):
+    import torch
+
+    teacher_log = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    student_log = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    kl = (teacher_log.exp() * (teacher_log - student_log)).sum(-1).mean()
+    return kl * temperature * temperature
+
+
+def _save_atomic(payload, path: pathlib.Path) -> None:
+    import torch
+
+    partial = path.with_name(f".{path.name}.partial")
+    torch.save(payload, partial)
+    os.replace(partial, path)
+
+
+def _save_pool(pool: np.ndarray, path: pathlib.Path) -> None:
+    partial = path.with_name(f".{path.name}.partial.npy")
+    np.save(partial, pool)
+    os.replace(partial, path)
+
+
+def _same_tokenizer(student: ModelDir, teacher: ModelDir) -> None:
+    student_tok, teacher_tok = student.path / "tokenizer.json", teacher.path / "tokenizer.json"
+    if student.manifest.vocab_size != teacher.manifest.vocab_size or (
+            student_tok.is_file() and teacher_tok.is_file() and student_tok.read_bytes() != teacher_tok.read_bytes()):
+        raise GraphoptError("the student and the teacher tokenize differently; distill between models of one tokenizer")
+
+
+def distill(student_dir: str | pathlib.Path, teacher_dir: str | pathlib.Path, output: str | pathlib.Path,
+            config: DistillConfig, force: bool = False) -> DistillResult | None:
+    """Distill ``teacher_dir`` into ``student_dir``'s weights; write ``output`` (on process 0).
+
+    Returns the result on the process that wrote the output, None on the others and when the run
+    stopped early on ``stop_after_steps`` (its checkpoint is then ready for ``resume``).
+    """
+    import torch
+
+    from graphopt.evaluate import evaluate
+    from graphopt.student import check_round_trip, load_student
+
+    if config.data:
+        refuse_evaluation_text(config.data)
+    started = time.perf_counter()
+    output = pathlib.Path(output)
+    check_output(output, force, sources=[student_dir, teacher_dir])
+    checkpoint_dir = pathlib.Path(config.checkpoint_dir) if config.checkpoint_dir else \
+        output.parent / f"{output.name}.ckpt"
+    state_path = checkpoint_dir / CHECKPOINT_FILE
+    if state_path.exists() and not config.resume:
+        raise GraphoptError(f"{checkpoint_dir} holds an earlier run's checkpoint: --resume to continue it, "
+                            "or delete it to start over")
+    env = _Distributed(config.device)
+    try:
+        if config.batch_size % env.world:
+            raise GraphoptError(f"--batch-size {config.batch_size} must be a multiple of the {env.world} processes")
+        loaded = load_student(student_dir)
+        teacher_loaded = load_student(teacher_dir)
+        _same_tokenizer(loaded.directory, teacher_loaded.directory)
+        torch.manual_seed(config.seed)
+        probe = np.random.default_rng(config.seed).integers(0, loaded.spec.vocab, size=(1, 12))
+        round_trip = check_round_trip(loaded, probe) if env.rank == 0 else None
+        student, teacher = loaded.module.to(env.device), teacher_loaded.module.to(env.device).eval()
+        for parameter in teacher.parameters():
+            parameter.requires_grad_(False)
+        frozen = set() if config.train_embeddings else {loaded.spec.embedding}
+        for name, parameter in student.named_parameters():
+            parameter.requires_grad_(name not in frozen)
+        bits = int(config.quantize[3:]) if config.quantize else None
+        if bits:
+            student.fake_quant = lambda weight: fake_quantize(weight, bits, config.block_size)
+            student.quantized_names = set(student.linear_names(head=config.quantize_head))
+
+        before = None
+        if env.rank == 0 and config.eval_windows:
+            before = evaluate(loaded.directory.path, max_windows=config.eval_windows).perplexity
+            logger.info("perplexity before: %.3f (eval-gpl3, %d windows of 512)", before, config.eval_windows)
+
+        # The time budget is the distillation's: the perplexity before is measured outside it.
+        budget_started = time.perf_counter()
+        deadline = None if config.max_minutes is None else budget_started + 60 * config.max_minutes
+        # Data: the same rows whatever the number of processes; kept with the checkpoint for --resume.
+        pool_path = checkpoint_dir / POOL_FILE
+        if config.resume and pool_path.is_file():
+            pool = np.load(pool_path)
+        elif config.data:
+            pool = data_sequences(loaded.directory.path, config.data, config.seq_len)
+        else:
+            wanted = config.data_tokens or (1 << 23 if env.device.type == "cuda" else 1 << 14)
+            if config.tokens:
+                wanted = min(wanted, max(config.tokens, config.batch_size * config.seq_len))
+            rows = max(config.batch_size, -(-wanted // config.seq_len))
+            chunk = min(rows, max(512 if env.device.type == "cuda" else 8, config.batch_size))
+            rows = -(-rows // chunk) * chunk
+            logger.info("sampling %d sequences of %d tokens from the teacher", rows, config.seq_len)
+            # Sampling may take at most 30% of a time budget; the rest is training.
+            sampling_deadline = None if deadline is None else budget_started + 0.3 * (deadline - budget_started)
+            pool = self_sampled_pool(teacher, teacher_loaded.directory.path, rows, config.seq_len, config.seed,
+                                     env.device, env.rank, env.world, chunk, sampling_deadline)
+        if pool.shape[1] != config.seq_len or len(pool) < config.batch_size:
+            raise GraphoptError(f"the data has {len(pool)} rows of {pool.shape[1]} tokens; need at least "
+                                f"--batch-size {config.batch_size} rows of --seq-len {config.seq_len}")
+        if env.rank == 0:
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            if not pool_path.is_file():
+                _save_pool(pool, pool_path)
+        sampling_seconds = time.perf_counter() - budget_started
+
+        ort_session = None
+        if config.teacher_runtime == "ort":
+            import onnxruntime
+
+            ort_session = onnxruntime.InferenceSession(str(teacher_loaded.directory.model_path),
+                                                       providers=["CPUExecutionProvider"])
+            teacher.to("cpu")
+
+        model = student
+        if env.active:
+            model = torch.nn.parallel.DistributedDataParallel(
+                student, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        trainable = [parameter for parameter in student.parameters() if parameter.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=(0.9, 0.95), weight_decay=0.0)
+        tokens_per_step = config.batch_size * config.seq_len
+        total_steps = -(-config.tokens // tokens_per_step) if config.tokens else None
+        step, curve, train_seconds = 0, [], 0.0
+        run = {"student": str(loaded.directory.path), "teacher": str(teacher_loaded.directory.path),
+               **{key: value for key, value in config.describe().items() if key not in ("max_minutes", "eval_windows")}}
+        if config.resume and state_path.is_file():
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+            if state["run"] != run:
+                raise GraphoptError(f"{checkpoint_dir} was made by a different run (other models or settings); "
+                                    "resume with the same ones or delete it")
+            student.load_state_dict(state["student"])
+            optimizer.load_state_dict(state["optimizer"])
+            step, curve, train_seconds = state["step"], state["curve"], state["train_seconds"]
+            logger.info("resumed at step %d (%d tokens)", step, step * tokens_per_step)
+        per_rank = config.batch_size // env.world
+        micro = min(per_rank, config.micro_batch or per_rank)
+        autocast = env.device.type == "cuda"
+        compute_dtype = torch.bfloat16 if autocast else torch.float32
+        steps_per_epoch = len(pool) // config.batch_size
+        last_checkpoint = time.perf_counter()
+        last_log = 0.0
+        train_started = time.perf_counter() - train_seconds
+        window_tokens, window_started = 0, time.perf_counter()
+        stopped_early = False
+        while True:
+            now = time.perf_counter()
+            # One all-reduce carries process 0's decisions (its clock) and every process's loss.
+            progress = step / total_steps if total_steps else 0.0
+            if deadline is not None:
+                progress = max(progress, (now - train_started) / max(1e-9, deadline - train_started))
+            done = (total_steps is not None and step >= total_steps) or (deadline is not None and now >= deadline)
+            checkpoint_due = now - last_checkpoint >= 60 * config.checkpoint_minutes
+            control = torch.tensor([float(done), float(checkpoint_due), progress], device=env.device, dtype=torch.float64)
+            if env.active:
+                import torch.distributed as dist
+
+                dist.broadcast(control, 0)
+            done, checkpoint_due, progress = bool(control[0]), bool(control[1]), float(control[2])
+            if checkpoint_due and env.rank == 0:
+                _save_atomic({"run": run, "student": student.state_dict(), "optimizer": optimizer.state_dict(),
+                              "step": step, "curve": curve, "train_seconds": time.perf_counter() - train_started},
+                             state_path)
+            if checkpoint_due:
+                last_checkpoint = time.perf_counter()
+            if done:
+                break
+            epoch, position = divmod(step, steps_per_epoch)
+            order = np.random.default_rng([config.seed, epoch]).permutation(len(pool))
+            rows = order[position * config.batch_size:(position + 1) * config.batch_size]
+            rows = rows[env.rank::env.world]
+            lr = _schedule(step, progress, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = torch.zeros((), device=env.device, dtype=torch.float64)
+            pieces = [rows[start:start + micro] for start in range(0, len(rows), micro)]
+            for index, piece in enumerate(pieces):
+                ids = torch.from_numpy(pool[piece].astype(np.int64)).to(env.device)
+                with torch.no_grad():
+                    if ort_session is not None:
+                        from graphopt.student import run_session
+
+                        teacher_logits = torch.from_numpy(run_session(ort_session, pool[piece])).to(env.device)
+                    else:
+                        with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=autocast):
+                            teacher_logits = teacher(ids, dtype=compute_dtype)[0]
+                sync = contextlib.nullcontext() if (not env.active or index == len(pieces) - 1) else model.no_sync()
+                with sync:
+                    with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=autocast):
+                        student_logits = model(ids, dtype=compute_dtype)[0]
+                    loss = _kl_loss(student_logits, teacher_logits, config.temperature)
+                    if config.ce_weight:
+                        ce = torch.nn.functional.cross_entropy(student_logits[:, :-1].float().reshape(-1, student_logits.shape[-1]),
+                                                               ids[:, 1:].reshape(-1))
+                        loss = (1 - config.ce_weight) * loss + config.ce_weight * ce
+                    (loss * len(piece) / len(rows)).backward()
+                loss_sum += loss.detach().double() * len(piece) / len(rows)
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            if env.active:
+                import torch.distributed as dist
+
+                dist.all_reduce(loss_sum)
+                loss_sum /= env.world
+            step += 1
+            window_tokens += tokens_per_step
+            loss_value = float(loss_sum)
+            curve.append([step, step * tokens_per_step, round(loss_value, 5), round(time.perf_counter() - train_started, 2)])
+            if env.rank == 0 and (time.perf_counter() - last_log >= 10 or step == 1):
+                rate = window_tokens / max(1e-9, time.perf_counter() - window_started)
+                logger.info("step %d | tokens %s | loss %.4f | %.0f tokens/s | lr %.2e | %.0f s", step,
+                            f"{step * tokens_per_step:,}", loss_value, rate, lr, time.perf_counter() - started)
+                last_log, window_tokens, window_started = time.perf_counter(), 0, time.perf_counter()
+            if config.stop_after_steps is not None and step >= config.stop_after_steps:
+                stopped_early = True
+                break
+        train_seconds = time.perf_counter() - train_started
+        if stopped_early:
+            if env.rank == 0:
+                _save_atomic({"run": run, "student": student.state_dict(), "optimizer": optimizer.state_dict(),
+                              "step": step, "curve": curve, "train_seconds": train_seconds}, state_path)
+            env.barrier()
+            return None
+        result = None
+        if env.rank == 0:
+            weights = {}
+            for name, parameter in student.named_parameters():
+                if not parameter.requires_grad:
+                    continue
+                array = parameter.detach().float().cpu().numpy()
+                if bits and name in student.quantized_names:
+                    array = snap_to_grid(array, bits, config.block_size)
+                weights[name] = array
+            result = _write_output(loaded, output, force, weights, config, {
+                "tokens": step * tokens_per_step, "steps": step, "world_size": env.world,
+                "device": _device_name(env.device), "sampling_seconds": round(sampling_seconds, 1),
+                "train_seconds": round(train_seconds, 1), "data_rows": int(len(pool)),
+                "tokens_per_second": round(step * tokens_per_step / max(1e-9, train_seconds), 1),
+                "final_loss": curve[-1][2] if curve else None, "round_trip_max_diff": round_trip,
+                "perplexity_before": before, "loss_curve": _thin(curve, 200)}, started)
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        env.barrier()
+        return result
+    finally:
+        env.close()
+
+
+def _device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+def _thin(curve: list, points: int) -> list:
+    if len(curve) <= points:
+        return curve
+    stride = len(curve) / points
+    return [curve[int(index * stride)] for index in range(points)] + [curve[-1]]
+
+
+def _write_output(loaded, output: pathlib.Path, force: bool, weights: dict, config: DistillConfig, figures: dict,
+                  started: float) -> DistillResult:
+    from graphopt.evaluate import evaluate
+    from graphopt.student import write_weights
+
+    with atomic_output(output, force, sources=[loaded.directory.path]) as scratch:
+        changed = write_weights(loaded.directory, weights, scratch)
+        figures["initializers_changed"] = changed
+        step = LineageStep("distill", config.describe(), figures=figures)
+        written = ModelDir(scratch, derive(loaded.directory, scratch, step))
+        if config.eval_windows:
+            after = evaluate(scratch, max_windows=config.eval_windows).perplexity
+            figures["perplexity_after"] = after
+            logger.info("perplexity after: %.3f (before: %s)", after, figures.get("perplexity_before"))
+        step.seconds = round(time.perf_counter() - started, 1)
+        written.write_manifest(written.manifest)
+    return DistillResult(ModelDir(output), figures)
+
+
+def plot_loss(curve: list, path: str | pathlib.Path, title: str = "distillation") -> None:
+    """Loss (KL to the teacher) against tokens seen, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    axis.plot([point[1] for point in curve], [point[2] for point in curve])
+    axis.set_xlabel("tokens seen")
+    axis.set_ylabel("loss (KL to teacher)")
+    axis.set_yscale("log")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    path = pathlib.Path(path)
+    partial = path.with_name(f".{path.stem}.partial{path.suffix}")
+    figure.savefig(partial, dpi=120)
+    plt.close(figure)
+    os.replace(partial, path)
+
+
+def recipe_stage(student_dir: str | pathlib.Path, teacher_dir: str | pathlib.Path, destination: str | pathlib.Path,
+                 config: DistillConfig) -> tuple[ModelDir, dict]:
+    """A ``distill`` stage of ``graphopt optimize``: the distilled directory and the figures a report
+    shows (tokens, seconds, loss, perplexity before/after), the loss curve left out."""
+    result = distill(student_dir, teacher_dir, destination, config, force=True)
+    if result is None:
+        raise GraphoptError("the distill stage ended without a model (interrupted)")
+    return result.model_dir, {key: value for key, value in result.figures.items() if key != "loss_curve"}
