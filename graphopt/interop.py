@@ -188,9 +188,12 @@ def hf_config(manifest: Manifest, source: dict[str, Any], ids: dict[str, Any]) -
     config = dict(source)
     family = manifest.model_type or manifest.family
     keys = _CONFIG_KEYS.get(family, _DEFAULT_KEYS)
+    intermediate = set(manifest.intermediate_per_layer())
     values = {"layers": manifest.layers, "heads": manifest.heads_per_layer()[0],
               "kv_heads": manifest.kv_heads_per_layer()[0], "head_dim": manifest.head_dim,
-              "hidden_size": manifest.hidden_size, "intermediate_size": manifest.intermediate_per_layer()[0],
+              "hidden_size": manifest.hidden_size,
+              # Channels pruned unevenly have no one size: the source's stands (the graph holds the truth).
+              "intermediate_size": intermediate.pop() if len(intermediate) == 1 else None,
               "max_positions": manifest.max_positions}
     for fact, key in keys.items():
         if values.get(fact) is not None:
@@ -206,6 +209,7 @@ def hf_config(manifest: Manifest, source: dict[str, Any], ids: dict[str, Any]) -
     config["torch_dtype"] = manifest.dtype
     config.pop("dtype", None)
     config.pop("quantization_config", None)  # the graph's quantization is in the graph, not for transformers
+    config.pop("auto_map", None)  # a stranger's code to import; the ONNX graph needs none
     return config
 
 
