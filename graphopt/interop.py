@@ -69,16 +69,22 @@ def graph_facts(model_path: pathlib.Path) -> dict[str, Any]:
 def compatibility(manifest: Manifest, facts: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """For each runtime: ``{"loads": bool, "reason": str}``; the reason says why not, or what to know.
 
-    Measured with onnxruntime-genai 0.18 (CPU) on every variant graphopt writes (export, fuse for
-    cpu and for onnx/tensorrt at opset 23, int8/int4 weight-only, W8A8 QDQ, pruned with different
-    KV heads per layer, float16, GPT-2): all load and give graphopt's greedy tokens; genai reads
-    each layer's KV shape from the graph, so uneven pruning needs nothing in its config.
+    Measured with onnxruntime-genai 0.18 (CPU) and optimum-onnx 0.1.0 (transformers 4.57) on every
+    variant graphopt writes (export, fuse for cpu and for onnx/tensorrt at opset 23, int8/int4
+    weight-only, W8A8 QDQ, pruned heads / channels / layers, heads pruned unevenly, float16,
+    GPT-2). genai loads all of them and gives graphopt's greedy tokens: it reads each layer's KV
+    shape from the graph. Optimum gives them too, except where its past shapes come out wrong:
+    KV heads that differ per layer, and pruned query heads (it derives head_dim from hidden_size).
     """
     uneven = _uneven(manifest)
     optimum_refusals = []
     if uneven:
         optimum_refusals.append(f"{uneven} differ between layers; Optimum builds every layer's empty past from one "
                                 "num_key_value_heads")
+    elif manifest.hidden_size and manifest.heads_per_layer()[0] * manifest.head_dim != manifest.hidden_size:
+        optimum_refusals.append(f"query heads were pruned ({manifest.heads_per_layer()[0]} x {manifest.head_dim} != "
+                                f"hidden {manifest.hidden_size}); Optimum sizes the past's head_dim as hidden_size // "
+                                "num_attention_heads, not config.head_dim")
     genai_note = ""
     if (manifest.fusion or {}).get("target") == "cuda":
         genai_note = "made for CUDA: genai_config.json asks for the CUDA provider (onnxruntime-genai-cuda)"

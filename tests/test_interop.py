@@ -114,17 +114,25 @@ def test_every_step_writes_them_and_shares_the_buffer_only_for_gqa(variants):
     assert json.loads((variants["gpt2"] / interop.GENAI_CONFIG).read_text())["model"]["type"] == "decoder"
 
 
-def test_pruned_sizes_reach_config_json(variants, tiny_llama_dir, tmp_path):
-    pruned = _step("prune", tiny_llama_dir, tmp_path / "pruned", heads=0.5, channels=0.5)
+def test_pruned_sizes_reach_config_json(tiny_llama_dir, tmp_path):
+    pruned = _step("prune", tiny_llama_dir, tmp_path / "pruned", channels=0.5, layers=1)
     manifest = ModelDir.open(pruned).manifest
     config = json.loads((pruned / interop.HF_CONFIG).read_text())
-    assert config["num_attention_heads"] == manifest.heads_per_layer()[0] == 2
-    assert config["num_key_value_heads"] == manifest.kv_heads_per_layer()[0] == 1
     sizes = set(manifest.intermediate_per_layer())
+    assert config["num_hidden_layers"] == manifest.layers == 1
     assert config["intermediate_size"] == (sizes.pop() if len(sizes) == 1 else 128)  # uneven: the source's
-    assert config["head_dim"] == 16 and config["hidden_size"] == 64  # no longer hidden / heads
+    assert manifest.intermediate_per_layer()[0] < 128
     genai = json.loads((pruned / interop.GENAI_CONFIG).read_text())["model"]["decoder"]
-    assert (genai["num_attention_heads"], genai["num_key_value_heads"]) == (2, 1)
+    assert genai["num_hidden_layers"] == 1
+
+
+def test_pruned_heads_genai_yes_optimum_no(tiny_llama_dir, tmp_path):
+    pruned = _step("prune", tiny_llama_dir, tmp_path / "pruned", heads=0.5)
+    genai = json.loads((pruned / interop.GENAI_CONFIG).read_text())["model"]["decoder"]
+    assert (genai["num_attention_heads"], genai["num_key_value_heads"], genai["head_size"]) == (2, 1, 16)
+    optimum = ModelDir.open(pruned).manifest.runtimes["optimum"]
+    assert not optimum["loads"] and "hidden_size // num_attention_heads" in optimum["reason"]
+    assert not (pruned / interop.HF_CONFIG).exists()
 
 
 def test_uneven_heads_are_refused_for_optimum_with_the_reason(variants):
@@ -219,3 +227,82 @@ def test_smollm2_genai_tokenizer_and_chat_template_match(smollm2_variants):
     assert list(tokenizer.encode(text)) == generator.tokenizer.encode(text)
     ids = generator.encode_prompt(CHAT_PROMPTS[0], chat=True)
     assert tokenizer.decode(ids) == generator.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+# --- Optimum, in an environment of its own (transformers 4.57) --------------------------------------
+
+TOOLS = pathlib.Path(__file__).resolve().parent.parent / "tools"
+
+
+@pytest.fixture(scope="session")
+def optimum_python(tmp_path_factory) -> pathlib.Path:
+    """The python of the Optimum venv: ``$GRAPHOPT_OPTIMUM_PYTHON``, or built once per run (~3 minutes)."""
+    import os
+    import sys
+
+    existing = os.environ.get("GRAPHOPT_OPTIMUM_PYTHON")
+    if existing:
+        return pathlib.Path(existing)
+    sys.path.insert(0, str(TOOLS))
+    try:
+        import optimum_env
+    finally:
+        sys.path.remove(str(TOOLS))
+    return optimum_env.build(tmp_path_factory.mktemp("optimum") / "venv")
+
+
+def optimum_run(python: pathlib.Path, model_dir: pathlib.Path, prompts: list[list[int]], max_new_tokens: int,
+                **request):
+    import subprocess
+
+    done = subprocess.run([str(python), str(TOOLS / "optimum_generate.py")], capture_output=True, text=True,
+                          input=json.dumps({"model_dir": str(model_dir), "prompts": prompts,
+                                            "max_new_tokens": max_new_tokens, **request}))
+    return done
+
+
+def assert_optimum_same_greedy(python: pathlib.Path, model_dir: pathlib.Path, max_new_tokens: int = 64) -> int:
+    generator = Generator(model_dir)
+    prompts = [generator.encode_prompt(prompt, chat=True) for prompt in CHAT_PROMPTS]
+    done = optimum_run(python, model_dir, prompts, max_new_tokens)
+    assert done.returncode == 0, done.stderr[-2000:]
+    theirs = json.loads(done.stdout)["tokens"]
+    compared = 0
+    for prompt_ids, tokens in zip(prompts, theirs):
+        ours = generator.generate(prompt_ids, max_new_tokens=max_new_tokens).token_ids
+        assert tokens == ours, f"{model_dir.name}: Optimum {tokens} vs graphopt {ours}"
+        compared += len(ours)
+    return compared
+
+
+@pytest.mark.slow
+def test_optimum_greedy_tokens_equal_graphopts(optimum_python, variants):
+    loadable = [name for name, directory in variants.items()
+                if ModelDir.open(directory).manifest.runtimes["optimum"]["loads"]]
+    assert {"export", "fuse-cpu", "fuse-onnx", "int8", "int4", "w8a8", "fp16", "gpt2-fused"} <= set(loadable)
+    for name in loadable:
+        assert assert_optimum_same_greedy(optimum_python, variants[name]) >= 64, name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["prune-uneven", "pruned-heads"])
+def test_optimum_refusals_are_true(optimum_python, variants, tiny_llama_dir, tmp_path, name):
+    """Where graphopt writes no config.json for Optimum, one written anyway fails in Optimum."""
+    import shutil
+
+    source = variants["prune-uneven"] if name == "prune-uneven" else \
+        _step("prune", tiny_llama_dir, tmp_path / "pruned", heads=0.5)
+    directory = tmp_path / "forced"
+    shutil.copytree(source, directory)
+    manifest = ModelDir.open(directory).manifest
+    assert not manifest.runtimes["optimum"]["loads"]
+    ids = interop._special_ids(directory, manifest, {})
+    interop._write_json(directory / interop.HF_CONFIG, interop.hf_config(manifest, {}, ids))
+    done = optimum_run(optimum_python, directory, [[5, 9, 17]], 8)
+    assert done.returncode != 0 and "Got invalid dimensions for input: past_key_values" in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fused", "int8", "int4"])
+def test_smollm2_optimum_greedy_tokens_equal_graphopts(optimum_python, smollm2_variants, name):
+    assert assert_optimum_same_greedy(optimum_python, smollm2_variants[name]) >= 4 * 8
