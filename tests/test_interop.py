@@ -227,6 +227,8 @@ def test_smollm2_genai_tokenizer_and_chat_template_match(smollm2_variants):
     assert list(tokenizer.encode(text)) == generator.tokenizer.encode(text)
     ids = generator.encode_prompt(CHAT_PROMPTS[0], chat=True)
     assert tokenizer.decode(ids) == generator.tokenizer.decode(ids, skip_special_tokens=False)
+    messages = json.dumps([{"role": "user", "content": CHAT_PROMPTS[0]}])
+    assert tokenizer.apply_chat_template(messages, add_generation_prompt=True) == text  # chat_template.jinja
 
 
 # --- Optimum, in an environment of its own (transformers 4.57) --------------------------------------
@@ -306,3 +308,42 @@ def test_optimum_refusals_are_true(optimum_python, variants, tiny_llama_dir, tmp
 @pytest.mark.parametrize("name", ["fused", "int8", "int4"])
 def test_smollm2_optimum_greedy_tokens_equal_graphopts(optimum_python, smollm2_variants, name):
     assert assert_optimum_same_greedy(optimum_python, smollm2_variants[name]) >= 4 * 8
+
+
+# --- the examples ------------------------------------------------------------------------------------
+
+EXAMPLES = TOOLS.parent / "examples" / "runtimes"
+
+
+def _example(python, name: str, model_dir: pathlib.Path, *args: str):
+    import subprocess
+
+    return subprocess.run([str(python), str(EXAMPLES / name), str(model_dir), "--prompt", CHAT_PROMPTS[0], *args],
+                          capture_output=True, text=True)
+
+
+def test_genai_example_gives_graphopts_greedy_tokens(variants):
+    import sys
+
+    done = _example(sys.executable, "genai_chat.py", variants["int4"], "--max-new-tokens", "16", "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    generator = Generator(variants["int4"])
+    expected = generator.generate_text(CHAT_PROMPTS[0], chat=True, max_new_tokens=16)
+    assert json.loads(done.stdout)["token_ids"] == expected.token_ids
+
+
+def test_graphopt_example_runs(variants):
+    import sys
+
+    done = _example(sys.executable, "graphopt_runtime.py", variants["int4"], "--max-new-tokens", "16")
+    assert done.returncode == 0, done.stderr[-2000:]
+    expected = Generator(variants["int4"]).generate_text(CHAT_PROMPTS[0], chat=True, max_new_tokens=16)
+    assert done.stdout.strip() == expected.text.strip() and "tokens/s" in done.stderr
+
+
+@pytest.mark.slow
+def test_optimum_example_gives_graphopts_text(optimum_python, variants):
+    done = _example(optimum_python, "optimum_generate.py", variants["int4"], "--max-new-tokens", "16")
+    assert done.returncode == 0, done.stderr[-2000:]
+    expected = Generator(variants["int4"]).generate_text(CHAT_PROMPTS[0], chat=True, max_new_tokens=16)
+    assert done.stdout.strip() == expected.text.strip()
