@@ -173,6 +173,29 @@ def test_a_strangers_remote_code_is_not_carried_forward(tiny_llama_dir, tmp_path
     assert "auto_map" not in written and written["num_hidden_layers"] == 2
 
 
+def _optimize(source: pathlib.Path, out: pathlib.Path, *options: str) -> None:
+    done = CliRunner().invoke(main, ["optimize", str(source), "-o", str(out), "--recipe", "cpu-int8", *options])
+    assert done.exit_code == 0, done.output
+
+
+def test_optimize_target_and_draft_load_in_genai(checkpoints, tmp_path):
+    """`graphopt optimize`'s target/ and draft/ carry the files (every stage runs through the step runner)."""
+    out = tmp_path / "out"
+    _optimize(checkpoints["llama"], out, "--no-reference", "--eval-windows", "1", "--window", "64", "--tokens", "8")
+    for part in ("target", "draft"):
+        runtimes = ModelDir.open(out / part).manifest.runtimes
+        assert runtimes["onnxruntime-genai"]["loads"] and runtimes["optimum"]["loads"], part
+        assert (out / part / interop.GENAI_CONFIG).is_file() and (out / part / interop.HF_CONFIG).is_file()
+    assert assert_same_greedy(out / "target") >= 64
+
+
+@pytest.mark.slow
+def test_smollm2_optimize_target_loads_in_genai_with_the_same_tokens(smollm2_dir, tmp_path):
+    out = tmp_path / "out"
+    _optimize(smollm2_dir, out, "--no-reference", "--eval-windows", "1", "--tokens", "16")
+    assert assert_same_greedy(out / "target") >= 4 * 8
+
+
 # --- the runtime itself ---------------------------------------------------------------------------
 
 
