@@ -56,14 +56,7 @@ def graph_facts(model_path: pathlib.Path) -> dict[str, Any]:
 
     proto = onnx.load(str(model_path), load_external_data=False)
     ops = {(node.domain or "ai.onnx", node.op_type) for node in proto.graph.node}
-    opsets = {entry.domain or "ai.onnx": entry.version for entry in proto.opset_import}
-    return {
-        "opset": opsets.get("ai.onnx"),
-        "ops": sorted(f"{domain}.{op}" for domain, op in ops),
-        "gqa": ("com.microsoft", "GroupQueryAttention") in ops,
-        "standard_attention": ("ai.onnx", "Attention") in ops,
-        "qdq_activations": ("ai.onnx", "QuantizeLinear") in ops or ("com.microsoft", "QuantizeLinear") in ops,
-    }
+    return {"gqa": ("com.microsoft", "GroupQueryAttention") in ops}
 
 
 def compatibility(manifest: Manifest, facts: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -87,6 +80,7 @@ def compatibility(manifest: Manifest, facts: dict[str, Any]) -> dict[str, dict[s
                                 "num_attention_heads, not config.head_dim")
     genai_note = ""
     if (manifest.fusion or {}).get("target") == "cuda":
+        # Not measured: no CUDA build of onnxruntime-genai was at hand (its CPU wheel refuses the provider).
         genai_note = "made for CUDA: genai_config.json asks for the CUDA provider (onnxruntime-genai-cuda)"
     return {"graphopt": {"loads": True, "reason": ""},
             "onnxruntime-genai": {"loads": True, "reason": genai_note},
