@@ -141,6 +141,7 @@ def main() -> None:
             axis.bar([i + index * width for i in range(len(results))], values, width, label=name)
         axis.set_xticks([i + width for i in range(len(results))], list(results))
         axis.set_ylabel("decode tokens/s (2-core CPU)")
+        axis.set_title(f"same graphopt models, three runtimes (load average {min(load):.1f}-{max(load):.1f})")
         axis.legend()
         figure.tight_layout()
         figure.savefig(args.png, dpi=120)
