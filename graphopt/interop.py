@@ -52,11 +52,14 @@ _SEARCH_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalt
 
 def graph_facts(model_path: pathlib.Path) -> dict[str, Any]:
     """The facts about a graph that decide which runtimes load it (read without its weights)."""
+    model_path = pathlib.Path(model_path)
+    if model_path.suffix != ".onnx":  # the ORT format (tools/to_ort_format.py): a flatbuffer, not protobuf
+        return {"format": model_path.suffix.lstrip("."), "gqa": b"GroupQueryAttention" in model_path.read_bytes()}
     import onnx
 
     proto = onnx.load(str(model_path), load_external_data=False)
     ops = {(node.domain or "ai.onnx", node.op_type) for node in proto.graph.node}
-    return {"gqa": ("com.microsoft", "GroupQueryAttention") in ops}
+    return {"format": "onnx", "gqa": ("com.microsoft", "GroupQueryAttention") in ops}
 
 
 def compatibility(manifest: Manifest, facts: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -65,13 +68,16 @@ def compatibility(manifest: Manifest, facts: dict[str, Any]) -> dict[str, dict[s
     Measured with onnxruntime-genai 0.18 (CPU) and optimum-onnx 0.1.0 (transformers 4.57) on every
     variant graphopt writes (export, fuse for cpu and for onnx/tensorrt at opset 23, int8/int4
     weight-only, W8A8 QDQ, pruned heads / channels / layers, heads pruned unevenly, float16,
-    GPT-2). genai loads all of them and gives graphopt's greedy tokens: it reads each layer's KV
+    GPT-2, and the ORT format of tools/to_ort_format.py). genai loads all of them and gives graphopt's greedy tokens: it reads each layer's KV
     shape from the graph. Optimum gives them too, except where its past shapes come out wrong:
     KV heads that differ per layer, and pruned query heads (it derives head_dim from hidden_size).
     """
     uneven = _uneven(manifest)
     optimum_refusals = []
-    if uneven:
+    if facts.get("format", "onnx") != "onnx":
+        optimum_refusals.append(f"the ORT format ({manifest.model_file}): ORTModelForCausalLM.from_pretrained looks "
+                                "for an .onnx file (genai loads it)")
+    elif uneven:
         optimum_refusals.append(f"{uneven} differ between layers; Optimum builds every layer's empty past from one "
                                 "num_key_value_heads")
     elif manifest.hidden_size and manifest.heads_per_layer()[0] * manifest.head_dim != manifest.hidden_size:

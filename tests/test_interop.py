@@ -24,6 +24,7 @@ from graphopt.steps import run_step
 
 og = pytest.importorskip("onnxruntime_genai", reason="the interop extra (onnxruntime-genai) is not installed")
 
+TOOLS = pathlib.Path(__file__).resolve().parent.parent / "tools"
 CHAT_PROMPTS = ("What is the capital of France?", "Write a haiku about the sea.",
                 "Explain in two sentences why the sky is blue.", "List three uses of a paperclip.")
 
@@ -79,7 +80,18 @@ def variants(tiny_llama_dir, tiny_gpt2_dir, tmp_path_factory) -> dict[str, pathl
         "fp16": _step("convert", fused, root / "fp16", dtype="fp16"),
         "gpt2": tiny_gpt2_dir,
         "gpt2-fused": _step("fuse", tiny_gpt2_dir, root / "gpt2-fused", target="cpu"),
+        "ort-format": _ort_format(root / "int4", root / "ort-format"),
     }
+
+
+def _ort_format(source: pathlib.Path, output: pathlib.Path) -> pathlib.Path:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("to_ort_format", TOOLS / "to_ort_format.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.convert(source, output)
+    return output
 
 
 # --- the files ----------------------------------------------------------------------------------
@@ -107,9 +119,10 @@ def test_export_writes_genai_and_transformers_configs(tiny_llama_dir):
 def test_every_step_writes_them_and_shares_the_buffer_only_for_gqa(variants):
     for name, directory in variants.items():
         genai = json.loads((directory / interop.GENAI_CONFIG).read_text())
-        gqa = interop.graph_facts(directory / "model.onnx")["gqa"]
+        gqa = interop.graph_facts(directory / ModelDir.open(directory).manifest.model_file)["gqa"]
         assert genai["search"]["past_present_share_buffer"] is gqa, name
-        assert ModelDir.open(directory).manifest.lineage[-1].name in ("export", "fuse", "quantize", "prune", "convert")
+        assert ModelDir.open(directory).manifest.lineage[-1].name in ("export", "fuse", "quantize", "prune", "convert",
+                                                                        "to_ort_format")
     assert json.loads((variants["fuse-cpu"] / interop.GENAI_CONFIG).read_text())["search"]["past_present_share_buffer"]
     assert json.loads((variants["gpt2"] / interop.GENAI_CONFIG).read_text())["model"]["type"] == "decoder"
 
@@ -200,7 +213,7 @@ def test_smollm2_optimize_target_loads_in_genai_with_the_same_tokens(smollm2_dir
 
 
 @pytest.mark.parametrize("name", ["export", "fuse-cpu", "fuse-onnx", "int8", "int4", "w8a8", "prune-uneven",
-                                  "prune-uneven-fused", "fp16", "gpt2", "gpt2-fused"])
+                                  "prune-uneven-fused", "fp16", "gpt2", "gpt2-fused", "ort-format"])
 def test_genai_greedy_tokens_equal_graphopts(variants, name):
     assert ModelDir.open(variants[name]).manifest.runtimes["onnxruntime-genai"]["loads"]
     assert assert_same_greedy(variants[name]) >= 64
@@ -256,9 +269,6 @@ def test_smollm2_genai_tokenizer_and_chat_template_match(smollm2_variants):
 
 # --- Optimum, in an environment of its own (transformers 4.57) --------------------------------------
 
-TOOLS = pathlib.Path(__file__).resolve().parent.parent / "tools"
-
-
 @pytest.fixture(scope="session")
 def optimum_python(tmp_path_factory) -> pathlib.Path:
     """The python of the Optimum venv: ``$GRAPHOPT_OPTIMUM_PYTHON``, or built once per run (~3 minutes)."""
@@ -310,13 +320,14 @@ def test_optimum_greedy_tokens_equal_graphopts(optimum_python, variants):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["prune-uneven", "pruned-heads"])
-def test_optimum_refusals_are_true(optimum_python, variants, tiny_llama_dir, tmp_path, name):
+@pytest.mark.parametrize("name, error", [("prune-uneven", "Got invalid dimensions for input: past_key_values"),
+                                         ("pruned-heads", "Got invalid dimensions for input: past_key_values"),
+                                         ("ort-format", "no file named")])
+def test_optimum_refusals_are_true(optimum_python, variants, tiny_llama_dir, tmp_path, name, error):
     """Where graphopt writes no config.json for Optimum, one written anyway fails in Optimum."""
     import shutil
 
-    source = variants["prune-uneven"] if name == "prune-uneven" else \
-        _step("prune", tiny_llama_dir, tmp_path / "pruned", heads=0.5)
+    source = _step("prune", tiny_llama_dir, tmp_path / "pruned", heads=0.5) if name == "pruned-heads" else variants[name]
     directory = tmp_path / "forced"
     shutil.copytree(source, directory)
     manifest = ModelDir.open(directory).manifest
@@ -324,7 +335,7 @@ def test_optimum_refusals_are_true(optimum_python, variants, tiny_llama_dir, tmp
     ids = interop._special_ids(directory, manifest, {})
     interop._write_json(directory / interop.HF_CONFIG, interop.hf_config(manifest, {}, ids))
     done = optimum_run(optimum_python, directory, [[5, 9, 17]], 8)
-    assert done.returncode != 0 and "Got invalid dimensions for input: past_key_values" in done.stderr
+    assert done.returncode != 0 and error in done.stderr
 
 
 @pytest.mark.slow
