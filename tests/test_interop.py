@@ -203,10 +203,12 @@ def test_optimize_target_and_draft_load_in_genai(checkpoints, tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_optimize_target_loads_in_genai_with_the_same_tokens(smollm2_dir, tmp_path):
+def test_smollm2_optimize_target_loads_in_genai_and_optimum_with_the_same_tokens(smollm2_dir, optimum_python,
+                                                                                   tmp_path):
     out = tmp_path / "out"
     _optimize(smollm2_dir, out, "--no-reference", "--eval-windows", "1", "--tokens", "16")
     assert assert_same_greedy(out / "target") >= 4 * 8
+    assert assert_optimum_same_greedy(optimum_python, out / "target") >= 4 * 8
 
 
 # --- the runtime itself ---------------------------------------------------------------------------
