@@ -246,6 +246,7 @@ def write_runtime_files(directory: pathlib.Path, manifest: Manifest, source: pat
             if ids[key] is not None:
                 generation[f"{key}_token_id"] = ids[key]
         _write_json(directory / GENERATION_CONFIG, generation)
+    logger.debug("runtimes of %s: %s", directory, {name: support["loads"] for name, support in runtimes.items()})
     return manifest.replace(runtimes=runtimes)
 
 
