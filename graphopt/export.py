@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import io
+import json
 import logging
 import os
 import pathlib
@@ -19,6 +20,7 @@ import numpy as np
 
 import graphopt
 from graphopt import checkpoint as checkpoint_lib
+from graphopt import interop
 from graphopt.errors import ValidationError
 from graphopt.manifest import LineageStep, Manifest, io_names
 from graphopt.modeldir import MODEL_FILE, ModelDir, atomic_output, check_output
@@ -207,6 +209,7 @@ def export(src: str, output: str | os.PathLike, force: bool = False, run_validat
             eos_token_ids=eos_ids, bos_token_id=hf_model.config.bos_token_id,
             add_bos_token=bool(getattr(tokenizer, "add_bos_token", False)), source=loaded.source,
             graphopt_version=graphopt.__version__)
+        manifest = interop.write_runtime_files(scratch, manifest, source=json.loads(hf_model.config.to_json_string()))
         step = LineageStep("export", {"opset": opset, "validate": run_validation, "tolerance": tolerance})
         if run_validation:
             logger.info("validating ONNX Runtime against PyTorch (prefill, decode on a cache, 32 greedy tokens)")

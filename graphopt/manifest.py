@@ -103,6 +103,7 @@ class Manifest:
     layer_kv_heads: list[int] | None = None
     layer_intermediate_sizes: list[int] | None = None
     model_file: str = "model.onnx"
+    runtimes: dict[str, Any] | None = None  # which runtimes load the directory, and why not (graphopt.interop)
     lineage: list[LineageStep] = dataclasses.field(default_factory=list)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 

@@ -25,6 +25,7 @@ import shutil
 import tempfile
 from typing import Iterable, Iterator
 
+from graphopt import interop
 from graphopt import manifest as manifest_io
 from graphopt.errors import GraphoptError
 from graphopt.manifest import LineageStep, Manifest
@@ -246,5 +247,6 @@ def derive(source: ModelDir, destination: pathlib.Path, step: LineageStep, **cha
     """Write ``destination``'s manifest: the source's, with ``changes`` and one more lineage step."""
     manifest = source.manifest.with_step(step, **changes)
     copy_tokenizer(source, destination)
+    manifest = interop.write_runtime_files(destination, manifest, source=source.path)
     ModelDir(destination).write_manifest(manifest)
     return manifest

@@ -7,6 +7,7 @@ import json
 
 import click
 
+from graphopt import interop
 from graphopt.modeldir import ModelDir
 
 
@@ -37,6 +38,7 @@ def summarize(model_dir: ModelDir) -> dict:
         "inputs": describe(model.graph.input),
         "outputs": describe(model.graph.output),
         "lineage": [step.to_json() for step in manifest.lineage],
+        "runtimes": interop.runtimes_of(model_dir.path, manifest),
     }
 
 
@@ -61,6 +63,10 @@ def command(model_dir: str, as_json: bool) -> None:
         click.echo(f"{label} ({len(values)}):")
         for value in shown:
             click.echo("  ..." if value is None else f"  {value['name']}: {value['type']} {value['shape']}")
+    click.echo("runtimes:")
+    for runtime, support in summary["runtimes"].items():
+        verdict = "loads" if support["loads"] else "cannot load"
+        click.echo(f"  {runtime:<18} {verdict}" + (f" ({support['reason']})" if support["reason"] else ""))
     click.echo("lineage:")
     for step in summary["lineage"]:
         figures = step.get("figures", {})
