@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 SCHEMES = ("w8a8", "int8", "int4")
 HEAD_CHOICES = ("auto", "float", "int8", "int4")
+EMBEDDING_CHOICES = ("auto", "float", "int8", "int4")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +60,8 @@ class QuantizeConfig:
     block_size: int = 32
     method: str = "rtn"
     head: str = "auto"
+    embedding: str = "auto"
+    act_order: bool = False
     exclude: tuple[str, ...] = ()
     op_types: tuple[str, ...] = ("MatMul",)
     smooth: float | None = None
@@ -86,6 +89,10 @@ class QuantizeConfig:
         if unsupported:
             raise GraphoptError(f"cannot quantize op type {unsupported[0]}: these passes quantize "
                                 f"{', '.join(QUANTIZABLE_OPS)} with a constant weight")
+        if self.embedding not in EMBEDDING_CHOICES:
+            raise GraphoptError(f"--embedding must be one of {', '.join(EMBEDDING_CHOICES)}")
+        if scheme == "w8a8" and self.embedding in ("int8", "int4"):
+            raise GraphoptError("--embedding int8/int4 needs weight-only quantization (--activations none)")
         if self.head not in HEAD_CHOICES:
             raise GraphoptError(f"--head must be one of {', '.join(HEAD_CHOICES)}")
         if scheme == "w8a8" and self.head == "int4":
@@ -105,9 +112,19 @@ class QuantizeConfig:
             return 8
         return int(self.head[3:])
 
+    def embedding_bits(self) -> int | None:
+        """Bits of a table the head cannot share (auto: 8); None keeps the embedding in float."""
+        if self.scheme == "w8a8" or self.embedding == "float":
+            return None
+        return 8 if self.embedding == "auto" else int(self.embedding[3:])
+
     def describe(self) -> dict:
         record = {"scheme": self.scheme, "weights": self.weights, "activations": self.activations,
                   "head": self.head, "exclude": list(self.exclude)}
+        if self.scheme != "w8a8":
+            record["embedding"] = self.embedding
+        if self.method == "gptq":
+            record["act_order"] = self.act_order
         if self.scheme == "w8a8":
             record.update(symmetric=self.symmetric, reduce_range=self.reduce_range, calibration=self.calibration, smooth=self.smooth,
                           max_ppl_increase=self.max_ppl_increase)
@@ -351,6 +368,20 @@ def _weight_only(source: ModelDir, model: ir.Model, config: QuantizeConfig, sequ
         layer_hessians = hessians(source.model_path, names, sequences)
     progress(f"quantizing weights to int{bits}, block {config.block_size}, {config.method}"
              + ("" if head_bits == bits else f", LM head {'float' if head_bits is None else f'int{head_bits}'}"))
-    weights = WeightOnlyQuantizePass(bits, config.block_size, config.method, config.exclude, head_bits, layer_hessians)
+    weights = WeightOnlyQuantizePass(bits, config.block_size, config.method, config.exclude, head_bits, layer_hessians,
+                                     act_order=config.act_order)
     weights(model)
-    return model, weights.counts, extra
+    counts = dict(weights.counts)
+    errors = weights.errors
+    if errors:
+        worst = max(errors, key=errors.get)
+        extra["weight_error_mean"] = round(float(np.mean(list(errors.values()))), 6)
+        extra["weight_error_max"] = {worst: round(errors[worst], 6)}
+    embedding_bits = config.embedding_bits()
+    if embedding_bits is not None:
+        from graphopt.passes.quantize_embedding import EmbeddingQuantizePass
+
+        embedding = EmbeddingQuantizePass(embedding_bits, config.block_size)
+        embedding(model)
+        counts.update(embedding.counts)
+    return model, counts, extra
