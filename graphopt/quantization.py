@@ -47,6 +47,13 @@ HEAD_CHOICES = ("auto", "float", "int8", "int4")
 EMBEDDING_CHOICES = ("auto", "float", "int8", "int4")
 
 
+def resolve_method(method: str, weights: str, activations: str) -> str:
+    """``auto`` -> the best measured method: ``affine`` for weight-only int4, ``rtn`` otherwise (see the module docstring)."""
+    if method != "auto":
+        return method
+    return "affine" if weights == "int4" and activations == "none" else "rtn"
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantizeConfig:
     """Everything that decides the output model; recorded in the lineage."""

@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("rtn", "mse", "affine", "gptq")
 # Shrink factors of a block's range tried by the ``mse`` search (1.0 = the plain min/max range).
-SHRINK_GRID = tuple(np.linspace(1.0, 0.70, 13))
+SHRINK_GRID = tuple(np.linspace(1.0, 0.70, 7))
 RULE = "quantize_weights"
 
 

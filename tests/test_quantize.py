@@ -299,10 +299,10 @@ def test_cli_refuses_bad_input_and_writes_nothing(tiny_llama_dir, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("Too short.")
     cases = [
-        ([f"--calib-text={binary}"], "binary"),
-        ([f"--calib-text={short}", "--seq-len", "64"], "too short"),
+        ([f"--calib-text={binary}", "--activations", "int8"], "binary"),
+        ([f"--calib-text={short}", "--seq-len", "64", "--method", "gptq"], "too short"),
         (["--exclude", "/model/layers/9/nothing"], "matches no node"),
-        (["--weights", "int4"], "needs --weights int8"),
+        (["--weights", "int4", "--activations", "int8"], "needs --weights int8"),
         (["--smooth", "0.5", "--activations", "none"], "apply to W8A8"),
     ]
     for extra, message in cases:
