@@ -235,3 +235,81 @@ def import_quantization(model_dir: str | pathlib.Path, gguf_path: str | pathlib.
                 "figures": figures}
         derive(source, scratch, step, quantization="gguf")
     return ModelDir(output)
+
+
+def requantize_gguf(source: str | pathlib.Path, destination: str | pathlib.Path, choose) -> dict[str, str]:
+    """Write a copy of the GGUF ``source`` whose rank-2 tensors are re-encoded with the gguf package's quantizers.
+
+    ``choose(name, shape) -> type name`` (e.g. ``"Q4_0"``, ``"Q8_0"``, ``"F32"``) picks each
+    tensor's type from its llama.cpp dequantization; metadata is copied as it is. Used to make the
+    Q4_0 / Q8_0 references and test files. Returns the types written.
+    """
+    import gguf
+
+    reader = gguf.GGUFReader(str(source))
+    architecture = str(_field(reader, "general.architecture"))
+    writer = gguf.GGUFWriter(str(destination), architecture)
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue
+        value_type = field.types[0]
+        sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), value_type, sub_type=sub_type)
+    written = {}
+    for tensor in reader.tensors:
+        data = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type).astype(np.float32)
+        shape = tuple(int(value) for value in reversed(tensor.shape))
+        data = data.reshape(shape)
+        type_name = choose(tensor.name, shape) if len(shape) == 2 else "F32"
+        quant_type = gguf.GGMLQuantizationType[type_name]
+        if quant_type == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(tensor.name, data)
+        else:
+            writer.add_tensor(tensor.name, gguf.quants.quantize(data, quant_type), raw_dtype=quant_type)
+        written[tensor.name] = type_name
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return written
+
+
+def llama_cpp_choice(bulk: str):
+    """The type llama.cpp's ``llama-quantize`` picks per tensor for ``bulk`` (Q4_0 or Q8_0), as far as it matters here.
+
+    A tied embedding (no ``output.weight``) is treated as the output tensor: llama.cpp gives it Q6_K,
+    or Q8_0 when its width is not a multiple of 256 (SmolLM2's 576), which is what is used here
+    (the gguf package has no Q6_K quantizer).
+    """
+    def choose(name: str, shape: tuple[int, ...]) -> str:
+        if name == "token_embd.weight" and bulk == "Q4_0":
+            return "Q8_0"
+        return bulk
+    return choose
+
+
+def export_keeping_quantization(src: str, output, force: bool, validate: bool, tolerance: float, opset: int,
+                                fuse_target: str | None, progress, export_fused) -> object:
+    """``graphopt export SRC --keep-quantization``: float export (and fusion) in a scratch directory, then the import.
+
+    The float export is validated against PyTorch as usual; the import then checks, tensor by
+    tensor, that the codes it keeps dequantize to exactly the weights that were validated.
+    """
+    import tempfile
+
+    from graphopt.checkpoint import describe_source
+    from graphopt.export import export
+    from graphopt.modeldir import check_output
+
+    kind, gguf_path, _name = describe_source(src)
+    if kind not in ("registry", "gguf"):
+        raise GraphoptError(f"{src}: --keep-quantization needs a GGUF source (a .gguf file or a registry name)")
+    target = check_output(output, force)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{target.name}.", suffix=".float", dir=target.parent) as scratch:
+        float_dir = pathlib.Path(scratch) / "float"
+        if fuse_target is None:
+            export(src, float_dir, run_validation=validate, tolerance=tolerance, opset=opset, progress=progress)
+        else:
+            export_fused(src, float_dir, False, validate, tolerance, opset, fuse_target, progress)
+        return import_quantization(float_dir, gguf_path, output, force=force, progress=progress)
