@@ -82,7 +82,8 @@ def test_affine_is_exact_on_q4_1_weights_and_idempotent(tiny_llama_dir, tmp_path
     assert quantizer.counts == {"MatMulNBits(bits=4, affine)": 14}
     counts = ops(model)
     assert counts["MatMulNBits"] == 14 and counts["ReduceSum"] == 8
-    assert max(quantizer.errors.values()) == 0.0
+    # Offsets min + 8*scale stored in float16 (within 1% of a step): weights within ~1e-4, not bitwise.
+    assert max(quantizer.errors.values()) < 1e-3
     assert not WeightOnlyQuantizePass(bits=4, method="affine", head_bits=None, accuracy_level=0)(model).modified
     quantized = save(model, tmp_path / "affine", tiny_llama_dir)
     onnx.checker.check_model(onnx.load(str(quantized / "model.onnx")), full_check=True)
