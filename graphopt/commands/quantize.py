@@ -30,8 +30,8 @@ from graphopt.evaluate import DEFAULT_TEXT
               help="Weight-only: block along the input features.")
 @click.option("--method", type=click.Choice(["auto", "affine", "mse", "rtn", "gptq"]), default="auto", show_default=True,
               help="Weight-only int4 rounding. auto: affine. affine: per-block min + scale x code with a float "
-                   "offset (exact on models dequantized from Q4_1, like the embedded SmolLM2; +0.4% perplexity "
-                   "there, where integer zero points lose 23%); mse: per-block range and integer zero point "
+                   "offset (exact on models dequantized from Q4_1, like the embedded SmolLM2; +0.6% perplexity "
+                   "there, where integer zero points lose 24-27%); mse: per-block range and integer zero point "
                    "minimizing the weight error; rtn: min/max range including zero; gptq: calibrated GPTQ on mse "
                    "blocks. int8 is always symmetric round to nearest.")
 @click.option("--act-order", is_flag=True, help="GPTQ: columns by decreasing Hessian diagonal within each block.")
