@@ -46,7 +46,10 @@ logger = logging.getLogger(__name__)
 SCHEMES = ("w8a8", "int8", "int4")
 HEAD_CHOICES = ("auto", "float", "int8", "int4")
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits: a power of two, at least 16
-METHODS = ("rtn", "gptq")
+# auto: the best measured method, affine for weight-only int4 (exact on Q4_1-derived weights, never
+# worse than rtn on others: see passes/quantize_weights.py), rtn otherwise.
+METHODS = ("auto", "rtn", "mse", "affine", "gptq")
+EMBEDDING_CHOICES = ("auto", "float", "int8", "int4")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,14 +61,16 @@ class QuantizeConfig(StepConfig):
     """
 
     weights: str = "int8"
-    activations: str = "int8"
+    activations: str = "none"  # weight-only: `--weights int4` alone is the whole request
     symmetric: bool = False
     reduce_range: bool = True
     calibration: str = "mse"
     percentile: float = 99.99
     block_size: int = 32
-    method: str = "rtn"
+    method: str = "auto"
     head: str = "auto"
+    embedding: str = "auto"
+    act_order: bool = False
     exclude: tuple[str, ...] = ()
     op_types: tuple[str, ...] = ("MatMul",)
     smooth: float | None = None
@@ -74,6 +79,9 @@ class QuantizeConfig(StepConfig):
     measure_windows: int | None = None
 
     def __post_init__(self):
+        if self.method == "auto":  # resolved here, so the lineage records the method that ran
+            method = "affine" if self.weights == "int4" and self.activations == "none" else "rtn"
+            object.__setattr__(self, "method", method)
         self.validate()
 
     @property
@@ -97,6 +105,10 @@ class QuantizeConfig(StepConfig):
         if unsupported:
             raise GraphoptError(f"cannot quantize op type {unsupported[0]}: these passes quantize "
                                 f"{', '.join(QUANTIZABLE_OPS)} with a constant weight")
+        if self.embedding not in EMBEDDING_CHOICES:
+            raise GraphoptError(f"--embedding must be one of {', '.join(EMBEDDING_CHOICES)}")
+        if scheme == "w8a8" and self.embedding in ("int8", "int4"):
+            raise GraphoptError("--embedding int8/int4 needs weight-only quantization (--activations none)")
         if self.head not in HEAD_CHOICES:
             raise GraphoptError(f"--head must be one of {', '.join(HEAD_CHOICES)}")
         if scheme == "w8a8" and self.head == "int4":
@@ -122,9 +134,19 @@ class QuantizeConfig(StepConfig):
             return 8
         return int(self.head[3:])
 
+    def embedding_bits(self) -> int | None:
+        """Bits of a table the head cannot share (auto: 8); None keeps the embedding in float."""
+        if self.scheme == "w8a8" or self.embedding == "float":
+            return None
+        return 8 if self.embedding == "auto" else int(self.embedding[3:])
+
     def describe(self) -> dict:
         record = {"scheme": self.scheme, "weights": self.weights, "activations": self.activations,
                   "head": self.head, "exclude": list(self.exclude)}
+        if self.scheme != "w8a8":
+            record["embedding"] = self.embedding
+        if self.method == "gptq":
+            record["act_order"] = self.act_order
         if self.scheme == "w8a8":
             record.update(symmetric=self.symmetric, reduce_range=self.reduce_range, calibration=self.calibration, smooth=self.smooth,
                           max_ppl_increase=self.max_ppl_increase)
@@ -346,6 +368,20 @@ def _weight_only(source: ModelDir, model: ir.Model, config: QuantizeConfig, sequ
         layer_hessians = hessians(source.model_path, names, sequences)
     logger.info(f"quantizing weights to int{bits}, block {config.block_size}, {config.method}"
                 + ("" if head_bits == bits else f", LM head {'float' if head_bits is None else f'int{head_bits}'}"))
-    weights = WeightOnlyQuantizePass(bits, config.block_size, config.method, config.exclude, head_bits, layer_hessians)
+    weights = WeightOnlyQuantizePass(bits, config.block_size, config.method, config.exclude, head_bits, layer_hessians,
+                                     act_order=config.act_order)
     weights(model)
-    return model, weights.counts, extra
+    counts = dict(weights.counts)
+    errors = weights.errors
+    if errors:
+        worst = max(errors, key=errors.get)
+        extra["weight_error_mean"] = round(float(np.mean(list(errors.values()))), 6)
+        extra["weight_error_max"] = {worst: round(errors[worst], 6)}
+    embedding_bits = config.embedding_bits()
+    if embedding_bits is not None:
+        from graphopt.passes.quantize_embedding import EmbeddingQuantizePass
+
+        embedding = EmbeddingQuantizePass(embedding_bits, config.block_size)
+        embedding(model)
+        counts.update(embedding.counts)
+    return model, counts, extra

@@ -26,6 +26,8 @@ CONTRIB_DOMAIN = "com.microsoft"
 QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulNBits",
                            "MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul", "DynamicQuantizeMatMul",
                            "GatherBlockQuantized", "QGemm"})
+# Rules whose float MatMuls belong to a quantized linear and are never sites themselves.
+MADE_BY_QUANTIZER = frozenset({"quantize_weights"})
 # Op types a site may be; anything else named in --op-types cannot be quantized by these passes.
 QUANTIZABLE_OPS = ("MatMul",)
 
@@ -78,6 +80,8 @@ def site_of(node: ir.Node) -> LinearSite | None:
     """The node as a linear site, or None when it is not a MatMul by a constant 2-D float32 weight."""
     if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
         return None
+    if node.metadata_props.get("graphopt.rule") in MADE_BY_QUANTIZER:
+        return None  # e.g. the float offset term of an ``affine`` int4 linear: part of a quantized site
     weight = node.inputs[1]
     if weight is None:
         return None

@@ -14,15 +14,30 @@ Blockwise along the input dimension (``block_size`` of 16..256, a power of two),
 same MatMulNBits (``DQMatMulToMatMulNBits``), so both forms run the same kernel; writing the op
 ourselves fixes the accuracy level in the model instead of leaving it to a session option.
 
-Methods: ``rtn`` (round to nearest) and ``gptq`` (GPTQ, Frantar et al. 2022: columns quantized in
-order, each one's error spread over the not yet quantized columns through the inverse Hessian
-``H = sum x x^T`` of the layer's calibration inputs; needs ``hessians``). The tied LM head can get
+Methods (4 bits; 8 bits is always symmetric round to nearest):
+
+* ``rtn``: round to nearest with the block's range stretched to include zero and an integer zero
+  point (the original graphopt int4);
+* ``mse``: per block, the range ``[lo, hi]`` (zero not forced in) and the integer zero point that
+  minimize the block's squared error, searched over a grid of shrunk ranges, then the scale refit
+  by least squares for the chosen codes (MSE-optimal clipping, as llama.cpp's and AWQ's clip search);
+* ``affine``: ``w = min + scale * code`` per block with a *float* offset (what a Q4_1 GGUF
+  stores). MatMulNBits' float zero points exist but ONNX Runtime 1.32's CPU kernel dequantizes the
+  whole weight on every call for them (~40x slower, measured), so the offset is applied as
+  ``ReduceSum(x over each block) @ offsets``: a ``[K / block, N]`` float MatMul beside the 4-bit one
+  (the block sums are shared by the linears reading one activation). On a model dequantized from
+  Q4_1 (the embedded SmolLM2) this reproduces the source weights exactly (to float32 rounding);
+* ``gptq`` (GPTQ, Frantar et al. 2022: columns quantized in order, each one's error spread over the
+  not yet quantized columns through the inverse Hessian ``H = sum x x^T`` of the layer's
+  calibration inputs; needs ``hessians``), with ``mse`` block parameters and optionally activation
+  order (columns by decreasing Hessian diagonal, permuted back before packing). The tied LM head can get
 its own precision (``head_bits``: 8, 4 or None to leave it in float). The pass walks the main
 graph only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Mapping, Sequence
 
@@ -36,7 +51,9 @@ from graphopt.passes.quantize_common import (CONTRIB_DOMAIN, LinearSite, add_ini
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "mse", "affine", "gptq")
+# Shrink factors of a block's range tried by the ``mse`` search (1.0 = the plain min/max range).
+SHRINK_GRID = tuple(np.linspace(1.0, 0.70, 7))
 RULE = "quantize_weights"
 
 
@@ -63,20 +80,92 @@ def block_parameters(blocks: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndar
     return scale, zero_point
 
 
-def quantize_rtn(weight_t: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Round to nearest: ``[N, K]`` float -> codes ``[N, n_blocks, block_size]`` (uint8), scales, zero points."""
+def mse_parameters(blocks: np.ndarray, bits: int, grid: Sequence[float] = SHRINK_GRID) -> tuple[np.ndarray, np.ndarray]:
+    """Per-block float32 scale and integer zero point minimizing the squared error of the block.
+
+    Tries ranges ``[shrink_lo * min, shrink_hi * max]`` over ``grid`` x ``grid`` (zero need not lie
+    inside), rounds the zero point, then refits the scale by least squares for the resulting codes
+    (a smaller error is kept only where it is smaller). 8 bits stays symmetric.
+    """
+    if bits == 8:
+        return block_parameters(blocks, bits)
+    levels = 2**bits - 1
+    low_all, high_all = blocks.min(axis=-1), blocks.max(axis=-1)
+    best_error = np.full(low_all.shape, np.inf)
+    best_scale = np.ones(low_all.shape)
+    best_zero = np.zeros(low_all.shape)
+    for shrink_low in grid:
+        for shrink_high in grid:
+            low, high = low_all * shrink_low, high_all * shrink_high
+            scale = np.where(high > low, (high - low) / levels, 1.0)
+            zero = np.clip(np.round(-low / scale), 0, levels)
+            codes = np.clip(np.round(blocks / scale[..., None]) + zero[..., None], 0, levels)
+            centered = codes - zero[..., None]
+            # Least-squares scale for these codes: argmin_s |w - s * (c - z)|^2.
+            denominator = (centered * centered).sum(-1)
+            refit = np.where(denominator > 0, (blocks * centered).sum(-1) / np.where(denominator > 0, denominator, 1), scale)
+            for candidate in (scale, refit):
+                error = ((blocks - centered * candidate[..., None]) ** 2).sum(-1)
+                better = error < best_error
+                best_error = np.where(better, error, best_error)
+                best_scale = np.where(better, candidate, best_scale)
+                best_zero = np.where(better, zero, best_zero)
+    best_scale = np.where(best_scale > 0, best_scale, 1.0)
+    return best_scale.astype(np.float32), best_zero.astype(np.int64)
+
+
+def affine_parameters(blocks: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-block float32 scale and float offset (the block's minimum): ``w = offset + scale * code``."""
+    levels = 2**bits - 1
+    low, high = blocks.min(axis=-1), blocks.max(axis=-1)
+    scale = np.where(high > low, (high - low) / levels, 1.0).astype(np.float32)
+    return scale, low.astype(np.float32)
+
+
+def quantize_affine(weight_t: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``[N, K]`` -> codes ``[N, n_blocks, block_size]``, scales and float offsets ``[N, n_blocks]``."""
     blocks = _blocks(weight_t, block_size)
-    scale, zero_point = block_parameters(blocks, bits)
+    scale, offset = affine_parameters(blocks, bits)
+    codes = np.clip(np.round((blocks - offset[..., None]) / scale[..., None].astype(np.float64)), 0, 2**bits - 1)
+    return codes.astype(np.uint8), scale, offset
+
+
+def quantize_rtn(weight_t: np.ndarray, bits: int, block_size: int,
+                 parameters=block_parameters) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Round to nearest: ``[N, K]`` float -> codes ``[N, n_blocks, block_size]`` (uint8), scales, zero points.
+
+    ``parameters`` chooses each block's scale and zero point (``block_parameters`` or ``mse_parameters``).
+    """
+    blocks = _blocks(weight_t, block_size)
+    scale, zero_point = parameters(blocks, bits)
     codes = np.clip(np.round(blocks / scale[..., None].astype(np.float64)) + zero_point[..., None], 0, 2**bits - 1)
     return codes.astype(np.uint8), scale, zero_point
 
 
 def quantize_gptq(weight_t: np.ndarray, hessian: np.ndarray, bits: int, block_size: int,
-                  damping: float = 0.01) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  damping: float = 0.01, parameters=mse_parameters,
+                  act_order: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """GPTQ with one quantization block per lazy-update block (scales taken from the updated weights).
 
     ``weight_t`` is ``[N, K]``, ``hessian`` ``[K, K]`` (``sum x x^T`` over calibration tokens).
+    With ``act_order``, columns are processed by decreasing Hessian diagonal *within each block*
+    (the blocks themselves stay where MatMulNBits reads them, so no permutation is stored).
     """
+    if act_order:
+        # Reorder inside each quantization block only: block membership (and so scales) is kept.
+        columns_total = weight_t.shape[1]
+        order = np.arange(columns_total)
+        diagonal = np.diag(hessian)
+        for start in range(0, columns_total, block_size):
+            stop = min(start + block_size, columns_total)
+            order[start:stop] = start + np.argsort(-diagonal[start:stop], kind="stable")
+        codes, scales, zero_points = quantize_gptq(weight_t[:, order], hessian[np.ix_(order, order)], bits,
+                                                   block_size, damping, parameters, act_order=False)
+        inverse = np.argsort(order)
+        flat = codes.reshape(codes.shape[0], -1)
+        padded = np.zeros_like(flat)
+        padded[:, :columns_total] = flat[:, :columns_total][:, inverse]
+        return padded.reshape(codes.shape), scales, zero_points
     rows, columns = weight_t.shape
     weight = weight_t.astype(np.float64).copy()
     hessian = hessian.astype(np.float64).copy()
@@ -98,7 +187,7 @@ def quantize_gptq(weight_t: np.ndarray, hessian: np.ndarray, bits: int, block_si
     for block in range(n_blocks):
         start, stop = block * block_size, min((block + 1) * block_size, columns)
         current = weight[:, start:stop].copy()
-        scale, zero_point = block_parameters(current[:, None, :], bits)
+        scale, zero_point = parameters(current[:, None, :], bits)
         scale, zero_point = scale[:, 0], zero_point[:, 0]
         scales[:, block], zero_points[:, block] = scale, zero_point
         codes[:, block, :] = zero_point[:, None]
@@ -158,21 +247,44 @@ def dequantize(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray |
     return weight.reshape(rows, -1)[:, :in_features].T.astype(np.float32)
 
 
+@dataclasses.dataclass
+class QuantizedWeight:
+    """A linear's weight already in MatMulNBits form: ``w[n, k] = (codes - zero) * scale (+ offset)`` per block.
+
+    ``codes`` ``[N, blocks, block_size]`` uint8; ``scales`` ``[N, blocks]`` float32; ``zero_points``
+    ``[N, blocks]`` integers or None for the default ``2^(bits-1)``; ``offsets`` ``[N, blocks]``
+    float (the ``affine`` form) or None; ``row_order`` the rows' order in the graph's weight, when
+    the source stores them permuted (GGUF's q/k projections).
+    """
+
+    bits: int
+    codes: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray | None = None
+    offsets: np.ndarray | None = None
+    row_order: np.ndarray | None = None
+
+
 class WeightOnlyQuantizePass(ir.passes.InPlacePass):
     """Replace each linear site's MatMul by MatMulNBits (see the module docstring).
 
     Args:
         bits: 4 or 8 for the transformer layers.
         block_size: quantization block along the input features.
-        method: ``rtn`` or ``gptq``.
+        method: ``rtn``, ``mse``, ``affine`` or ``gptq``.
         exclude: node-name globs or op types to leave in float.
         head_bits: precision of the LM head (8, 4, or None to keep it in float).
         hessians: for GPTQ, ``{activation value name: H [K, K]}``.
+        act_order: GPTQ columns by decreasing Hessian diagonal within each block.
+        site_bits: per-site overrides ``{node name: bits}`` (mixed precision).
+        given: codes already made elsewhere, ``{weight initializer name: QuantizedWeight}`` (an
+            exact GGUF import); used as they are, no rounding.
     """
 
     def __init__(self, bits: int = 4, block_size: int = 32, method: str = "rtn", exclude: Sequence[str] = (),
                  head_bits: int | None = 8, hessians: Mapping[str, np.ndarray] | None = None,
-                 accuracy_level: int = 4):
+                 accuracy_level: int = 4, act_order: bool = False, site_bits: Mapping[str, int] | None = None,
+                 given: Mapping[str, QuantizedWeight] | None = None):
         super().__init__()
         if bits not in (4, 8) or (head_bits is not None and head_bits not in (4, 8)):
             raise GraphoptError("weight-only quantization supports 4 or 8 bits")
@@ -184,41 +296,146 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
             raise GraphoptError("GPTQ needs calibration Hessians")
         self.bits, self.block_size, self.method = bits, block_size, method
         self.exclude, self.head_bits, self.hessians = tuple(exclude), head_bits, hessians
-        self.accuracy_level = accuracy_level
+        self.accuracy_level, self.act_order = accuracy_level, act_order
+        self.site_bits = dict(site_bits or {})
+        self.given = dict(given or {})
         self.counts: dict[str, int] = {}
+        self.errors: dict[str, float] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.counts = {}
+        self.errors = {}
         graph = model.graph
+        block_sums: dict[tuple[str, int], ir.Value] = {}
         for site in linear_sites(graph, self.exclude, head=self.head_bits is not None):
-            bits = self.head_bits if is_head(site) else self.bits
-            self._replace(graph, site, bits)
-            key = f"MatMulNBits(bits={bits})"
+            bits = self.head_bits if is_head(site) else self.site_bits.get(site.name, self.bits)
+            key = self._replace(graph, site, bits, block_sums)
             self.counts[key] = self.counts.get(key, 0) + 1
         modified = bool(self.counts)
         if modified:
             model.opset_imports.setdefault(CONTRIB_DOMAIN, 1)
         return ir.passes.PassResult(model, modified=modified)
 
-    def _replace(self, graph: ir.Graph, site: LinearSite, bits: int) -> None:
+    def _affine_applies(self, site: LinearSite, bits: int) -> bool:
+        """``affine`` needs 4 bits, whole blocks and a rank-3 activation (the offset term reshapes it)."""
+        shape = site.activation.shape
+        return (self.method == "affine" and bits == 4 and site.shape[0] % self.block_size == 0
+                and shape is not None and len(shape) == 3)
+
+    def _replace(self, graph: ir.Graph, site: LinearSite, bits: int, block_sums: dict[tuple[str, int], ir.Value]) -> str:
         in_features, out_features = site.shape
         weight_t = site.weight().T
         hessian = self.hessians.get(site.activation.name) if self.hessians is not None else None
-        if self.method == "gptq" and hessian is not None and not is_head(site):
-            codes, scales, zero_points = quantize_gptq(weight_t, hessian, bits, self.block_size)
+        offsets = None
+        given = self.given.get(site.source.name or "")
+        if given is not None:
+            bits, codes, scales, zero_points, offsets = given.bits, given.codes, given.scales, given.zero_points, given.offsets
+            if given.row_order is not None:
+                codes, scales = codes[given.row_order], scales[given.row_order]
+                zero_points = zero_points[given.row_order] if zero_points is not None else None
+                offsets = offsets[given.row_order] if offsets is not None else None
+        elif self._affine_applies(site, bits):
+            codes, scales, low = quantize_affine(weight_t, bits, self.block_size)
+            # Centered codes (MatMulNBits' default zero point 8) with the offset min + 8 * scale: with
+            # accuracy_level 4 the kernel rounds activations to int8, and centered weights make that
+            # rounding cost less (SmolLM2: +0.4% perplexity vs +1.6% with zero point 0 and offset min).
+            offsets = low.astype(np.float64) + 8.0 * scales.astype(np.float64)
+            zero_points = None
+        elif self.method == "gptq" and hessian is not None and not is_head(site) and bits == 4:
+            codes, scales, zero_points = quantize_gptq(weight_t, hessian, bits, self.block_size, act_order=self.act_order)
+        elif self.method in ("mse", "affine", "gptq") and bits == 4:
+            codes, scales, zero_points = quantize_rtn_chunked(weight_t, bits, self.block_size, mse_parameters)
         else:
             codes, scales, zero_points = quantize_rtn(weight_t, bits, self.block_size)
+        block_size = codes.shape[-1]
+        packed = pack(codes, bits)
         inputs = [site.activation,
-                  add_initializer(graph, weight_name(site, f"q{bits}"), pack(codes, bits)),
+                  add_initializer(graph, weight_name(site, f"q{bits}"), packed),
                   add_initializer(graph, weight_name(site, f"q{bits}_scales"), scales.reshape(-1).astype(np.float32))]
-        if bits == 4:
+        if bits == 4 and zero_points is not None:
             inputs.append(add_initializer(graph, weight_name(site, f"q{bits}_zero_points"), pack_zero_points(zero_points)))
         node = ir.node("MatMulNBits", inputs, attributes={"K": in_features, "N": out_features, "bits": bits,
-                                                          "block_size": self.block_size,
+                                                          "block_size": block_size,
                                                           "accuracy_level": self.accuracy_level},
                        domain=CONTRIB_DOMAIN, name=f"{site.name}_Q{bits}")
         node_tag(node, RULE)
-        replace_node(graph, site.node, node)
+        # Which float initializer these codes came from: lets the embedding pass share a tied table.
+        node.metadata_props["graphopt.weight_source"] = site.source.name or ""
+        self.errors[site.name] = weight_error(weight_t, packed, scales, zero_points, offsets, bits, block_size)
+        if offsets is None:
+            replace_node(graph, site.node, node)
+            return f"MatMulNBits(bits={bits})"
+        graph.insert_before(site.node, node)
+        sums = block_sums.get((site.activation.name, block_size))
+        if sums is None:
+            sums = _block_sums(graph, site, block_size, node)
+            block_sums[(site.activation.name, block_size)] = sums
+        step = scales.reshape(out_features, -1).T.astype(np.float64)
+        offsets = np.asarray(offsets, dtype=np.float64).reshape(out_features, -1).T
+        half = offsets.astype(np.float16)
+        extra_nodes = []
+        # float16 when that is exact (a Q4_1 source's minima) or moves no offset by more than 1% of its
+        # block's quantization step (4-bit rounding itself moves weights by up to 50%): half the bytes.
+        # ONNX Runtime folds the Cast once at session start.
+        exact = np.array_equal(half.astype(np.float64), offsets)
+        if exact or (given is None and np.all(np.abs(half.astype(np.float64) - offsets) <= 0.01 * step)
+                     and np.all(np.isfinite(half))):
+            stored = add_initializer(graph, weight_name(site, f"q{bits}_offsets_fp16"), half)
+            cast = ir.node("Cast", [stored], attributes={"to": ir.DataType.FLOAT}, name=f"{site.name}_Q{bits}_offset_cast")
+            extra_nodes.append(cast)
+            offset_value = cast.outputs[0]
+            stored_offsets = half
+        else:
+            offset_value = add_initializer(graph, weight_name(site, f"q{bits}_offsets"), offsets.astype(np.float32))
+            stored_offsets = offsets.astype(np.float32)
+        # The error of what is stored (float16 offsets included), not of the float64 ones.
+        self.errors[site.name] = weight_error(weight_t, packed, scales, zero_points, stored_offsets.T, bits, block_size)
+        correction = ir.node("MatMul", [sums, offset_value], name=f"{site.name}_Q{bits}_offset")
+        total = ir.node("Add", [node.outputs[0], correction.outputs[0]], name=f"{site.name}_Q{bits}_add")
+        for extra in (*extra_nodes, correction, total):
+            node_tag(extra, RULE)
+        graph.insert_after(node, [*extra_nodes, correction])
+        replace_node(graph, site.node, total)  # inserts ``total`` where the MatMul was, after ``correction``
+        return f"MatMulNBits(bits={bits}, affine)"
+
+
+def _block_sums(graph: ir.Graph, site: LinearSite, block_size: int, before: ir.Node) -> ir.Value:
+    """``ReduceSum`` of the activation over each block of ``block_size`` input features: ``[b, s, K / block]``."""
+    in_features = site.shape[0]
+    shape = add_initializer(graph, f"{weight_name(site, 'block_shape')}",
+                            np.array([0, 0, in_features // block_size, block_size], dtype=np.int64))
+    axes = add_initializer(graph, f"{weight_name(site, 'block_axes')}", np.array([-1], dtype=np.int64))
+    reshape = ir.node("Reshape", [site.activation, shape], name=f"{site.name}_blocks")
+    reduce = ir.node("ReduceSum", [reshape.outputs[0], axes], attributes={"keepdims": 0}, name=f"{site.name}_block_sums")
+    for node in (reshape, reduce):
+        node_tag(node, RULE)
+    graph.insert_before(before, [reshape, reduce])
+    return reduce.outputs[0]
+
+
+def quantize_rtn_chunked(weight_t: np.ndarray, bits: int, block_size: int, parameters,
+                         rows_per_chunk: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``quantize_rtn`` over chunks of rows (the ``mse`` search holds a few copies of its input)."""
+    parts = [quantize_rtn(weight_t[start:start + rows_per_chunk], bits, block_size, parameters)
+             for start in range(0, weight_t.shape[0], rows_per_chunk)]
+    return tuple(np.concatenate([part[index] for part in parts]) for index in range(3))
+
+
+def weight_error(weight_t: np.ndarray, packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None,
+                 offsets: np.ndarray | None, bits: int, block_size: int) -> float:
+    """Relative Frobenius error of the stored weight against the float one (what the lineage reports)."""
+    rows, in_features = weight_t.shape
+    codes = unpack(packed, bits).astype(np.float64)
+    if zero_points is None:
+        zero = np.full(scales.shape, 2 ** (bits - 1), dtype=np.float64)
+    else:
+        zero = zero_points.astype(np.float64).reshape(scales.shape)
+    restored = (codes - zero[..., None]) * scales.astype(np.float64)[..., None]
+    if offsets is not None:
+        restored = restored + offsets.astype(np.float64)[..., None]
+    restored = restored.reshape(rows, -1)[:, :in_features]
+    norm = float(np.linalg.norm(weight_t))
+    return float(np.linalg.norm(restored - weight_t)) / norm if norm > 0 else 0.0
 
 
 def replace_node(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:

@@ -198,7 +198,7 @@ def test_attention_matmul_is_not_a_site(tiny_llama_dir):
 
 
 def test_qdq_pass_runs_integer_kernels_in_ort(tiny_llama_dir, tmp_path):
-    result = quantize(tiny_llama_dir, tmp_path / "w8a8", QuantizeConfig(calib=FAST_CALIBRATION))
+    result = quantize(tiny_llama_dir, tmp_path / "w8a8", QuantizeConfig(activations="int8", calib=FAST_CALIBRATION))
     model = graph_io.load(result.model_path)
     ops = op_counts(model)
     # 2 layers x (q/k/v share one input, gate/up one, o, down) + the head = 9 quantized activations.
@@ -221,7 +221,7 @@ def test_qdq_pass_runs_integer_kernels_in_ort(tiny_llama_dir, tmp_path):
 def test_quantized_logits_close_to_float(tiny_llama_dir, tmp_path):
     """Quantized vs float logits: relative RMS error below 15% (W8A8: 3 calibration sequences of 24 tokens), 10% (int8) and 50% (int4: Gaussian random weights are the worst case for 4 bits) on the random tiny model."""
     reference = logits(tiny_llama_dir / "model.onnx", IDS)
-    cases = {"w8a8": (QuantizeConfig(calib=FAST_CALIBRATION), 0.15),
+    cases = {"w8a8": (QuantizeConfig(activations="int8", calib=FAST_CALIBRATION), 0.15),
              "int8": (QuantizeConfig(activations="none"), 0.10),
              "int4": (QuantizeConfig(weights="int4", activations="none"), 0.5)}
     for name, (config, tolerance) in cases.items():
@@ -246,7 +246,7 @@ def test_smooth_quant_preserves_the_function(tiny_llama_dir, tmp_path):
 
 
 def test_same_seed_same_bytes(tiny_llama_dir, tmp_path):
-    config = QuantizeConfig(smooth=0.5, calibration="entropy", calib=FAST_CALIBRATION)
+    config = QuantizeConfig(activations="int8", smooth=0.5, calibration="entropy", calib=FAST_CALIBRATION)
     first = quantize(tiny_llama_dir, tmp_path / "a", config)
     second = quantize(tiny_llama_dir, tmp_path / "b", config)
     for name in ("model.onnx", "model.onnx.data"):
@@ -260,7 +260,7 @@ def test_exclude_and_sensitivity(tiny_llama_dir, tmp_path):
     floats = {node.name.replace(".", "/") for node in model.graph if site_of(node) is not None}
     assert floats == {"/model/layers/0/mlp/down_proj/MatMul", *(f"/model/layers/1/self_attn/{p}_proj/MatMul"
                                                                   for p in "qkvo")}
-    result = quantize(tiny_llama_dir, tmp_path / "auto", QuantizeConfig(max_ppl_increase=0.5, calib=FAST_CALIBRATION))
+    result = quantize(tiny_llama_dir, tmp_path / "auto", QuantizeConfig(activations="int8", max_ppl_increase=0.5, calib=FAST_CALIBRATION))
     figures = result.manifest.lineage[-1].figures
     assert figures["calibration_perplexity_quantized"] <= figures["calibration_perplexity_float"] * 1.005
     kept = figures["kept_float"]
@@ -273,7 +273,7 @@ def test_fuse_then_quantize(tiny_llama_dir, tmp_path):
     fusion = pytest.importorskip("graphopt.fusion")
     fused, _ = fusion.fuse(tiny_llama_dir, tmp_path / "fused", "cpu")
     sites = len(linear_sites(graph_io.load(fused.model_path).graph))
-    result = quantize(fused.path, tmp_path / "w8a8", QuantizeConfig(smooth=0.5, calib=FAST_CALIBRATION))
+    result = quantize(fused.path, tmp_path / "w8a8", QuantizeConfig(activations="int8", smooth=0.5, calib=FAST_CALIBRATION))
     step = result.manifest.lineage[-1]
     assert step.figures["smooth_folded"]["norm"] == 4 and step.counts["MatMul"] == sites
     optimized = ort_ops(result.model_path, tmp_path)
@@ -299,10 +299,10 @@ def test_cli_refuses_bad_input_and_writes_nothing(tiny_llama_dir, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("Too short.")
     cases = [
-        ([f"--calib-text={binary}"], "binary"),
-        ([f"--calib-text={short}", "--seq-len", "64"], "too short"),
+        ([f"--calib-text={binary}", "--activations", "int8"], "binary"),
+        ([f"--calib-text={short}", "--seq-len", "64", "--method", "gptq"], "too short"),
         (["--exclude", "/model/layers/9/nothing"], "matches no node"),
-        (["--weights", "int4"], "needs --weights int8"),
+        (["--weights", "int4", "--activations", "int8"], "needs --weights int8"),
         (["--smooth", "0.5", "--activations", "none"], "apply to W8A8"),
     ]
     for extra, message in cases:

@@ -39,9 +39,9 @@ GRAPHOPT_VARIANTS = {
     "graphopt W8A8 auto 3%": dict(weights="int8", activations="int8", smooth=0.5, calibration="mse",
                                   max_ppl_increase=3.0),
     "graphopt int8 weight-only": dict(weights="int8", activations="none", block_size=128),
-    "graphopt int4 b32 rtn": dict(weights="int4", activations="none", block_size=32),
+    "graphopt int4 b32 rtn": dict(weights="int4", activations="none", block_size=32, method="rtn"),
     "graphopt int4 b32 gptq": dict(weights="int4", activations="none", block_size=32, method="gptq"),
-    "graphopt int4 b128 rtn": dict(weights="int4", activations="none", block_size=128),
+    "graphopt int4 b128 rtn": dict(weights="int4", activations="none", block_size=128, method="rtn"),
     "graphopt int4 b128 gptq": dict(weights="int4", activations="none", block_size=128, method="gptq"),
 }
 

@@ -18,17 +18,26 @@ from graphopt.passes.targets import TARGETS
 @click.option("--opset", type=click.IntRange(18, 23), default=18, show_default=True, help="ONNX opset of the graph.")
 @click.option("--fuse", "fuse_target", type=click.Choice(list(TARGETS)), default=None,
               help="Also fuse attention for this target (as `graphopt fuse`), in one step.")
+@click.option("--keep-quantization", is_flag=True,
+              help="GGUF source: keep its quantized linears as MatMulNBits with no float round trip (Q8_0, Q4_0 "
+                   "exactly; Q4_1 exactly through a float offset term); other types are requantized and their "
+                   "error reported. The tied embedding is stored once, quantized.")
 def command(src: str, output: str, force: bool, validate: bool, tolerance: float, opset: int,
-            fuse_target: str | None) -> None:
+            fuse_target: str | None, keep_quantization: bool) -> None:
     """Export SRC (a registry name, a Hugging Face checkpoint directory or a .gguf file) to OUTPUT."""
     from graphopt.commands import report_step
     from graphopt.export import export
 
-    if fuse_target is None:
+    if keep_quantization:
+        from graphopt.gguf_import import export_keeping_quantization
+
+        model_dir = export_keeping_quantization(src, output, force, validate, tolerance, opset, fuse_target,
+                                                _export_fused)
+    elif fuse_target is None:
         model_dir = export(src, output, force=force, run_validation=validate, tolerance=tolerance, opset=opset)
     else:
         model_dir = _export_fused(src, output, force, validate, tolerance, opset, fuse_target)
-    for step in model_dir.manifest.lineage[-2 if fuse_target else -1:]:
+    for step in model_dir.manifest.lineage[-(1 + bool(fuse_target) + keep_quantization):]:
         report_step(step)
     click.echo(str(model_dir.path))
 

@@ -14,9 +14,9 @@ from graphopt.evaluate import DEFAULT_TEXT
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--weights", type=click.Choice(["int8", "int4"]), default="int8", show_default=True,
               help="Weight precision.")
-@click.option("--activations", type=click.Choice(["int8", "none"]), default="int8", show_default=True,
-              help="int8: static W8A8 with Q/DQ (MatMulIntegerToFloat in ONNX Runtime); none: weight-only "
-                   "MatMulNBits.")
+@click.option("--activations", type=click.Choice(["int8", "none"]), default="none", show_default=True,
+              help="none: weight-only MatMulNBits (what --weights int8 or --weights int4 alone gives); int8: "
+                   "static W8A8 with Q/DQ (MatMulIntegerToFloat in ONNX Runtime), needs --weights int8.")
 @click.option("--symmetric", is_flag=True, help="int8 symmetric activations (TensorRT) instead of uint8 asymmetric.")
 @click.option("--reduce-range/--full-range", default=True, show_default=True,
               help="W8A8: 7-bit weights. x86 CPUs without VNNI (AVX2) saturate uint8 x int8 products in ONNX "
@@ -28,10 +28,18 @@ from graphopt.evaluate import DEFAULT_TEXT
 @click.option("--percentile", type=float, default=99.99, show_default=True, help="For --calibration percentile.")
 @click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default="32", show_default=True,
               help="Weight-only: block along the input features.")
-@click.option("--method", type=click.Choice(["rtn", "gptq"]), default="rtn", show_default=True,
-              help="Weight-only: round to nearest, or GPTQ (calibrated).")
+@click.option("--method", type=click.Choice(["auto", "affine", "mse", "rtn", "gptq"]), default="auto", show_default=True,
+              help="Weight-only int4 rounding. auto: affine. affine: per-block min + scale x code with a float "
+                   "offset (exact on models dequantized from Q4_1, like the embedded SmolLM2; +0.6% perplexity "
+                   "there, where integer zero points lose 24-27%); mse: per-block range and integer zero point "
+                   "minimizing the weight error; rtn: min/max range including zero; gptq: calibrated GPTQ on mse "
+                   "blocks. int8 is always symmetric round to nearest.")
+@click.option("--act-order", is_flag=True, help="GPTQ: columns by decreasing Hessian diagonal within each block.")
 @click.option("--head", type=click.Choice(["auto", "float", "int8", "int4"]), default="auto", show_default=True,
-              help="LM head precision (auto: int8). The tied embedding table itself stays float.")
+              help="LM head precision (auto: int8).")
+@click.option("--embedding", type=click.Choice(["auto", "float", "int8", "int4"]), default="auto", show_default=True,
+              help="Weight-only: the embedding table as GatherBlockQuantized. A tied table shares the "
+                   "quantized head's codes (stored once); otherwise auto quantizes it to int8.")
 @click.option("--exclude", multiple=True, metavar="PATTERN",
               help="Keep in float: a node name glob (e.g. '/model/layers.0/mlp/down_proj/MatMul', dots and "
                    "slashes alike; a module prefix covers its nodes) or an op type. Repeatable.")
@@ -49,19 +57,23 @@ from graphopt.evaluate import DEFAULT_TEXT
               help=f"Also measure perplexity (float and quantized, on {DEFAULT_TEXT.name}) into the lineage.")
 @click.option("--measure-windows", type=int, default=4, show_default=True, help="Windows of 512 tokens for --measure.")
 def command(model_dir, output, force, weights, activations, symmetric, reduce_range, calibration, percentile, block_size, method,
-            head, exclude, op_types, smooth, max_ppl_increase, calib_text, calib_npz, calib_samples, seq_len, seed, measure,
+            act_order, head, embedding, exclude, op_types, smooth, max_ppl_increase, calib_text, calib_npz, calib_samples, seq_len, seed, measure,
             measure_windows) -> None:
     """Quantize MODEL_DIR into OUTPUT.
 
-    Default: static W8A8 (int8 per-channel weights, uint8 activations) calibrated on sequences the
-    model samples itself. Weight-only: --activations none --weights int8|int4 [--block-size N].
+    Default: weight-only int8 (MatMulNBits, block 32, symmetric), the LM head int8 and a tied
+    embedding table sharing its codes. --weights int4 alone: int4 linears with the affine method,
+    head and embedding int8. Static W8A8 (int8 per-channel weights, uint8 activations, calibrated
+    on sequences the model samples itself): --weights int8 --activations int8.
     """
     from graphopt.calibration import CalibrationSpec
     from graphopt.commands import report_step
     from graphopt.quantization import QuantizeConfig, quantize
 
     config = QuantizeConfig(weights=weights, activations=activations, symmetric=symmetric, reduce_range=reduce_range, calibration=calibration,
-                            percentile=percentile, block_size=int(block_size), method=method, head=head,
+                            percentile=percentile, block_size=int(block_size),
+                            method=method, act_order=act_order, head=head,
+                            embedding=embedding,
                             exclude=tuple(exclude), op_types=tuple(op_types.split(",")), smooth=smooth, max_ppl_increase=max_ppl_increase,
                             calib=CalibrationSpec(text=calib_text, npz=calib_npz, samples=calib_samples,
                                                   seq_len=seq_len, seed=seed),
