@@ -1,0 +1,101 @@
+"""Packing sibling MatMulNBits: q/k/v into GroupQueryAttention's packed query, gate/up + Split.
+
+Numerics: packing only concatenates rows of B, scales and zero points, so ONNX Runtime computes the
+same numbers; logits are asserted equal to 1e-6 (relative to their scale), the same check for
+8 and 4 bits.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from graphopt import ir as graph_io
+from graphopt.passes.pack_matmulnbits import PackMatMulNBitsPass, merged_name
+from graphopt.passes.quantize_weights import WeightOnlyQuantizePass
+
+from tests.test_fusion import _logits, _register_ort_onnx_domain_ops
+from tests.test_quantize import ort_ops
+
+
+@pytest.fixture(scope="module")
+def fused_dir(tiny_llama_dir, tmp_path_factory):
+    fusion = pytest.importorskip("graphopt.fusion")
+    fused, _ = fusion.fuse(tiny_llama_dir, tmp_path_factory.mktemp("fused") / "fused", "cpu")
+    return fused.path
+
+
+def quantized(fused_dir, bits: int, exclude=()):
+    model = graph_io.load(fused_dir / "model.onnx")
+    WeightOnlyQuantizePass(bits=bits, block_size=32, head_bits=8, exclude=exclude)(model)
+    return model
+
+
+def counts(model) -> collections.Counter:
+    return collections.Counter(node.op_type for node in model.graph)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_pack_ops_numerics_and_idempotence(fused_dir, tmp_path, bits):
+    model = quantized(fused_dir, bits)
+    before = counts(model)
+    (tmp_path / "before").mkdir()
+    graph_io.save(model, tmp_path / "before" / "model.onnx")
+    packer = PackMatMulNBitsPass()
+    assert packer(model).modified
+    layers = before["GroupQueryAttention"]
+    assert packer.counts == {"q/k/v into GroupQueryAttention": layers, "2 siblings + Split": layers}
+    after = counts(model)
+    # Per layer: q, k, v, gate, up (5 nodes) become qkv and gate_up (2); o_proj, down_proj and the head stay.
+    assert after["MatMulNBits"] == before["MatMulNBits"] - 3 * layers and after["Split"] == layers
+    for node in model.graph:
+        if node.op_type == "GroupQueryAttention":
+            producer = node.inputs[0].producer()
+            assert producer.op_type == "MatMulNBits" and node.inputs[1] is None and node.inputs[2] is None
+            assert producer.name.endswith("/self_attn/qkv_proj/MatMul_Q%d" % bits)
+    assert not PackMatMulNBitsPass()(model).modified
+    (tmp_path / "after").mkdir()
+    graph_io.save(model, tmp_path / "after" / "model.onnx")
+    _register_ort_onnx_domain_ops()
+    onnx.checker.check_model(str(tmp_path / "after" / "model.onnx"), full_check=True)
+    assert ort_ops(tmp_path / "after" / "model.onnx", tmp_path)["MatMulNBits"] == after["MatMulNBits"]
+    # Prefill, one-token decode, a multi-token forward on the cache, decode again.
+    ids = np.random.default_rng(1).integers(0, 300, size=16).tolist()
+    expected = _logits(tmp_path / "before" / "model.onnx", "all", ids, (9, 10, 14))
+    packed = _logits(tmp_path / "after" / "model.onnx", "all", ids, (9, 10, 14))
+    for reference, result in zip(expected, packed):
+        np.testing.assert_allclose(result, reference, atol=1e-6 * np.abs(reference).max(), rtol=0)
+
+
+def test_no_packing_across_precisions(fused_dir):
+    """Negative: with k_proj left in float, q and v still share an input but no longer feed GQA as a trio."""
+    model = quantized(fused_dir, 4, exclude=["*k_proj*"])
+    packer = PackMatMulNBitsPass()
+    packer(model)
+    layers = counts(model)["GroupQueryAttention"]
+    # q and v pack with a Split (siblings), gate and up too; nothing packs into GroupQueryAttention.
+    assert packer.counts == {"2 siblings + Split": 2 * layers}
+    for node in model.graph:
+        if node.op_type == "GroupQueryAttention":
+            assert [value.producer().op_type for value in node.inputs[:3]] == ["Split", "MatMul", "Split"]
+
+
+def test_different_block_sizes_do_not_pack(fused_dir):
+    """Negative: siblings that disagree on block size (or bits) keep their own kernels."""
+    model = quantized(fused_dir, 4)
+    for node in model.graph:
+        if node.op_type == "MatMulNBits" and "/k_proj/" in node.name:
+            node.attributes["block_size"] = ir.AttrInt64("block_size", 64)
+    packer = PackMatMulNBitsPass()
+    packer(model)
+    assert "q/k/v into GroupQueryAttention" not in packer.counts
+
+
+def test_merged_names():
+    assert merged_name(["m.l0.q_proj.w", "m.l0.k_proj.w", "m.l0.v_proj.w"], ".") == "m.l0.qkv_proj.w"
+    assert merged_name(["/m/l0/mlp/gate_proj/MatMul", "/m/l0/mlp/up_proj/MatMul"], "/") == "/m/l0/mlp/gate_up_proj/MatMul"
+    assert merged_name(["a.x.b", "c.y.d"], ".") == "a.x.b_packed"
