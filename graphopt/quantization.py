@@ -56,7 +56,7 @@ class QuantizeConfig:
     reduce_range: bool = True
     calibration: str = "mse"
     percentile: float = 99.99
-    block_size: int = 32
+    block_size: int | None = None  # weight-only; None: graphopt.cpu_kernels.DEFAULT_BLOCK_SIZE by bits
     method: str = "rtn"
     head: str = "auto"
     exclude: tuple[str, ...] = ()
@@ -64,6 +64,7 @@ class QuantizeConfig:
     smooth: float | None = None
     max_ppl_increase: float | None = None
     calib: CalibrationSpec = CalibrationSpec()
+    pack: bool = True  # weight-only: pack q/k/v and gate/up MatMulNBits (passes.pack_matmulnbits)
 
     @property
     def scheme(self) -> str:
@@ -114,10 +115,17 @@ class QuantizeConfig:
             if self.calibration == "percentile":
                 record["percentile"] = self.percentile
         else:
-            record.update(block_size=self.block_size, method=self.method)
+            record.update(block_size=self.weight_block_size, method=self.method, pack=self.pack)
         if self.needs_calibration:
             record["calibration_data"] = self.calib.describe()
         return record
+
+    @property
+    def weight_block_size(self) -> int:
+        """The block size of weight-only quantization: the user's, else the CPU kernels' default for the bits."""
+        from graphopt.cpu_kernels import default_block_size
+
+        return self.block_size or default_block_size(8 if self.weights == "int8" else 4)
 
     @property
     def needs_calibration(self) -> bool:
@@ -349,8 +357,16 @@ def _weight_only(source: ModelDir, model: ir.Model, config: QuantizeConfig, sequ
         names = sorted({site.activation.name for site in linear_sites(model.graph, config.exclude, head=False)})
         progress(f"GPTQ: collecting Hessians of {len(names)} layer inputs")
         layer_hessians = hessians(source.model_path, names, sequences)
-    progress(f"quantizing weights to int{bits}, block {config.block_size}, {config.method}"
+    progress(f"quantizing weights to int{bits}, block {config.weight_block_size}, {config.method}"
              + ("" if head_bits == bits else f", LM head {'float' if head_bits is None else f'int{head_bits}'}"))
-    weights = WeightOnlyQuantizePass(bits, config.block_size, config.method, config.exclude, head_bits, layer_hessians)
+    weights = WeightOnlyQuantizePass(bits, config.weight_block_size, config.method, config.exclude, head_bits,
+                                     layer_hessians)
     weights(model)
-    return model, weights.counts, extra
+    counts = dict(weights.counts)
+    if config.pack:
+        from graphopt.passes.pack_matmulnbits import PackMatMulNBitsPass
+
+        packer = PackMatMulNBitsPass()
+        packer(model)
+        extra["packed"] = packer.counts
+    return model, counts, extra

@@ -26,8 +26,12 @@ from graphopt.evaluate import DEFAULT_TEXT
               help="How activation ranges are chosen from the calibration histograms. mse is the default: on "
                    "SmolLM2, percentile and entropy clip the few large down_proj inputs that matter.")
 @click.option("--percentile", type=float, default=99.99, show_default=True, help="For --calibration percentile.")
-@click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default="32", show_default=True,
-              help="Weight-only: block along the input features.")
+@click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default=None,
+              help="Weight-only: block along the input features. Default: 128 for int8, 64 for int4 (ONNX Runtime's "
+                   "CPU kernels pay per block; see graphopt/cpu_kernels.py).")
+@click.option("--pack/--no-pack", default=True, show_default=True,
+              help="Weight-only: pack the q/k/v and the gate/up MatMulNBits of each layer into one (same numbers, "
+                   "fewer kernel calls).")
 @click.option("--method", type=click.Choice(["rtn", "gptq"]), default="rtn", show_default=True,
               help="Weight-only: round to nearest, or GPTQ (calibrated).")
 @click.option("--head", type=click.Choice(["auto", "float", "int8", "int4"]), default="auto", show_default=True,
@@ -48,7 +52,7 @@ from graphopt.evaluate import DEFAULT_TEXT
 @click.option("--measure", is_flag=True,
               help=f"Also measure perplexity (float and quantized, on {DEFAULT_TEXT.name}) into the lineage.")
 @click.option("--measure-windows", type=int, default=4, show_default=True, help="Windows of 512 tokens for --measure.")
-def command(model_dir, output, force, weights, activations, symmetric, reduce_range, calibration, percentile, block_size, method,
+def command(model_dir, output, force, weights, activations, symmetric, reduce_range, calibration, percentile, block_size, pack, method,
             head, exclude, op_types, smooth, max_ppl_increase, calib_text, calib_npz, calib_samples, seq_len, seed, measure,
             measure_windows) -> None:
     """Quantize MODEL_DIR into OUTPUT.
@@ -61,7 +65,7 @@ def command(model_dir, output, force, weights, activations, symmetric, reduce_ra
     from graphopt.quantization import QuantizeConfig, quantize
 
     config = QuantizeConfig(weights=weights, activations=activations, symmetric=symmetric, reduce_range=reduce_range, calibration=calibration,
-                            percentile=percentile, block_size=int(block_size), method=method, head=head,
+                            percentile=percentile, block_size=int(block_size) if block_size else None, pack=pack, method=method, head=head,
                             exclude=tuple(exclude), op_types=tuple(op_types.split(",")), smooth=smooth, max_ppl_increase=max_ppl_increase,
                             calib=CalibrationSpec(text=calib_text, npz=calib_npz, samples=calib_samples,
                                                   seq_len=seq_len, seed=seed))
