@@ -116,6 +116,8 @@ class QuantizeConfig:
                 record["percentile"] = self.percentile
         else:
             record.update(block_size=self.weight_block_size, method=self.method, pack=self.pack)
+            if self.head_bits() is not None:
+                record["head_block_size"] = self.head_block_size
         if self.needs_calibration:
             record["calibration_data"] = self.calib.describe()
         return record
@@ -126,6 +128,14 @@ class QuantizeConfig:
         from graphopt.cpu_kernels import default_block_size
 
         return self.block_size or default_block_size(8 if self.weights == "int8" else 4)
+
+    @property
+    def head_block_size(self) -> int | None:
+        """The LM head's block size: the user's --block-size, else the CPU kernels' default for the head's bits."""
+        from graphopt.cpu_kernels import default_block_size
+
+        bits = self.head_bits()
+        return None if bits is None else self.block_size or default_block_size(bits, head=True)
 
     @property
     def needs_calibration(self) -> bool:
@@ -360,7 +370,7 @@ def _weight_only(source: ModelDir, model: ir.Model, config: QuantizeConfig, sequ
     progress(f"quantizing weights to int{bits}, block {config.weight_block_size}, {config.method}"
              + ("" if head_bits == bits else f", LM head {'float' if head_bits is None else f'int{head_bits}'}"))
     weights = WeightOnlyQuantizePass(bits, config.weight_block_size, config.method, config.exclude, head_bits,
-                                     layer_hessians)
+                                     layer_hessians, head_block_size=config.head_block_size)
     weights(model)
     counts = dict(weights.counts)
     if config.pack:

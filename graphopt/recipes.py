@@ -68,13 +68,14 @@ RECIPES: dict[str, Recipe] = {recipe.name: recipe for recipe in (
                # from the float export: drafting's steps take a float model.
                Stage("draft", {"recipe": "int4", "source": "export"}),
            )),
-    Recipe("cpu-int4", "CPU, int4 weight-only (block 32, GPTQ, LM head int8): smallest and fastest CPU decode; no draft",
+    Recipe("cpu-int4", "CPU, int4 weight-only (GPTQ, LM head int8): smallest and fastest CPU decode; no draft",
            ep="cpu", stages=(
                Stage("export"),
                Stage("fuse", {"target": "cpu"}),  # before quantize
                # GPTQ: on SmolLM2-135M (2 windows of 512) round-to-nearest kept 68.8% token agreement,
                # GPTQ 75.2% at +20.2% perplexity; the bounds below sit just outside what GPTQ reaches.
-               Stage("quantize", {"weights": "int4", "activations": "none", "block_size": 32, "method": "gptq"}),
+               # Block sizes and packing: the CPU kernels' defaults (graphopt.cpu_kernels).
+               Stage("quantize", {"weights": "int4", "activations": "none", "method": "gptq"}),
                Stage("validate", {"min_token_agreement": 0.70, "max_perplexity_increase": 25.0}),
                # no draft: an int4 draft of the same depth costs what this target costs.
            )),
@@ -113,7 +114,7 @@ RECIPES: dict[str, Recipe] = {recipe.name: recipe for recipe in (
                # prune before fuse and quantize (see the module docstring).
                Stage("prune", {"params": 0.25}),
                Stage("fuse", {"target": "cpu"}),
-               Stage("quantize", {"weights": "int4", "activations": "none", "block_size": 32}),
+               Stage("quantize", {"weights": "int4", "activations": "none"}),
                Stage("validate", {"min_token_agreement": 0.5, "max_perplexity_increase": 100.0}),
            )),
 )}

@@ -168,16 +168,20 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         exclude: node-name globs or op types to leave in float.
         head_bits: precision of the LM head (8, 4, or None to keep it in float).
         hessians: for GPTQ, ``{activation value name: H [K, K]}``.
+        accuracy_level: MatMulNBits' ``accuracy_level`` (4: int8 activations, the fast CPU kernels).
+        head_block_size: block size of the LM head (None: ``block_size``); the head's kernel is the
+            largest single one of a small model, see ``graphopt.cpu_kernels``.
     """
 
     def __init__(self, bits: int = 4, block_size: int = 32, method: str = "rtn", exclude: Sequence[str] = (),
                  head_bits: int | None = 8, hessians: Mapping[str, np.ndarray] | None = None,
-                 accuracy_level: int = 4):
+                 accuracy_level: int = 4, head_block_size: int | None = None):
         super().__init__()
         if bits not in (4, 8) or (head_bits is not None and head_bits not in (4, 8)):
             raise GraphoptError("weight-only quantization supports 4 or 8 bits")
-        if block_size < 16 or block_size & (block_size - 1):
-            raise GraphoptError(f"--block-size must be a power of two of at least 16, got {block_size}")
+        for size in (block_size, head_block_size or block_size):
+            if size < 16 or size & (size - 1):
+                raise GraphoptError(f"--block-size must be a power of two of at least 16, got {size}")
         if method not in METHODS:
             raise GraphoptError(f"unknown method {method!r} for weight-only quantization; choose from {', '.join(METHODS)}")
         if method == "gptq" and hessians is None:
@@ -185,6 +189,7 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         self.bits, self.block_size, self.method = bits, block_size, method
         self.exclude, self.head_bits, self.hessians = tuple(exclude), head_bits, hessians
         self.accuracy_level = accuracy_level
+        self.head_block_size = head_block_size or block_size
         self.counts: dict[str, int] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -202,19 +207,20 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
 
     def _replace(self, graph: ir.Graph, site: LinearSite, bits: int) -> None:
         in_features, out_features = site.shape
+        block_size = self.head_block_size if is_head(site) else self.block_size
         weight_t = site.weight().T
         hessian = self.hessians.get(site.activation.name) if self.hessians is not None else None
         if self.method == "gptq" and hessian is not None and not is_head(site):
-            codes, scales, zero_points = quantize_gptq(weight_t, hessian, bits, self.block_size)
+            codes, scales, zero_points = quantize_gptq(weight_t, hessian, bits, block_size)
         else:
-            codes, scales, zero_points = quantize_rtn(weight_t, bits, self.block_size)
+            codes, scales, zero_points = quantize_rtn(weight_t, bits, block_size)
         inputs = [site.activation,
                   add_initializer(graph, weight_name(site, f"q{bits}"), pack(codes, bits)),
                   add_initializer(graph, weight_name(site, f"q{bits}_scales"), scales.reshape(-1).astype(np.float32))]
         if bits == 4:
             inputs.append(add_initializer(graph, weight_name(site, f"q{bits}_zero_points"), pack_zero_points(zero_points)))
         node = ir.node("MatMulNBits", inputs, attributes={"K": in_features, "N": out_features, "bits": bits,
-                                                          "block_size": self.block_size,
+                                                          "block_size": block_size,
                                                           "accuracy_level": self.accuracy_level},
                        domain=CONTRIB_DOMAIN, name=f"{site.name}_Q{bits}")
         node_tag(node, RULE)

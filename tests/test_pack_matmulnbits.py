@@ -104,22 +104,26 @@ def test_merged_names():
 @pytest.mark.parametrize("weights,bits", [("int8", 8), ("int4", 4)])
 def test_quantize_defaults_pack_and_use_the_kernel_block_size(fused_dir, tmp_path, weights, bits):
     """``graphopt quantize --weights int8|int4 --activations none`` on a fused model: packed, kernel block size."""
-    from graphopt.cpu_kernels import DEFAULT_BLOCK_SIZE
+    from graphopt.cpu_kernels import DEFAULT_BLOCK_SIZE, DEFAULT_HEAD_BLOCK_SIZE
     from graphopt.quantization import QuantizeConfig, quantize
 
     result = quantize(fused_dir, tmp_path / "packed", QuantizeConfig(weights=weights, activations="none"))
     step = result.manifest["lineage"][-1]
     assert step["parameters"]["block_size"] == DEFAULT_BLOCK_SIZE[bits] and step["parameters"]["pack"] is True
+    assert step["parameters"]["head_block_size"] == DEFAULT_HEAD_BLOCK_SIZE[8]  # the head is int8 by default
     model = graph_io.load(result.model_path)
     layers = counts(model)["GroupQueryAttention"]
     assert step["figures"]["packed"] == {"q/k/v into GroupQueryAttention": layers, "2 siblings + Split": layers}
-    blocks = {node.attributes["block_size"].as_int() for node in model.graph if node.op_type == "MatMulNBits"}
-    assert blocks == {DEFAULT_BLOCK_SIZE[bits]}
+    blocks = {node.name.rsplit("/", 2)[-2]: node.attributes["block_size"].as_int() for node in model.graph
+              if node.op_type == "MatMulNBits"}
+    assert blocks.pop("lm_head") == DEFAULT_HEAD_BLOCK_SIZE[8]
+    assert set(blocks.values()) == {DEFAULT_BLOCK_SIZE[bits]}
     # 4 per layer (qkv, o, gate_up, down) and the LM head.
     assert counts(model)["MatMulNBits"] == 4 * layers + 1
 
     unpacked = quantize(fused_dir, tmp_path / "unpacked", QuantizeConfig(weights=weights, activations="none",
                                                                           pack=False, block_size=32))
     step = unpacked.manifest["lineage"][-1]
-    assert step["parameters"]["block_size"] == 32 and "packed" not in step["figures"]
+    assert step["parameters"]["block_size"] == step["parameters"]["head_block_size"] == 32
+    assert "packed" not in step["figures"]
     assert counts(graph_io.load(unpacked.model_path))["MatMulNBits"] == 7 * layers + 1

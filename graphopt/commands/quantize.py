@@ -27,8 +27,9 @@ from graphopt.evaluate import DEFAULT_TEXT
                    "SmolLM2, percentile and entropy clip the few large down_proj inputs that matter.")
 @click.option("--percentile", type=float, default=99.99, show_default=True, help="For --calibration percentile.")
 @click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default=None,
-              help="Weight-only: block along the input features. Default: 128 for int8, 64 for int4 (ONNX Runtime's "
-                   "CPU kernels pay per block; see graphopt/cpu_kernels.py).")
+              help="Weight-only: block along the input features (LM head included). Default: 64 for int8, 32 for "
+                   "int4, and 64 for an int8 LM head (ONNX Runtime's CPU kernels pay per block; see "
+                   "graphopt/cpu_kernels.py).")
 @click.option("--pack/--no-pack", default=True, show_default=True,
               help="Weight-only: pack the q/k/v and the gate/up MatMulNBits of each layer into one (same numbers, "
                    "fewer kernel calls).")
