@@ -25,7 +25,7 @@ Measured, for each model:
   are in the page cache (warm disk), as on a second launch of an app;
 * perplexity on ``graphopt/data/eval-gpl3.txt``: windows of 513 tokens starting every 512, each
   from an empty cache, 512 scored predictions per window, for both runtimes on the same token ids
-  (the tool checks that llama.cpp's tokenizer gives the same ids as graphopt's);
+  (graphopt's token ids are fed to both; the table says whether llama.cpp's own tokenizer agrees);
 * greedy tokens identical to the graphopt float model's: mean over the prompts of the first position
   where a model's greedy answer differs from fp32's (``--tokens`` when it never does);
 * file size: the GGUF file; the graphopt model directory's ``model.onnx`` + ``model.onnx.data``.
@@ -226,6 +226,13 @@ def llama_token_ids(gguf: pathlib.Path, text: str) -> list[int]:
     return llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
 
 
+def cache_key(path: pathlib.Path, windows: int | None) -> str:
+    """A model file's identity for the perplexity cache: path, size and modification time, and the windows."""
+    file = path / "model.onnx.data" if path.is_dir() else path
+    status = file.stat()
+    return f"{path.resolve()}|{status.st_size}|{int(status.st_mtime)}|windows={windows or 'all'}"
+
+
 def first_divergence(answer: list[int], reference: list[int]) -> int:
     for index, (left, right) in enumerate(zip(answer, reference)):
         if left != right:
@@ -268,6 +275,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="how many of the chat prompts to use")
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--windows", type=int, default=None, help="perplexity windows (default: all of the text)")
     parser.add_argument("--variants", nargs="*", default=None, help="names of rows to run (default: all)")
@@ -296,10 +304,11 @@ def main() -> None:
 
     tokenizer = Tokenizer(args.fused)
     prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}]))
-               for text in PROMPTS]
+               for text in PROMPTS[:args.prompts]]
     text = read_text(DEFAULT_TEXT)
     text_ids = tokenizer.encode(text)
-    same_ids = llama_token_ids(llama_paths["Q8_0"], text) == text_ids
+    llama_ids = llama_token_ids(llama_paths["Q8_0"], text)
+    same_ids = llama_ids == text_ids
     prefill_ids = text_ids[:args.prefill]
 
     load_start = os.getloadavg()
@@ -314,12 +323,20 @@ def main() -> None:
 
     perplexities: dict[str, float] = {}
     if not args.no_perplexity:
+        # Perplexity does not depend on load, and costs minutes per model on 2 cores: it is kept in
+        # WORK/perplexities.json, keyed by the model file's path, size and time, and reused.
+        cache_path = args.work / "perplexities.json"
+        cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
         windows = text_windows(text_ids, 512, args.windows)
         for name, runtime, _ in variants:
-            if runtime == "graphopt":
-                perplexities[name] = evaluate(paths[name], DEFAULT_TEXT, window=512, max_windows=args.windows).perplexity
-            else:
-                perplexities[name] = llama_perplexity(paths[name], windows, args.threads)
+            key = cache_key(paths[name], args.windows)
+            if key not in cache:
+                if runtime == "graphopt":
+                    cache[key] = evaluate(paths[name], DEFAULT_TEXT, window=512, max_windows=args.windows).perplexity
+                else:
+                    cache[key] = llama_perplexity(paths[name], windows, args.threads)
+                cache_path.write_text(json.dumps(cache, indent=1) + "\n")
+            perplexities[name] = cache[key]
             print(f"perplexity {name}: {perplexities[name]:.3f}", flush=True)
     load_end = os.getloadavg()
 
@@ -355,8 +372,9 @@ def main() -> None:
     header = (f"{cpu}, {os.cpu_count()} cores; {args.threads} threads each; onnxruntime {onnxruntime.__version__}, "
               f"llama-cpp-python {llama_cpp.__version__}; load average {load_start[0]:.2f} at the start, "
               f"{load_after_speed[0]:.2f} after the speed rounds, {load_end[0]:.2f} at the end; {args.rounds} "
-              f"interleaved rounds x {len(PROMPTS)} chat prompts x {args.tokens} greedy tokens; prefill "
-              f"{len(prefill_ids)} tokens; llama.cpp tokenizer gives graphopt's ids: {same_ids}")
+              f"interleaved rounds x {len(prompts)} chat prompts x {args.tokens} greedy tokens; prefill "
+              f"{len(prefill_ids)} tokens; perplexity on graphopt's token ids for both runtimes ({len(text_ids)} tokens; "
+              f"llama.cpp's own tokenizer gives {'the same ids' if same_ids else f'{len(llama_ids)}, merging whitespace runs'})")
     print("\n" + header)
     print(f"{'model':<26}{'decode tok/s':>13}{'prefill ms':>11}{'TTFT s':>8}{'perplexity':>11}{'vs fp32':>9}"
           f"{'same tokens':>12}{'MB':>8}")
