@@ -142,7 +142,9 @@ class LlamaRunner:
 
     def forward_last(self, ids: list[int]) -> np.ndarray:
         self.llm.eval(ids)
-        return self.llm.scores[self.llm.n_tokens - 1]
+        # Without logits_all, llama-cpp-python 0.3 no longer copies logits into Llama.scores; read
+        # the context's own buffer (the last position's logits).
+        return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),))
 
     def reset(self, capacity: int) -> None:
         # n_tokens back to 0: the next eval() drops the cached positions from there on.
