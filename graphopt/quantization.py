@@ -66,7 +66,7 @@ class QuantizeConfig(StepConfig):
     reduce_range: bool = True
     calibration: str = "mse"
     percentile: float = 99.99
-    block_size: int = 32
+    block_size: int | None = None  # weight-only; None: graphopt.cpu_kernels' default for the bits
     method: str = "auto"
     head: str = "auto"
     embedding: str = "auto"
@@ -77,6 +77,7 @@ class QuantizeConfig(StepConfig):
     max_ppl_increase: float | None = None
     calib: CalibrationSpec = CalibrationSpec()
     measure_windows: int | None = None
+    pack: bool = True  # weight-only: pack q/k/v and gate/up MatMulNBits (passes.pack_matmulnbits)
 
     def __post_init__(self):
         if self.method == "auto":  # resolved here, so the lineage records the method that ran
@@ -119,7 +120,7 @@ class QuantizeConfig(StepConfig):
             raise GraphoptError(f"--method {self.method} applies to weight-only quantization")
         if self.max_ppl_increase is not None and self.max_ppl_increase < 0:
             raise GraphoptError("--max-ppl-increase is a percentage of at least 0")
-        if self.block_size not in BLOCK_SIZES:
+        if self.block_size is not None and self.block_size not in BLOCK_SIZES:
             raise GraphoptError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size}")
         if self.method not in METHODS:
             raise GraphoptError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
@@ -153,12 +154,29 @@ class QuantizeConfig(StepConfig):
             if self.calibration == "percentile":
                 record["percentile"] = self.percentile
         else:
-            record.update(block_size=self.block_size, method=self.method)
+            record.update(block_size=self.weight_block_size, method=self.method, pack=self.pack)
+            if self.head_bits() is not None:
+                record["head_block_size"] = self.head_block_size
         if self.needs_calibration:
             record["calibration_data"] = self.calib.describe()
         if self.measure_windows:
             record["measure_windows"] = self.measure_windows
         return record
+
+    @property
+    def weight_block_size(self) -> int:
+        """The block size of weight-only quantization: the user's, else the CPU kernels' default for the bits."""
+        from graphopt.cpu_kernels import default_block_size
+
+        return self.block_size or default_block_size(8 if self.weights == "int8" else 4)
+
+    @property
+    def head_block_size(self) -> int | None:
+        """The LM head's block size: the user's --block-size, else the CPU kernels' default for the head's bits."""
+        from graphopt.cpu_kernels import default_block_size
+
+        bits = self.head_bits()
+        return None if bits is None else self.block_size or default_block_size(bits, head=True)
 
     @property
     def needs_calibration(self) -> bool:
@@ -366,10 +384,10 @@ def _weight_only(source: ModelDir, model: ir.Model, config: QuantizeConfig, sequ
         names = sorted({site.activation.name for site in linear_sites(model.graph, config.exclude, head=False)})
         logger.info(f"GPTQ: collecting Hessians of {len(names)} layer inputs")
         layer_hessians = hessians(source.model_path, names, sequences)
-    logger.info(f"quantizing weights to int{bits}, block {config.block_size}, {config.method}"
+    logger.info(f"quantizing weights to int{bits}, block {config.weight_block_size}, {config.method}"
                 + ("" if head_bits == bits else f", LM head {'float' if head_bits is None else f'int{head_bits}'}"))
-    weights = WeightOnlyQuantizePass(bits, config.block_size, config.method, config.exclude, head_bits, layer_hessians,
-                                     act_order=config.act_order)
+    weights = WeightOnlyQuantizePass(bits, config.weight_block_size, config.method, config.exclude, head_bits,
+                                     layer_hessians, act_order=config.act_order, head_block_size=config.head_block_size)
     weights(model)
     counts = dict(weights.counts)
     errors = weights.errors
@@ -381,7 +399,14 @@ def _weight_only(source: ModelDir, model: ir.Model, config: QuantizeConfig, sequ
     if embedding_bits is not None:
         from graphopt.passes.quantize_embedding import EmbeddingQuantizePass
 
-        embedding = EmbeddingQuantizePass(embedding_bits, config.block_size)
+        embedding = EmbeddingQuantizePass(embedding_bits, config.head_block_size or config.weight_block_size)
         embedding(model)
         counts.update(embedding.counts)
+    if config.pack:
+        # Last: packing needs every linear's final MatMulNBits (and the embedding's shared codes) in place.
+        from graphopt.passes.pack_matmulnbits import PackMatMulNBitsPass
+
+        packer = PackMatMulNBitsPass()
+        packer(model)
+        extra["packed"] = packer.counts
     return model, counts, extra

@@ -275,21 +275,25 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         exclude: node-name globs or op types to leave in float.
         head_bits: precision of the LM head (8, 4, or None to keep it in float).
         hessians: for GPTQ, ``{activation value name: H [K, K]}``.
+        accuracy_level: MatMulNBits' ``accuracy_level`` (4: int8 activations, the fast CPU kernels).
         act_order: GPTQ columns by decreasing Hessian diagonal within each block.
         site_bits: per-site overrides ``{node name: bits}`` (mixed precision).
         given: codes already made elsewhere, ``{weight initializer name: QuantizedWeight}`` (an
             exact GGUF import); used as they are, no rounding.
+        head_block_size: block size of the LM head (None: ``block_size``); the head's kernel is the
+            largest single one of a small model, see ``graphopt.cpu_kernels``.
     """
 
     def __init__(self, bits: int = 4, block_size: int = 32, method: str = "rtn", exclude: Sequence[str] = (),
                  head_bits: int | None = 8, hessians: Mapping[str, np.ndarray] | None = None,
                  accuracy_level: int = 4, act_order: bool = False, site_bits: Mapping[str, int] | None = None,
-                 given: Mapping[str, QuantizedWeight] | None = None):
+                 given: Mapping[str, QuantizedWeight] | None = None, head_block_size: int | None = None):
         super().__init__()
         if bits not in (4, 8) or (head_bits is not None and head_bits not in (4, 8)):
             raise GraphoptError("weight-only quantization supports 4 or 8 bits")
-        if block_size < 16 or block_size & (block_size - 1):
-            raise GraphoptError(f"--block-size must be a power of two of at least 16, got {block_size}")
+        for size in (block_size, head_block_size or block_size):
+            if size < 16 or size & (size - 1):
+                raise GraphoptError(f"--block-size must be a power of two of at least 16, got {size}")
         if method not in METHODS:
             raise GraphoptError(f"unknown method {method!r} for weight-only quantization; choose from {', '.join(METHODS)}")
         if method == "gptq" and hessians is None:
@@ -299,6 +303,7 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         self.accuracy_level, self.act_order = accuracy_level, act_order
         self.site_bits = dict(site_bits or {})
         self.given = dict(given or {})
+        self.head_block_size = head_block_size or block_size
         self.counts: dict[str, int] = {}
         self.errors: dict[str, float] = {}
 
@@ -316,14 +321,15 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
             model.opset_imports.setdefault(CONTRIB_DOMAIN, 1)
         return ir.passes.PassResult(model, modified=modified)
 
-    def _affine_applies(self, site: LinearSite, bits: int) -> bool:
+    def _affine_applies(self, site: LinearSite, bits: int, block_size: int) -> bool:
         """``affine`` needs 4 bits, whole blocks and a rank-3 activation (the offset term reshapes it)."""
         shape = site.activation.shape
-        return (self.method == "affine" and bits == 4 and site.shape[0] % self.block_size == 0
+        return (self.method == "affine" and bits == 4 and site.shape[0] % block_size == 0
                 and shape is not None and len(shape) == 3)
 
     def _replace(self, graph: ir.Graph, site: LinearSite, bits: int, block_sums: dict[tuple[str, int], ir.Value]) -> str:
         in_features, out_features = site.shape
+        block_size = self.head_block_size if is_head(site) else self.block_size
         weight_t = site.weight().T
         hessian = self.hessians.get(site.activation.name) if self.hessians is not None else None
         offsets = None
@@ -334,19 +340,19 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
                 codes, scales = codes[given.row_order], scales[given.row_order]
                 zero_points = zero_points[given.row_order] if zero_points is not None else None
                 offsets = offsets[given.row_order] if offsets is not None else None
-        elif self._affine_applies(site, bits):
-            codes, scales, low = quantize_affine(weight_t, bits, self.block_size)
+        elif self._affine_applies(site, bits, block_size):
+            codes, scales, low = quantize_affine(weight_t, bits, block_size)
             # Centered codes (MatMulNBits' default zero point 8) with the offset min + 8 * scale: with
             # accuracy_level 4 the kernel rounds activations to int8, and centered weights make that
             # rounding cost less (SmolLM2: +0.4% perplexity vs +1.6% with zero point 0 and offset min).
             offsets = low.astype(np.float64) + 8.0 * scales.astype(np.float64)
             zero_points = None
         elif self.method == "gptq" and hessian is not None and not is_head(site) and bits == 4:
-            codes, scales, zero_points = quantize_gptq(weight_t, hessian, bits, self.block_size, act_order=self.act_order)
+            codes, scales, zero_points = quantize_gptq(weight_t, hessian, bits, block_size, act_order=self.act_order)
         elif self.method in ("mse", "affine", "gptq") and bits == 4:
-            codes, scales, zero_points = quantize_rtn_chunked(weight_t, bits, self.block_size, mse_parameters)
+            codes, scales, zero_points = quantize_rtn_chunked(weight_t, bits, block_size, mse_parameters)
         else:
-            codes, scales, zero_points = quantize_rtn(weight_t, bits, self.block_size)
+            codes, scales, zero_points = quantize_rtn(weight_t, bits, block_size)
         block_size = codes.shape[-1]
         packed = pack(codes, bits)
         inputs = [site.activation,

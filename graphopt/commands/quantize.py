@@ -1,49 +1,65 @@
-"""`graphopt quantize MODEL_DIR -o OUT`: static W8A8 QDQ, or weight-only int8 / int4, with calibration."""
+"""`graphopt quantize MODEL_DIR -o OUT`: weight-only int8 / int4 (MatMulNBits), or static W8A8 QDQ, with calibration.
+
+Every default is the quantize config's own (``graphopt.quantization.QuantizeConfig``), read here.
+"""
 
 from __future__ import annotations
 
 import click
 
+from graphopt.commands import default
 from graphopt.commands._options import calibration_options
 from graphopt.evaluate import DEFAULT_TEXT
+from graphopt.quantization import BLOCK_SIZES, EMBEDDING_CHOICES, HEAD_CHOICES, METHODS, QuantizeConfig
+from graphopt.ranges import METHODS as CALIBRATION_METHODS
+
+
+def _default(name: str):
+    return default(QuantizeConfig, name)
 
 
 @click.command("quantize")
 @click.argument("model_dir", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(), help="Model directory to create.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
-@click.option("--weights", type=click.Choice(["int8", "int4"]), default="int8", show_default=True,
+@click.option("--weights", type=click.Choice(["int8", "int4"]), default=_default("weights"), show_default=True,
               help="Weight precision.")
-@click.option("--activations", type=click.Choice(["int8", "none"]), default="none", show_default=True,
+@click.option("--activations", type=click.Choice(["none", "int8"]), default=_default("activations"), show_default=True,
               help="none: weight-only MatMulNBits (what --weights int8 or --weights int4 alone gives); int8: "
                    "static W8A8 with Q/DQ (MatMulIntegerToFloat in ONNX Runtime), needs --weights int8.")
 @click.option("--symmetric", is_flag=True, help="int8 symmetric activations (TensorRT) instead of uint8 asymmetric.")
-@click.option("--reduce-range/--full-range", default=True, show_default=True,
+@click.option("--reduce-range/--full-range", default=_default("reduce_range"), show_default=True,
               help="W8A8: 7-bit weights. x86 CPUs without VNNI (AVX2) saturate uint8 x int8 products in ONNX "
                    "Runtime's integer GEMM with 8-bit weights; use --full-range for VNNI, ARM, GPU or TensorRT.")
-@click.option("--calibration", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="mse",
+@click.option("--calibration", type=click.Choice(CALIBRATION_METHODS), default=_default("calibration"),
               show_default=True,
               help="How activation ranges are chosen from the calibration histograms. mse is the default: on "
                    "SmolLM2, percentile and entropy clip the few large down_proj inputs that matter.")
-@click.option("--percentile", type=float, default=99.99, show_default=True, help="For --calibration percentile.")
-@click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default="32", show_default=True,
-              help="Weight-only: block along the input features.")
-@click.option("--method", type=click.Choice(["auto", "affine", "mse", "rtn", "gptq"]), default="auto", show_default=True,
+@click.option("--percentile", type=float, default=_default("percentile"), show_default=True,
+              help="For --calibration percentile.")
+@click.option("--block-size", type=click.Choice([str(size) for size in BLOCK_SIZES]), default=None,
+              help="Weight-only: block along the input features (LM head included). Default: 64 for int8, 32 for "
+                   "int4, and 64 for an int8 LM head (ONNX Runtime's CPU kernels pay per block; see "
+                   "graphopt/cpu_kernels.py).")
+@click.option("--pack/--no-pack", default=_default("pack"), show_default=True,
+              help="Weight-only: pack the q/k/v and the gate/up MatMulNBits of each layer into one (same numbers, "
+                   "fewer kernel calls).")
+@click.option("--method", type=click.Choice(METHODS), default=_default("method"), show_default=True,
               help="Weight-only int4 rounding. auto: affine. affine: per-block min + scale x code with a float "
                    "offset (exact on models dequantized from Q4_1, like the embedded SmolLM2; +0.6% perplexity "
                    "there, where integer zero points lose 24-27%); mse: per-block range and integer zero point "
                    "minimizing the weight error; rtn: min/max range including zero; gptq: calibrated GPTQ on mse "
                    "blocks. int8 is always symmetric round to nearest.")
 @click.option("--act-order", is_flag=True, help="GPTQ: columns by decreasing Hessian diagonal within each block.")
-@click.option("--head", type=click.Choice(["auto", "float", "int8", "int4"]), default="auto", show_default=True,
+@click.option("--head", type=click.Choice(HEAD_CHOICES), default=_default("head"), show_default=True,
               help="LM head precision (auto: int8).")
-@click.option("--embedding", type=click.Choice(["auto", "float", "int8", "int4"]), default="auto", show_default=True,
+@click.option("--embedding", type=click.Choice(EMBEDDING_CHOICES), default=_default("embedding"), show_default=True,
               help="Weight-only: the embedding table as GatherBlockQuantized. A tied table shares the "
                    "quantized head's codes (stored once); otherwise auto quantizes it to int8.")
 @click.option("--exclude", multiple=True, metavar="PATTERN",
               help="Keep in float: a node name glob (e.g. '/model/layers.0/mlp/down_proj/MatMul', dots and "
                    "slashes alike; a module prefix covers its nodes) or an op type. Repeatable.")
-@click.option("--op-types", default="MatMul", show_default=True,
+@click.option("--op-types", default=",".join(_default("op_types")), show_default=True,
               help="Comma-separated op types to quantize (MatMul with a constant weight is what is supported).")
 @click.option("--smooth", type=float, default=None, metavar="ALPHA",
               help="W8A8: SmoothQuant migration strength (e.g. 0.5), folded into norms and up projections.")
@@ -56,25 +72,25 @@ from graphopt.evaluate import DEFAULT_TEXT
 @click.option("--measure", is_flag=True,
               help=f"Also measure perplexity (float and quantized, on {DEFAULT_TEXT.name}) into the lineage.")
 @click.option("--measure-windows", type=int, default=4, show_default=True, help="Windows of 512 tokens for --measure.")
-def command(model_dir, output, force, weights, activations, symmetric, reduce_range, calibration, percentile, block_size, method,
-            act_order, head, embedding, exclude, op_types, smooth, max_ppl_increase, calib_text, calib_npz, calib_samples, seq_len, seed, measure,
-            measure_windows) -> None:
+def command(model_dir, output, force, weights, activations, symmetric, reduce_range, calibration, percentile, block_size,
+            pack, method, act_order, head, embedding, exclude, op_types, smooth, max_ppl_increase, calib_text, calib_npz,
+            calib_samples, seq_len, seed, measure, measure_windows) -> None:
     """Quantize MODEL_DIR into OUTPUT.
 
-    Default: weight-only int8 (MatMulNBits, block 32, symmetric), the LM head int8 and a tied
-    embedding table sharing its codes. --weights int4 alone: int4 linears with the affine method,
-    head and embedding int8. Static W8A8 (int8 per-channel weights, uint8 activations, calibrated
-    on sequences the model samples itself): --weights int8 --activations int8.
+    Default: weight-only int8 (MatMulNBits, symmetric), the LM head int8 and a tied embedding table
+    sharing its codes. --weights int4 alone: int4 linears with the affine method, head and embedding
+    int8. Static W8A8 (int8 per-channel weights, uint8 activations, calibrated on sequences the
+    model samples itself): --weights int8 --activations int8.
     """
     from graphopt.calibration import CalibrationSpec
     from graphopt.commands import report_step
-    from graphopt.quantization import QuantizeConfig, quantize
+    from graphopt.quantization import quantize
 
-    config = QuantizeConfig(weights=weights, activations=activations, symmetric=symmetric, reduce_range=reduce_range, calibration=calibration,
-                            percentile=percentile, block_size=int(block_size),
-                            method=method, act_order=act_order, head=head,
-                            embedding=embedding,
-                            exclude=tuple(exclude), op_types=tuple(op_types.split(",")), smooth=smooth, max_ppl_increase=max_ppl_increase,
+    config = QuantizeConfig(weights=weights, activations=activations, symmetric=symmetric, reduce_range=reduce_range,
+                            calibration=calibration, percentile=percentile,
+                            block_size=int(block_size) if block_size else None, pack=pack, method=method,
+                            act_order=act_order, head=head, embedding=embedding, exclude=tuple(exclude),
+                            op_types=tuple(op_types.split(",")), smooth=smooth, max_ppl_increase=max_ppl_increase,
                             calib=CalibrationSpec(text=calib_text, npz=calib_npz, samples=calib_samples,
                                                   seq_len=seq_len, seed=seed),
                             measure_windows=measure_windows if measure else None)
