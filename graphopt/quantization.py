@@ -124,6 +124,9 @@ class QuantizeConfig(StepConfig):
             raise GraphoptError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size}")
         if self.method not in METHODS:
             raise GraphoptError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if (self.calib.text or self.calib.npz) and not self.needs_calibration:
+            raise GraphoptError(f"--calib-text/--calib-npz: weight-only {self.method} quantization uses no calibration "
+                                "data; it applies to W8A8 (--activations int8) and --method gptq")
         if self.measure_windows is not None and self.measure_windows < 1:
             raise GraphoptError("--measure-windows must be at least 1")
 

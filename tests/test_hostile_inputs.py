@@ -127,7 +127,7 @@ def test_termination_signal_leaves_no_partial_output(tiny_llama_dir, tmp_path, s
     before = sorted(path.name for path in output.iterdir())
     # W8A8 calibrates on sequences the model samples: long enough to be caught half-way.
     process = subprocess.Popen([sys.executable, "-m", "graphopt", "quantize", str(tiny_llama_dir), "-o", str(output),
-                                "--force", "--calib-samples", "64", "--seq-len", "96"],
+                                "--force", "--activations", "int8", "--calib-samples", "64", "--seq-len", "96"],
                                stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".out.*.partial")) and time.monotonic() < deadline and process.poll() is None:
@@ -256,9 +256,17 @@ def test_bad_calibration_npz(tiny_llama_dir, tmp_path, case):
     make, message = CALIBRATION_FILES[case]
     path = tmp_path / "calib.npz"
     make(path)
-    result = run("quantize", str(tiny_llama_dir), "-o", str(tmp_path / "out"), "--calib-npz", str(path))
+    # W8A8 calibrates (weight-only int8 would not read the file, and says so: see below).
+    result = run("quantize", str(tiny_llama_dir), "-o", str(tmp_path / "out"), "--activations", "int8",
+                 "--calib-npz", str(path))
     assert result.exit_code == 2 and message in one_line_error(result)
     assert not (tmp_path / "out").exists()
+
+
+def test_calibration_data_that_nothing_reads_is_refused(tiny_llama_dir, tmp_path):
+    path = _npz(tmp_path / "calib.npz", [[1, 2, 3, 4]] * 2)
+    result = run("quantize", str(tiny_llama_dir), "-o", str(tmp_path / "out"), "--calib-npz", str(path))
+    assert result.exit_code == 2 and "uses no calibration data" in one_line_error(result)
 
 
 # -- 8. writers, permissions, refusing early, option errors ----------------------------------------

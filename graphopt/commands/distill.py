@@ -76,8 +76,8 @@ def command(student, teacher, output, force, tokens, max_minutes, device, lr, wa
             say(f"  {name}: {figures[name]}")
     if quantize:
         head = "float" if float_head else quantize
-        say(f"  next: graphopt quantize {result.model_dir.path} -o OUT --weights {quantize} --block-size "
-                 f"{block_size} --head {head}")
+        say(f"  next: graphopt quantize {result.model_dir.path} -o OUT --weights {quantize} --method rtn "
+            f"--block-size {block_size} --head {head}")
     if plot:
         plot_loss(figures["loss_curve"], plot)
     click_module.echo(str(result.model_dir.path))
