@@ -112,7 +112,10 @@ def _uneven(manifest: Manifest) -> str:
 
 
 def _read_json(path: pathlib.Path) -> dict[str, Any]:
-    """A JSON object from a (stranger's) file, or {} when it is absent or not an object."""
+    """A JSON object from a (stranger's) file, or {} when it is absent, not an object, or a link out of its folder."""
+    if path.is_symlink() and path.resolve().parent != path.parent.resolve():
+        logger.warning("%s links outside its model directory; not read", path)
+        return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -313,3 +313,15 @@ def test_option_errors_are_one_line(tiny_llama_dir, arguments):
     assert result.exit_code == 2
     one_line_error(result)
     assert "Usage:" not in result.output
+
+
+def test_a_config_json_linking_outside_is_not_carried_on(tiny_llama_dir, tmp_path):
+    """interop builds the output's config.json from the source's: a link out of the folder is not read."""
+    model = copy_model(tiny_llama_dir, tmp_path / "model")
+    secret = tmp_path / "secret.json"
+    secret.write_text(json.dumps({**json.loads((model / "config.json").read_text()), "password": "hunter2"}))
+    (model / "config.json").unlink()
+    (model / "config.json").symlink_to(secret)
+    assert run("fuse", str(model), "-o", str(tmp_path / "out"), "--target", "cpu").exit_code == 0
+    written = tmp_path / "out" / "config.json"
+    assert not written.exists() or "hunter2" not in written.read_text()
