@@ -530,14 +530,15 @@ def rules(target: Target | str, max_positions: int | None = None, pack_qkv: bool
         gqa = [GroupQueryAttentionFusion.rule(f"GroupQueryAttention{suffix}", repeat_kv=repeat, max_positions=max_positions,
                                               pack_qkv=pack_qkv)
                for suffix, repeat in (("", True), ("NoRepeat", False))] if max_positions else []
-        # After the plain rules (which take every Llama layer): layers with per-head q/k norms (Qwen3),
-        # then layers without RoPE (SmolLM3), which need no rotary caches.
-        variants = [GroupQueryAttentionNormedQKFusion.rule(f"GroupQueryAttention{suffix}/normed_qk", repeat_kv=repeat,
-                                                           max_positions=max_positions, pack_qkv=False)
-                    for suffix, repeat in (("", True), ("NoRepeat", False))] if max_positions else []
-        variants += [GroupQueryAttentionNoRotaryFusion.rule(f"GroupQueryAttention{suffix}/no_rotary", repeat_kv=repeat)
+        # After the plain rules (which take every Llama layer): layers with per-head q/k norms (Qwen3).
+        normed = [GroupQueryAttentionNormedQKFusion.rule(f"GroupQueryAttention{suffix}/normed_qk", repeat_kv=repeat,
+                                                         max_positions=max_positions, pack_qkv=False)
+                  for suffix, repeat in (("", True), ("NoRepeat", False))] if max_positions else []
+        # Layers without RoPE (SmolLM3) last: the GPT-2 layout (no RoPE, no KV repeat) is MultiHeadAttention's,
+        # which honours any mask; a position-free layer with as many KV heads as heads fuses to it as well.
+        no_rotary = [GroupQueryAttentionNoRotaryFusion.rule(f"GroupQueryAttention{suffix}/no_rotary", repeat_kv=repeat)
                      for suffix, repeat in (("", True), ("NoRepeat", False))]
-        return [*gqa, *variants, MultiHeadAttentionFusion.rule("MultiHeadAttention")]
+        return [*gqa, *normed, MultiHeadAttentionFusion.rule("MultiHeadAttention"), *no_rotary]
     return [OnnxAttentionFusion.rule(f"Attention{suffix}", repeat_kv=repeat) for suffix, repeat in (("", True), ("NoRepeat", False))]
 
 
