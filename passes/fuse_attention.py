@@ -390,7 +390,9 @@ def _flatten_heads(op, states: ir.Value, width: int) -> ir.Value:
         source = producer.inputs[0]
         if source.shape is not None and source.shape.rank() == 3 and source.shape[2] == width:
             return source
-    return op.Reshape(states, op.Constant(value=ir.tensor(np.array([0, 0, width], dtype=np.int64))))
+    # An initializer, not a Constant node: pruning rewrites the width in place of constant targets.
+    target = op.initializer(ir.tensor(np.array([0, 0, width], dtype=np.int64)), name=f"{states.name}.flattened_shape")
+    return op.Reshape(states, target)
 
 
 class GroupQueryAttentionNormedQKFusion(GroupQueryAttentionFusion):
