@@ -13,7 +13,9 @@ What each row must pass, and the tolerances (fp32 throughout):
   the logits against the float graph below 10% (test_quantize's int8 bound for the tiny Llama);
 * pruning (heads, channels and a layer, on the export and on the cpu-fused graph) equals transformers
   with the same parts removed, within 1e-4;
-* speculative greedy decoding (drafts: the int8 copy, the pruned copy) equals plain greedy decoding.
+* speculative greedy decoding (drafts: the int8 copy, the pruned copy) equals plain greedy decoding;
+* distillation: the torch student of the pruned graph within 1e-4 of ONNX Runtime, and a short run
+  (6 steps of 4 x 16 tokens) lowers its loss.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from click.testing import CliRunner
 from graphopt import checkpoint as checkpoint_lib
 from graphopt import ir as graph_ir
 from graphopt.cli import main
+from graphopt.distill import DistillConfig, distill
 from graphopt.errors import UnsupportedModelError
 from graphopt.export import export
 from graphopt.fusion import fuse
@@ -40,6 +43,7 @@ from graphopt.pruning import Plan, apply_plan
 from graphopt.quantization import QuantizeConfig, quantize
 from graphopt.runtime import Decoder, Generator
 from graphopt.runtime.speculative import SpeculativeGenerator
+from graphopt.student import check_round_trip, load_student
 from graphopt.testing import chunked_logits, tiny_model
 
 # Llama 3.2's RoPE scaling (factor 32 in the 1B/3B checkpoints); the original context is shrunk to 64
@@ -309,6 +313,22 @@ def test_speculative_greedy_equals_plain_greedy(cases, name, draft):
             assert result.token_ids == expected.token_ids, (prompt, length)
             proposed += result.extra["draft_tokens_proposed"]
     assert proposed > 0
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_distill_student_computes_the_graph_and_trains(cases, name, tmp_path):
+    """The torch student of the pruned graph equals ONNX Runtime (q/k norms, RoPE-free layers included),
+    and a short distillation from the export writes a model whose loss went down."""
+    case = cases[name]
+    student = load_student(case.pruned("export"))
+    assert [layer.rotary for layer in student.spec.layers] == case.rope_layers[:-1]
+    assert all(layer.qk_norm == case.qk_norm for layer in student.spec.layers)
+    assert check_round_trip(student, np.asarray([IDS]), tolerance=FP32_ATOL) <= FP32_ATOL
+    config = DistillConfig(tokens=4 * 16 * 6, batch_size=4, seq_len=16, lr=3e-3, data_tokens=4 * 16 * 6, eval_windows=0,
+                           warmup_steps=1, seed=0)
+    result = distill(case.pruned("export"), case.exported, tmp_path / "distilled", config)
+    curve = result.model_dir.manifest.lineage[-1].figures["loss_curve"]
+    assert curve[-1][2] < curve[0][2]
 
 
 # -- unsupported model types ------------------------------------------------------------------------
