@@ -6,6 +6,8 @@ Expand/Reshape that repeats grouped KV heads) becomes, per target:
 * ``cpu`` / ``cuda``: ``com.microsoft.GroupQueryAttention`` with rotary inside the op (Llama family;
   optionally with the q/k/v projections packed into one MatMul), or
   ``com.microsoft.MultiHeadAttention`` with past and the additive mask as ``attention_bias`` (GPT-2);
+  Qwen3's per-head q/k norms stay before GroupQueryAttention (``/normed_qk`` rules); SmolLM3's
+  layers without RoPE become GroupQueryAttention with ``do_rotary=0`` (``/no_rotary`` rules);
 * ``tensorrt`` / ``onnx``: the standard opset-23 ``Attention`` with ``past_key`` / ``past_value``
   inputs and ``present`` outputs, so no contrib op is needed (RoPE is left to
   ``fuse_rotary``, which makes it opset-23 ``RotaryEmbedding``).
