@@ -25,6 +25,7 @@ import dataclasses
 import pathlib
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 import torch
 from click.testing import CliRunner
@@ -237,6 +238,41 @@ def test_every_layer_fuses_and_matches_the_unfused_graph(cases, name, target):
     # Idempotent: a second attention pass finds nothing left to fuse.
     model = graph_ir.load(fused / "model.onnx")
     assert not FuseAttention(target, max_positions=manifest.max_positions)(model).modified
+
+
+def _explain_attention(model) -> tuple[int, str]:
+    attention = FuseAttention("cpu", max_positions=256)
+    attention(model)
+    return attention.counts["GroupQueryAttention"], "\n".join(attention.explain(model))
+
+
+def test_near_miss_position_free_layer_with_another_mask(cases):
+    """SmolLM3's RoPE-free layers with a mask GroupQueryAttention cannot express (a bias) stay unfused."""
+    model = graph_ir.load(cases["smollm3"].exported / "model.onnx")
+    bias = ir.Value(name="attention_bias", shape=ir.Shape(["batch", 1, "sequence", "total_sequence"]),
+                    type=ir.TensorType(ir.DataType.FLOAT))
+    model.graph.inputs.append(bias)
+    for softmax in [node for node in model.graph if node.op_type == "Softmax"]:
+        softmax.inputs[0].producer().replace_input_with(1, bias)
+    fused, reasons = _explain_attention(model)
+    assert fused == 0
+    assert "GroupQueryAttention/no_rotary: check failed" in reasons
+    assert "mask is not Where(condition, 0, lowest) as the export builds it" in reasons
+
+
+def test_near_miss_normed_qk_with_rotary_not_from_position_ids(cases):
+    """Qwen3's layers fuse only where the rotary angles come from position_ids (GQA derives positions)."""
+    model = graph_ir.load(cases["qwen3"].exported / "model.onnx")
+    cast = next(node for node in model.graph if node.op_type == "Cast" and node.outputs[0].uses()
+                and next(iter(node.outputs[0].uses())).node.op_type == "Mul")
+    other_positions = ir.Value(name="other_positions", shape=ir.Shape(["batch", "sequence"]),
+                               type=ir.TensorType(ir.DataType.INT64))
+    model.graph.inputs.append(other_positions)
+    cast.inputs[0].producer().replace_input_with(0, other_positions)
+    fused, reasons = _explain_attention(model)
+    assert fused == 0
+    assert "GroupQueryAttention/normed_qk: check failed" in reasons
+    assert "rotary positions do not come from the position_ids input" in reasons
 
 
 # -- quantization, pruning, speculative decoding ----------------------------------------------------
