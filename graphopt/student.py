@@ -10,7 +10,8 @@ keep a different number of heads, KV heads and MLP channels, and dropped layers 
 (the prune passes renumber the rest). The rotary frequencies are the graph's own ``inv_freq``
 initializer, and the RMSNorm epsilon is the constant the graph adds before its square root.
 
-Supported: unfused float32 Llama-family graphs (Llama, SmolLM2, Mistral, Qwen2), pruned or not.
+Supported: unfused float32 Llama-family graphs (Llama, SmolLM2, Mistral, Qwen2, Qwen3 with its per-head
+q/k norms, SmolLM3 with its layers without RoPE), pruned or not.
 Fused graphs (com.microsoft attention ops) and quantized graphs are refused: distill first, then
 fuse and quantize (prune -> distill -> fuse -> quantize). :func:`check_round_trip` compares the
 module with ONNX Runtime on the graph itself before any weight changes.
@@ -44,6 +45,10 @@ _PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "sel
                 "mlp.up_proj", "mlp.down_proj")
 
 
+# Families whose graphs the module below computes: the Llama layout, with optional q/k norms and RoPE-free layers.
+_FAMILIES = ("llama", "qwen3", "smollm3")
+
+
 class StudentError(GraphoptError):
     """The model directory's graph cannot be trained as a torch module (fused, quantized, other family)."""
 
@@ -56,6 +61,8 @@ class LayerShape:
     kv_heads: int
     intermediate: int
     bias: bool
+    qk_norm: bool = False  # Qwen3: per-head RMSNorm on query and key before RoPE
+    rotary: bool = True  # False for SmolLM3's position-free layers
 
 
 @dataclasses.dataclass
@@ -80,9 +87,8 @@ def _refuse_unsupported(model: ir.Model, manifest: Manifest, path: pathlib.Path)
     if ops & _FUSED_OPS or any(node.domain not in ("", "ai.onnx") for node in model.graph):
         raise StudentError(f"{path}: the graph is fused; distill the unfused model, then fuse "
                            "(prune -> distill -> fuse -> quantize)")
-    if manifest.family != "llama":
-        raise StudentError(f"{path}: distill supports the llama family (Llama, SmolLM2, Mistral, Qwen2), "
-                           f"not {manifest.family!r}")
+    if manifest.family not in _FAMILIES:
+        raise StudentError(f"{path}: distill supports the {', '.join(_FAMILIES)} families, not {manifest.family!r}")
     if manifest.dtype != "float32":
         raise StudentError(f"{path}: distill needs a float32 model, got {manifest.dtype}; convert after distilling")
 
@@ -112,6 +118,25 @@ def _rms_eps(graph: ir.Graph) -> float:
     raise StudentError("no RMSNorm epsilon found in the graph (Add(ReduceMean, eps)); is this a Llama-family export?")
 
 
+def _layer_rotates(graph: ir.Graph, index: int) -> bool:
+    """Whether layer ``index`` applies RoPE to its query: a ``Neg`` (rotate_half) between the query
+    projection and the attention scores' MatMul (SmolLM3's position-free layers have none)."""
+    weight = graph.initializers.get(f"model.layers.{index}.self_attn.q_proj.weight")
+    frontier = [use.node for use in weight.uses()] if weight is not None else []
+    seen: set[ir.Node] = set()
+    for _ in range(24):
+        following = []
+        for node in frontier:
+            if node.op_type == "Neg":
+                return True
+            seen.add(node)
+            if node.op_type == "MatMul" and node.inputs[1] is not weight:
+                continue  # the attention scores: the query's path ends here
+            following += [use.node for output in node.outputs for use in output.uses() if use.node not in seen]
+        frontier = following
+    return False
+
+
 def graph_spec(model: ir.Model, manifest: Manifest) -> GraphSpec:
     """Read layer shapes, the embedding/head arrangement, RoPE frequencies and epsilon from ``model``."""
     graph = model.graph
@@ -131,7 +156,9 @@ def graph_spec(model: ir.Model, manifest: Manifest) -> GraphSpec:
         layers.append(LayerShape(heads=shape["self_attn.q_proj"][1] // head_dim,
                                  kv_heads=shape["self_attn.k_proj"][1] // head_dim,
                                  intermediate=shape["mlp.up_proj"][1],
-                                 bias=f"{prefix}self_attn.q_proj.bias" in initializers))
+                                 bias=f"{prefix}self_attn.q_proj.bias" in initializers,
+                                 qk_norm=f"{prefix}self_attn.q_norm.weight" in initializers,
+                                 rotary=_layer_rotates(graph, index)))
     gathers = [node for node in graph if node.op_type == "Gather" and node.inputs[0] is not None
                and node.inputs[0].is_initializer() and node.inputs[1] is graph.inputs[0]]
     if len(gathers) != 1:
@@ -236,9 +263,13 @@ class StudentModel(nn.Module):
             query = self._linear(normed, f"{prefix}.self_attn.q_proj").view(batch, seq_len, layer.heads, spec.head_dim)
             key = self._linear(normed, f"{prefix}.self_attn.k_proj").view(batch, seq_len, layer.kv_heads, spec.head_dim)
             value = self._linear(normed, f"{prefix}.self_attn.v_proj").view(batch, seq_len, layer.kv_heads, spec.head_dim)
+            if layer.qk_norm:
+                query = _rms_norm(query, self.get_parameter(f"{prefix}.self_attn.q_norm.weight").to(dtype), spec.eps)
+                key = _rms_norm(key, self.get_parameter(f"{prefix}.self_attn.k_norm.weight").to(dtype), spec.eps)
             query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-            query = query * cos + _rotate_half(query) * sin
-            key = key * cos + _rotate_half(key) * sin
+            if layer.rotary:
+                query = query * cos + _rotate_half(query) * sin
+                key = key * cos + _rotate_half(key) * sin
             if past:
                 key = torch.cat((past[index][0], key), dim=2)
                 value = torch.cat((past[index][1], value), dim=2)
@@ -287,6 +318,8 @@ def load_student(model_dir: str | pathlib.Path) -> LoadedStudent:
     for index in range(len(spec.layers)):
         prefix = f"model.layers.{index}."
         wanted += [f"{prefix}{name}" for name in ("input_layernorm.weight", "post_attention_layernorm.weight")]
+        if spec.layers[index].qk_norm:
+            wanted += [f"{prefix}self_attn.q_norm.weight", f"{prefix}self_attn.k_norm.weight"]
         for projection in _PROJECTIONS:
             wanted.append(f"{prefix}{projection}.weight")
             if f"{prefix}{projection}.bias" in model.graph.initializers:

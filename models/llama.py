@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from graphopt.errors import UnsupportedModelError
 from graphopt.models import WeightNames
 from graphopt.models._common import attend, causal_mask, repeat_kv
 
@@ -45,6 +46,12 @@ class LlamaDecoder(nn.Module):
         rotary = hf_model.model.rotary_emb
         self.register_buffer("inv_freq", rotary.inv_freq.detach().float().clone(), persistent=False)
         self.rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))
+        # Which layers rotate query and key; families with position-free layers (SmolLM3) override.
+        self.rope_layers = [True] * self.num_layers
+
+    def normalize_qk(self, attn: nn.Module, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head query/key normalization on (batch, seq, heads, head_dim), before RoPE; none in Llama."""
+        return query, key
 
     def forward(self, input_ids, attention_mask, position_ids, past_key_values):
         model = self.hf.model
@@ -65,11 +72,14 @@ class LlamaDecoder(nn.Module):
             attn = layer.self_attn
             residual = hidden
             hidden = _rms_norm(hidden, layer.input_layernorm.weight, self.eps)
-            query = attn.q_proj(hidden).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
-            key = attn.k_proj(hidden).view(batch, seq_len, self.kv_heads, self.head_dim).transpose(1, 2)
+            query = attn.q_proj(hidden).view(batch, seq_len, self.num_heads, self.head_dim)
+            key = attn.k_proj(hidden).view(batch, seq_len, self.kv_heads, self.head_dim)
+            query, key = self.normalize_qk(attn, query, key)
+            query, key = query.transpose(1, 2), key.transpose(1, 2)
             value = attn.v_proj(hidden).view(batch, seq_len, self.kv_heads, self.head_dim).transpose(1, 2)
-            query = query * cos + _rotate_half(query) * sin
-            key = key * cos + _rotate_half(key) * sin
+            if self.rope_layers[index]:
+                query = query * cos + _rotate_half(query) * sin
+                key = key * cos + _rotate_half(key) * sin
             key = torch.cat((past_key_values[2 * index], key), dim=2)
             value = torch.cat((past_key_values[2 * index + 1], value), dim=2)
             presents.extend((key, value))
@@ -105,9 +115,28 @@ def describe(config) -> dict:
     }
 
 
+# RoPE types whose frequencies change with the sequence length: the export bakes one table in.
+_DYNAMIC_ROPE = ("dynamic", "longrope")
+
+
+def check_rope(config) -> None:
+    """Refuse RoPE scalings the export cannot hold; static ones (``llama3``, ``linear``, ``yarn``)
+    are already inside the rotary module's ``inv_freq`` / ``attention_scaling``."""
+    parameters = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = parameters.get("rope_type", parameters.get("type", "default")) if isinstance(parameters, dict) else "default"
+    if rope_type in _DYNAMIC_ROPE:
+        raise UnsupportedModelError(f"{config.model_type} with RoPE scaling {rope_type!r} (frequencies that depend on "
+                                    "the sequence length) is not supported")
+
+
+def fit_sliding_window(config) -> None:
+    """Full attention equals sliding-window attention while the context fits in the window."""
+    sliding = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", bool(sliding)) and sliding:
+        config.max_position_embeddings = min(config.max_position_embeddings, sliding)
+
+
 def build(hf_model: nn.Module) -> nn.Module:
-    sliding = getattr(hf_model.config, "sliding_window", None)
-    if getattr(hf_model.config, "use_sliding_window", bool(sliding)) and sliding:
-        # Full attention equals sliding-window attention while the context fits in the window.
-        hf_model.config.max_position_embeddings = min(hf_model.config.max_position_embeddings, sliding)
+    check_rope(hf_model.config)
+    fit_sliding_window(hf_model.config)
     return LlamaDecoder(hf_model)

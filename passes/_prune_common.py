@@ -38,6 +38,8 @@ _ELEMENTWISE = frozenset({
     "Add", "Sub", "Mul", "Div", "Neg", "Sigmoid", "Tanh", "Pow", "Softmax", "Cast", "Where", "Sqrt", "Relu",
     "Erf", "Gelu", "FastGelu", "QuickGelu", "Exp", "Abs", "Identity", "Reciprocal", "Max", "Min", "Clip",
 })
+# Normalizations over the axes from ``axis`` (default -1) on: elementwise on the others.
+_NORMS = frozenset({"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"})
 FUSED_ATTENTION = frozenset({"GroupQueryAttention", "MultiHeadAttention", "Attention"})
 QUANTIZED_OPS = frozenset({"DequantizeLinear", "MatMulNBits", "QLinearMatMul", "MatMulInteger", "DynamicQuantizeLinear",
                            "QuantizeLinear", "GatherBlockQuantized"})
@@ -305,8 +307,10 @@ class Resizer:
     # One method per op family; each records the output changes.
     def _visit(self, node: ir.Node) -> None:
         op = node.op_type
-        if op in _ELEMENTWISE or (op == "LayerNormalization"):
+        if op in _ELEMENTWISE or op in _NORMS:
             self._elementwise(node)
+        elif op in ("ReduceMean", "ReduceSum"):
+            self._reduce(node)
         elif op == "Transpose":
             perm = node.attributes["perm"].value
             source = self.changes.get(node.inputs[0], {})
@@ -352,9 +356,27 @@ class Resizer:
                 if 0 <= local < value.const_value.shape.rank() and value.const_value.shape[local] == old != 1:
                     raise PruneError(f"constant {value.name} of {node.op_type} '{node.name}' spans the pruned axis "
                                      f"(size {old}); slice it with its weight")
-        if node.op_type == "LayerNormalization" and any(axis == rank - 1 for axis in merged):
-            raise PruneError(f"LayerNormalization '{node.name}' normalizes over a pruned axis")
+        if node.op_type in _NORMS:
+            first = node.attributes.get_int("axis", -1) % rank
+            if any(axis >= first for axis in merged):
+                raise PruneError(f"{node.op_type} '{node.name}' normalizes over a pruned axis")
         self._set(output, merged)
+
+    def _reduce(self, node: ir.Node) -> None:
+        """A reduction over other axes than the pruned one (Qwen3's per-head norm: over head_dim)."""
+        source = self.changes.get(node.inputs[0], {})
+        rank = _rank(node.inputs[0])
+        axes_value = node.inputs[1] if len(node.inputs) > 1 else None
+        if rank is None or axes_value is None or axes_value.const_value is None:
+            raise PruneError(f"{node.op_type} '{node.name}' has no constant axes or known rank")
+        axes = {int(axis) % rank for axis in axes_value.const_value.numpy().reshape(-1)}
+        if axes & set(source):
+            raise PruneError(f"{node.op_type} '{node.name}' reduces over a pruned axis")
+        if node.attributes.get_int("keepdims", 1):
+            self._set(node.outputs[0], dict(source))
+        else:
+            kept = [axis for axis in range(rank) if axis not in axes]
+            self._set(node.outputs[0], {kept.index(axis): sizes for axis, sizes in source.items()})
 
     def _target(self, value: ir.Value) -> tuple[list[int | None], ir.Node | None]:
         """A Reshape/Expand shape input as entries (None where computed at run time) and its Concat."""

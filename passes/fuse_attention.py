@@ -6,6 +6,8 @@ Expand/Reshape that repeats grouped KV heads) becomes, per target:
 * ``cpu`` / ``cuda``: ``com.microsoft.GroupQueryAttention`` with rotary inside the op (Llama family;
   optionally with the q/k/v projections packed into one MatMul), or
   ``com.microsoft.MultiHeadAttention`` with past and the additive mask as ``attention_bias`` (GPT-2);
+  Qwen3's per-head q/k norms stay before GroupQueryAttention (``/normed_qk`` rules); SmolLM3's
+  layers without RoPE become GroupQueryAttention with ``do_rotary=0`` (``/no_rotary`` rules);
 * ``tensorrt`` / ``onnx``: the standard opset-23 ``Attention`` with ``past_key`` / ``past_value``
   inputs and ``present`` outputs, so no contrib op is needed (RoPE is left to
   ``fuse_rotary``, which makes it opset-23 ``RotaryEmbedding``).
@@ -382,6 +384,83 @@ class GroupQueryAttentionFusion(_CacheRule):
         return _reshaped(op, output, output_shape, attention_output, heads * _head_dim), present_key, present_value
 
 
+def _flatten_heads(op, states: ir.Value, width: int) -> ir.Value:
+    """(batch, seq, heads, head_dim) -> (batch, seq, width), reusing the projection's 3-D output
+    where ``states`` is only its reshape into heads."""
+    producer = states.producer()
+    if producer is not None and producer.op_type == "Reshape":
+        source = producer.inputs[0]
+        if source.shape is not None and source.shape.rank() == 3 and source.shape[2] == width:
+            return source
+    # An initializer, not a Constant node: pruning rewrites the width in place of constant targets.
+    target = op.initializer(ir.tensor(np.array([0, 0, width], dtype=np.int64)), name=f"{states.name}.flattened_shape")
+    return op.Reshape(states, target)
+
+
+class GroupQueryAttentionNormedQKFusion(GroupQueryAttentionFusion):
+    """Qwen3: query and key normalized per head (BSNH) before RoPE  =>  the norms, then GroupQueryAttention.
+
+    Query and key may come from any (batch, seq, heads, head_dim) producer (the per-head RMSNorm);
+    they are flattened back to (batch, seq, heads * head_dim) for the op, which applies the rotary
+    itself, so the norm stays where the model has it: before the rotation.
+    """
+
+    def pattern(self, op, query_4d, key_4d, value_3d, value_shape, cos, sin, past_key, past_value, mask, scale,
+                output_shape):
+        query = _rotate(op, op.Transpose(query_4d, perm=_BSNH_TO_BNSH, _outputs=["query"]), cos, sin)
+        key = _rotate(op, op.Transpose(key_4d, perm=_BSNH_TO_BNSH), cos, sin)
+        value = op.Transpose(op.Reshape(value_3d, value_shape), perm=_BSNH_TO_BNSH)
+        context, present_key, present_value = _attend_on_cache(op, query, key, value, past_key, past_value, mask,
+                                                               scale, self.repeat_kv)
+        output = op.Reshape(op.Transpose(context, perm=_BSNH_TO_BNSH), output_shape, _outputs=["attention_output"])
+        return output, present_key, present_value
+
+    def rewrite(self, op, query_4d, key_4d, value_3d, past_key, past_value, output_shape, attention_output, **_):
+        heads, kv_heads, head_dim = self._shape
+        return super().rewrite(op, _flatten_heads(op, query_4d, heads * head_dim),
+                               _flatten_heads(op, key_4d, kv_heads * head_dim), value_3d, past_key, past_value,
+                               output_shape, attention_output)
+
+
+class GroupQueryAttentionNoRotaryFusion(_CacheRule):
+    """SmolLM3's position-free layers: BNSH -> cache -> attention, no RoPE  =>  GroupQueryAttention, ``do_rotary=0``.
+
+    Query and key may come from any (batch, seq, heads, head_dim) producer (a plain reshape of the
+    projection, or a per-head norm). Runs after the rotary rules, which take every layer that rotates.
+    """
+
+    def pattern(self, op, query_4d, key_4d, value_3d, value_shape, past_key, past_value, mask, scale, output_shape):
+        query = op.Transpose(query_4d, perm=_BSNH_TO_BNSH, _outputs=["query"])
+        key = op.Transpose(key_4d, perm=_BSNH_TO_BNSH)
+        value = op.Transpose(op.Reshape(value_3d, value_shape), perm=_BSNH_TO_BNSH)
+        context, present_key, present_value = _attend_on_cache(op, query, key, value, past_key, past_value, mask,
+                                                               scale, self.repeat_kv)
+        output = op.Reshape(op.Transpose(context, perm=_BSNH_TO_BNSH), output_shape, _outputs=["attention_output"])
+        return output, present_key, present_value
+
+    def check(self, context, query, present_key, mask, scale, key_all=None, **_):
+        check = _basics.MatchResult()
+        shape = _heads(check, query, present_key, key_all)
+        if shape is None or not _check_causal_mask(check, mask):
+            return check
+        self._shape = shape
+        self._scale = _check_scale(check, scale)
+        if self._scale is None:
+            return check
+        self._mask_input = self._attention_mask(check, context)
+        return check
+
+    def rewrite(self, op, query_4d, key_4d, value_3d, past_key, past_value, output_shape, attention_output, **_):
+        heads, kv_heads, head_dim = self._shape
+        seqlens_k, total_length = GroupQueryAttentionFusion._lengths(self, op)
+        output, present_key, present_value = op.GroupQueryAttention(
+            _flatten_heads(op, query_4d, heads * head_dim), _flatten_heads(op, key_4d, kv_heads * head_dim), value_3d,
+            past_key, past_value, seqlens_k, total_length, num_heads=heads, kv_num_heads=kv_heads, scale=self._scale,
+            do_rotary=0, _domain=CONTRIB_DOMAIN, _outputs=3)
+        self._tag(output)
+        return _reshaped(op, output, output_shape, attention_output, heads * head_dim), present_key, present_value
+
+
 class MultiHeadAttentionFusion(_CacheRule):
     """GPT-2: split QKV -> BNSH -> cache -> attention  =>  MultiHeadAttention with past.
 
@@ -455,7 +534,15 @@ def rules(target: Target | str, max_positions: int | None = None, pack_qkv: bool
         gqa = [GroupQueryAttentionFusion.rule(f"GroupQueryAttention{suffix}", repeat_kv=repeat, max_positions=max_positions,
                                               pack_qkv=pack_qkv)
                for suffix, repeat in (("", True), ("NoRepeat", False))] if max_positions else []
-        return [*gqa, MultiHeadAttentionFusion.rule("MultiHeadAttention")]
+        # After the plain rules (which take every Llama layer): layers with per-head q/k norms (Qwen3).
+        normed = [GroupQueryAttentionNormedQKFusion.rule(f"GroupQueryAttention{suffix}/normed_qk", repeat_kv=repeat,
+                                                         max_positions=max_positions, pack_qkv=False)
+                  for suffix, repeat in (("", True), ("NoRepeat", False))] if max_positions else []
+        # Layers without RoPE (SmolLM3) last: the GPT-2 layout (no RoPE, no KV repeat) is MultiHeadAttention's,
+        # which honours any mask; a position-free layer with as many KV heads as heads fuses to it as well.
+        no_rotary = [GroupQueryAttentionNoRotaryFusion.rule(f"GroupQueryAttention{suffix}/no_rotary", repeat_kv=repeat)
+                     for suffix, repeat in (("", True), ("NoRepeat", False))]
+        return [*gqa, *normed, MultiHeadAttentionFusion.rule("MultiHeadAttention"), *no_rotary]
     return [OnnxAttentionFusion.rule(f"Attention{suffix}", repeat_kv=repeat) for suffix, repeat in (("", True), ("NoRepeat", False))]
 
 
@@ -468,7 +555,8 @@ class FuseAttention(RulePass):
     """
 
     def __init__(self, target: Target | str, max_positions: int | None = None, pack_qkv: bool = False):
-        super().__init__([(rule.name.removesuffix("NoRepeat"), rule) for rule in rules(target, max_positions, pack_qkv)])
+        super().__init__([(rule.name.split("/")[0].removesuffix("NoRepeat"), rule)
+                          for rule in rules(target, max_positions, pack_qkv)])
         self.target = get_target(target)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
