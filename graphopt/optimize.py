@@ -36,8 +36,8 @@ from typing import Any
 from graphopt.errors import GraphoptError, ValidationError
 from graphopt.modeldir import MANIFEST_FILE, MODEL_FILE, ModelDir, atomic_output, check_output, derive
 from graphopt.manifest import LineageStep
-from graphopt.recipes import (MODEL_STAGES, STEPS, DistillConfig, DraftStage, ExportStage, Recipe, ValidateStage,
-                              check_order, check_parameters, get_recipe, run_stage)
+from graphopt.recipes import (MODEL_STAGES, STEPS, ExportStage, Recipe, ValidateStage, check_order, check_parameters,
+                              get_recipe, run_stage)
 
 logger = logging.getLogger(__name__)
 
@@ -266,18 +266,18 @@ def optimize(src: str, output: str | os.PathLike, recipe: str, force: bool = Fal
                 record = run_stage(stage, current, destination)
                 current, figures = record.output, dict(record.step.counts)
             elif stage.kind == "export":
-                current = export_stage(src, destination, ExportStage.from_parameters(dict(stage.parameters)))
+                current = export_stage(src, destination, stage.config())
                 figures = {"given": True} if current.path != destination else {}
             elif stage.kind == "distill":
                 from graphopt.distill import recipe_stage
 
                 current, figures = recipe_stage(current.path, models["export"].path, destination,
-                                                DistillConfig.from_parameters(dict(stage.parameters)))
+                                                stage.config())
             elif stage.kind == "validate":
                 figures = validate_stage(measure(current), measure(models["export"]),
-                                         ValidateStage.from_parameters(dict(stage.parameters)))
+                                         stage.config())
             elif stage.kind == "draft":
-                config = DraftStage.from_parameters(dict(stage.parameters))
+                config = stage.config()
                 if config.source not in models:
                     raise GraphoptError(f"recipe {chosen.name}: draft source {config.source!r} is not an earlier stage")
                 from graphopt.drafting import build_draft

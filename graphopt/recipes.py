@@ -103,9 +103,9 @@ class Stage:
         return f"{self.kind}({arguments})"
 
     def config(self, where: str = "") -> StepConfig:
-        """The typed, validated parameters of a registered step's stage."""
-        step = STEPS[self.kind]
-        return step.config_type.from_parameters(dict(self.parameters), where=where)
+        """The stage's typed, validated parameters (a registered step's config, or a pipeline stage's)."""
+        config_type = STEPS[self.kind].config_type if self.kind in STEPS else STAGE_CONFIGS[self.kind]
+        return config_type.from_parameters(dict(self.parameters), where=where)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,10 +246,7 @@ def check_parameters(recipe: Recipe) -> None:
     for stage in recipe.stages:
         where = f"recipe {recipe.name}: stage {stage.describe()}: "
         try:
-            if stage.kind in STEPS:
-                stage.config(where)
-            else:
-                STAGE_CONFIGS[stage.kind].from_parameters(dict(stage.parameters), where=where)
+            stage.config(where)
         except TypeError as error:
             raise GraphoptError(f"{where}{error}") from None
         except GraphoptError as error:
