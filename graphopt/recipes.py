@@ -36,6 +36,7 @@ from typing import Any, Mapping
 from graphopt.convert import ConvertStep
 from graphopt.distill import DistillConfig
 from graphopt.errors import GraphoptError
+from graphopt.export import DEFAULT_OPSET
 from graphopt.fusion import FuseStep
 from graphopt.modeldir import ModelDir
 from graphopt.pruning import PruneStep
@@ -54,7 +55,7 @@ STEPS: dict[str, Step] = {step.name: step for step in (PruneStep(), FuseStep(), 
 class ExportStage(StepConfig):
     """SRC as a float32 model directory: exported (and validated against PyTorch), or SRC itself."""
 
-    opset: int = 18
+    opset: int = DEFAULT_OPSET
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,7 @@ from graphopt.pruning import IMPORTANCE, SPLITS, PruneConfig
 @click.option("--importance", type=click.Choice(IMPORTANCE), default=default(PruneConfig, "importance"), show_default=True,
               help="Measured on calibration data, or seeded random (the control).")
 @calibration_options
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=int, default=default(PruneConfig, "seed"), show_default=True,
               help="Seed of the data-free calibration, the window choice and --importance random.")
 def command(model_dir, output, force, heads, channels, layers, params, split, importance, calib_text, calib_npz,
             calib_samples, seq_len, seed) -> None:
