@@ -65,6 +65,13 @@ def sequences_perplexity(model_path: str | pathlib.Path, sequences: list[list[in
     return float(np.exp(total / sum(len(ids) - 1 for ids in sequences)))
 
 
+def forward_chunks(decoder: Decoder, ids: list[int], splits: tuple[int, ...]) -> list[np.ndarray]:
+    """From an empty cache, ``ids[:splits[0]]``, then each further chunk on the cache; each chunk's logits."""
+    decoder.reset()
+    bounds = [0, *splits, len(ids)]
+    return [decoder.forward(ids[start:end]) for start, end in zip(bounds, bounds[1:])]
+
+
 def compare_logits(reference: str | pathlib.Path, candidate: str | pathlib.Path, vocab_size: int, ep: str = "cpu",
                    seed: int = 0) -> dict[str, float | bool]:
     """Both graphs on the same 12 random tokens: prefill 8, decode 1, a 3-token forward on the cache.
@@ -75,10 +82,7 @@ def compare_logits(reference: str | pathlib.Path, candidate: str | pathlib.Path,
     """
     ids = np.random.default_rng(seed).integers(0, vocab_size, size=12).tolist()
     phases = ("prefill", "decode", "multi_token")
-    outputs = []
-    for path in (reference, candidate):
-        decoder = Decoder(path, ep=ep)
-        outputs.append([decoder.forward(ids[:8]), decoder.forward(ids[8:9]), decoder.forward(ids[9:12])])
+    outputs = [forward_chunks(Decoder(path, ep=ep), ids, (8, 9)) for path in (reference, candidate)]
     figures: dict[str, float | bool] = {f"max_abs_logits_diff_{phase}": float(np.abs(a - b).max())
                                         for phase, a, b in zip(phases, *outputs)}
     reference_logits, candidate_logits = (np.concatenate(logits) for logits in outputs)
