@@ -15,9 +15,8 @@ Reference tools measured on the same machine go into the report and plot beside 
 transformers' ``generate`` on the checkpoint (when SRC is a checkpoint), and with ``with_peers``
 onnxruntime.quantization's ``quantize_dynamic`` on the float export.
 
-OUT gets ``target/`` and ``draft/`` (model directories), ``report.md``, ``report.json`` and
-``report.png``. The whole of OUT is built in a scratch directory beside it and renamed at the end,
-so an interrupted or failed run leaves no OUT (and an existing OUT, with ``force``, untouched).
+OUT (written atomically) gets ``target/`` and ``draft/`` (model directories), ``report.md``,
+``report.json`` and ``report.png``.
 """
 
 from __future__ import annotations
@@ -125,9 +124,7 @@ def measure_model(directory: ModelDir, reference: ModelDir | None, settings: Mea
     from graphopt.runtime import Generator
 
     generator = Generator(directory.path, ep=settings.ep)
-    prompt_ids = generator.encode_prompt(PROMPT, chat=True)
-    generator.generate(prompt_ids, max_new_tokens=4, stop_on_eos=False)  # warm-up: first-run allocations
-    run = generator.generate(prompt_ids, max_new_tokens=settings.tokens, stop_on_eos=False)
+    prompt_ids, run = _timed_decode(generator, settings)
     window = eval_window(directory, settings)
     logger.info("  perplexity over %d windows of %d tokens%s", settings.eval_windows, window,
                 " with agreement against float32" if reference is not None else "")
@@ -140,6 +137,13 @@ def measure_model(directory: ModelDir, reference: ModelDir | None, settings: Mea
             "eval_tokens": quality.tokens, "provider": generator.provider, "token_ids": run.token_ids}
 
 
+def _timed_decode(generator, settings: MeasureSettings):
+    """The prompt's ids and a greedy run of ``settings.tokens``, after a warm-up run (first-run allocations)."""
+    prompt_ids = generator.encode_prompt(PROMPT, chat=True)
+    generator.generate(prompt_ids, max_new_tokens=4, stop_on_eos=False)
+    return prompt_ids, generator.generate(prompt_ids, max_new_tokens=settings.tokens, stop_on_eos=False)
+
+
 def eval_window(directory: ModelDir, settings: MeasureSettings) -> int:
     return min(settings.window, directory.manifest.max_positions - 1)
 
@@ -148,10 +152,7 @@ def measure_pair(target: ModelDir, draft: ModelDir, settings: MeasureSettings) -
     """Greedy speculative decoding of the target with its draft, same prompt and length as the stages."""
     from graphopt.runtime.speculative import SpeculativeGenerator
 
-    generator = SpeculativeGenerator(target.path, draft.path, ep=settings.ep)
-    prompt_ids = generator.encode_prompt(PROMPT, chat=True)
-    generator.generate(prompt_ids, max_new_tokens=4, stop_on_eos=False)
-    run = generator.generate(prompt_ids, max_new_tokens=settings.tokens, stop_on_eos=False)
+    _, run = _timed_decode(SpeculativeGenerator(target.path, draft.path, ep=settings.ep), settings)
     return {"decode_tokens_per_s": run.decode_tokens_per_s, "prefill_ms": run.prefill_ms,
             "acceptance_rate": run.extra.get("acceptance_rate"), "token_ids": run.token_ids}
 
