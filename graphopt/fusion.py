@@ -114,14 +114,9 @@ def fuse_model(model: ir.Model, target: str, layers: int, max_positions: int | N
 
 @dataclasses.dataclass(frozen=True)
 class FuseConfig(StepConfig):
-    """``graphopt fuse``'s parameters.
-
-    ``pack_qkv`` (GroupQueryAttention targets) concatenates the query, key and value projection
-    weights into one MatMul: fewer kernel launches per layer, which matters on a GPU; prune and
-    quantize with ``--exclude`` before it, since the packed weight loses the per-projection names.
-    ``tolerance`` bounds the max |logits diff| to the source (validation runs on ONNX Runtime's CPU
-    provider: every fused op has a CPU kernel).
-    """
+    """``graphopt fuse``'s parameters. ``tolerance`` bounds the max |logits diff| to the source, checked on
+    ONNX Runtime's CPU provider (every fused op has a CPU kernel). ``pack_qkv`` loses the per-projection
+    weight names, so prune and quantize with ``--exclude`` before it."""
 
     target: str = "cpu"
     require: bool = False
@@ -197,15 +192,9 @@ class FuseStep(Step):
 
 def fuse(model_dir: str | os.PathLike, output: str | os.PathLike, target: str = "cpu", force: bool = False,
          **parameters) -> tuple[ModelDir, dict[str, int]]:
-    """Fuse MODEL_DIR for ``target`` into a new model directory at ``output``; returns it and the counts.
+    """Fuse MODEL_DIR for ``target`` into a new model directory at ``output`` (``parameters``: :class:`FuseConfig`).
 
-    ``parameters`` are :class:`FuseConfig`'s. Nothing is written at ``output`` unless every step
-    succeeds.
-
-    Raises:
-        GraphoptError: unknown target, or ``require`` and fewer attention layers fused than the
-            model has.
-        ValidationError: fused logits differ from the source's by more than ``tolerance``.
+    Returns the new directory and the counts per produced op.
     """
     record = run_step(FuseStep(), model_dir, output, FuseConfig(target=target, **parameters), force=force)
     return record.output, record.step.counts

@@ -214,13 +214,8 @@ def layers_to_drop(layers: int, keep: int, where: str) -> set[int]:
 
 @dataclasses.dataclass(frozen=True)
 class PruneConfig(StepConfig):
-    """What to remove, validated on creation.
-
-    Give any of ``heads`` / ``channels`` (fractions removed), ``layers`` (count dropped), or
-    ``params`` (fraction of all parameters removed, divided by ``split``), but not ``params`` with
-    the others. ``keep_layers`` keeps that fraction of the layers by position (``keep_where``,
-    see :func:`layers_to_drop`; no calibration: what drafts use). ``plan`` is an explicit plan.
-    """
+    """What to remove (see the module docstring). ``keep_layers`` keeps that fraction of the layers by
+    position (:func:`layers_to_drop`, no calibration: what drafts use); ``plan`` is an explicit plan."""
 
     heads: float | None = None
     channels: float | None = None

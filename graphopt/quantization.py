@@ -1,24 +1,12 @@
-"""`graphopt quantize`: calibrate, pick what to quantize, run the quantization passes, write a model directory.
+"""The quantize step: calibrate, pick what to quantize, run the quantization passes.
 
-Three schemes (``QuantizeConfig.scheme``):
-
-* ``w8a8``: static int8 QDQ (``passes.quantize_qdq``), optionally after SmoothQuant
-  (``passes.smooth_quant``), with activation ranges from streaming collectors (``graphopt.ranges``);
-* ``int8`` / ``int4``: weight-only MatMulNBits (``passes.quantize_weights``), RTN or GPTQ.
-
-Pipeline (order matters, each step reads what the one before wrote):
-
-1. calibration sequences (text, .npz, or sampled from the model itself) - only when a step needs data;
-2. SmoothQuant: per-channel max |x| of each linear input, folded into norms / up projections;
-3. ranges: a ``RangeCollector`` per linear input over the (smoothed) model's activations;
-4. QDQ insertion, or MatMulNBits with GPTQ Hessians ``sum x x^T`` collected the same streaming way;
-5. with ``max_ppl_increase``: layers ranked by their own quantization error, the worst kept in
-   float until the perplexity on the calibration sequences is within the bound.
-
-Supported orders: fuse then quantize (recommended, tested: MatMuls stay MatMuls, fused norms take
-SmoothQuant's factors through their scale input, ORT runs GroupQueryAttention next to
-MatMulIntegerToFloat / MatMulNBits) and quantize then fuse (the attention rules do not look at
-the linear layers' weights; checked by hand on the tiny Llama, not in the tests). Needs no torch.
+Schemes (``QuantizeConfig.scheme``): ``w8a8`` is static int8 QDQ (``passes.quantize_qdq``),
+optionally after SmoothQuant (``passes.smooth_quant``), with activation ranges streamed through
+``graphopt.ranges``' collectors; ``int8`` / ``int4`` are weight-only MatMulNBits
+(``passes.quantize_weights``). Calibration sequences are made only for a scheme or method that
+reads them. With ``max_ppl_increase`` the sites with the largest error are kept in float until the
+calibration perplexity is within the bound. Fuse before quantizing (``graphopt.recipes`` says
+why; fused norms take SmoothQuant's factors through their scale input). Needs no torch.
 """
 
 from __future__ import annotations
