@@ -32,12 +32,13 @@ from graphopt.steps import Step, StepConfig, StepOutput, run_step
 logger = logging.getLogger(__name__)
 
 SCHEMES = ("w8a8", "int8", "int4")
-HEAD_CHOICES = ("auto", "float", "int8", "int4")
+# The bits of each --head / --embedding choice (None: kept in float).
+_BITS = {"auto": 8, "float": None, "int8": 8, "int4": 4}
+HEAD_CHOICES = EMBEDDING_CHOICES = tuple(_BITS)
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits: a power of two, at least 16
 # auto: the best measured method, affine for weight-only int4 (exact on Q4_1-derived weights, never
 # worse than rtn on others: see passes/quantize_weights.py), rtn otherwise.
 METHODS = ("auto", "rtn", "mse", "affine", "gptq")
-EMBEDDING_CHOICES = ("auto", "float", "int8", "int4")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,17 +121,11 @@ class QuantizeConfig(StepConfig):
 
     def head_bits(self) -> int | None:
         """Bits of the LM head for weight-only schemes (None keeps it in float)."""
-        if self.head == "float":
-            return None
-        if self.head == "auto":
-            return 8
-        return int(self.head[3:])
+        return _BITS[self.head]
 
     def embedding_bits(self) -> int | None:
         """Bits of a table the head cannot share (auto: 8); None keeps the embedding in float."""
-        if self.scheme == "w8a8" or self.embedding == "float":
-            return None
-        return 8 if self.embedding == "auto" else int(self.embedding[3:])
+        return None if self.scheme == "w8a8" else _BITS[self.embedding]
 
     def describe(self) -> dict:
         record = {"scheme": self.scheme, "weights": self.weights, "activations": self.activations,
