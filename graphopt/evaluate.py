@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
+from typing import Callable
 
 import numpy as np
 
@@ -58,11 +59,16 @@ def sequence_logprobs(decoder: Decoder, ids: list[int]) -> tuple[np.ndarray, flo
     return logprobs, -float(logprobs[np.arange(len(ids) - 1), ids[1:]].sum())
 
 
+def perplexity(logprobs_of: Callable[[list[int]], np.ndarray], sequences: list[list[int]]) -> float:
+    """Perplexity over ``sequences``; ``logprobs_of(ids)`` gives the log-probabilities after each of ``ids[:-1]``."""
+    nll = sum(-float(logprobs_of(ids)[np.arange(len(ids) - 1), ids[1:]].sum()) for ids in sequences)
+    return float(np.exp(nll / sum(len(ids) - 1 for ids in sequences)))
+
+
 def sequences_perplexity(model_path: str | pathlib.Path, sequences: list[list[int]], ep: str = "cpu") -> float:
     """Perplexity over ``sequences``, each scored from an empty cache."""
     decoder = Decoder(model_path, ep=ep)
-    total = sum(sequence_logprobs(decoder, ids)[1] for ids in sequences)
-    return float(np.exp(total / sum(len(ids) - 1 for ids in sequences)))
+    return perplexity(lambda ids: sequence_logprobs(decoder, ids)[0], sequences)
 
 
 def forward_chunks(decoder: Decoder, ids: list[int], splits: tuple[int, ...]) -> list[np.ndarray]:

@@ -162,7 +162,7 @@ def measure_transformers(src: str, reference: ModelDir, settings: MeasureSetting
     import torch
 
     from graphopt.checkpoint import load
-    from graphopt.evaluate import DEFAULT_TEXT, read_text, text_windows
+    from graphopt.evaluate import DEFAULT_TEXT, perplexity, read_text, text_windows
     from graphopt.runtime.tokenizer import Tokenizer
 
     from transformers.utils import logging as transformers_logging
@@ -183,14 +183,10 @@ def measure_transformers(src: str, reference: ModelDir, settings: MeasureSetting
         window = eval_window(reference, settings)
         windows = text_windows(tokenizer.encode(read_text(DEFAULT_TEXT)), window, settings.eval_windows)
         logger.info("  PyTorch perplexity over %d windows of %d tokens", len(windows), window)
-        nll, scored = 0.0, 0
-        for window_ids in windows:
-            logits = model(torch.tensor([window_ids[:-1]])).logits[0].double()
-            targets = torch.tensor(window_ids[1:])
-            nll -= float(torch.log_softmax(logits, -1)[torch.arange(len(targets)), targets].sum())
-            scored += len(targets)
+        torch_perplexity = perplexity(
+            lambda ids: torch.log_softmax(model(torch.tensor([ids[:-1]])).logits[0].double(), -1).numpy(), windows)
     return {"decode_tokens_per_s": (settings.tokens - 1) / max(total_s - prefill_s, 1e-9),
-            "prefill_ms": prefill_s * 1e3, "perplexity": math.exp(nll / scored),
+            "prefill_ms": prefill_s * 1e3, "perplexity": torch_perplexity,
             "parameters": sum(parameter.numel() for parameter in model.parameters()), "provider": "torch CPU"}
 
 
