@@ -46,6 +46,11 @@ def text_windows(token_ids: list[int], window: int, max_windows: int | None = No
     return windows[:max_windows] if max_windows else windows
 
 
+def fitting_window(directory: ModelDir, window: int = 512) -> int:
+    """``window``, shortened to what the model's context takes (a window runs ``window + 1`` tokens)."""
+    return min(window, directory.manifest.max_positions - 1)
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     logits = logits.astype(np.float64)
     shifted = logits - logits.max(axis=-1, keepdims=True)

@@ -120,12 +120,12 @@ def logical_parameters(model_path: pathlib.Path) -> int:
 
 def measure_model(directory: ModelDir, reference: ModelDir | None, settings: MeasureSettings) -> dict[str, Any]:
     """Size, parameters, decode tokens/s, prefill ms, perplexity and token agreement of one model."""
-    from graphopt.evaluate import DEFAULT_TEXT, evaluate
+    from graphopt.evaluate import DEFAULT_TEXT, evaluate, fitting_window
     from graphopt.runtime import Generator
 
     generator = Generator(directory.path, ep=settings.ep)
     prompt_ids, run = _timed_decode(generator, settings)
-    window = eval_window(directory, settings)
+    window = fitting_window(directory, settings.window)
     logger.info("  perplexity over %d windows of %d tokens%s", settings.eval_windows, window,
                 " with agreement against float32" if reference is not None else "")
     quality = evaluate(directory.path, DEFAULT_TEXT, window=window, max_windows=settings.eval_windows,
@@ -144,10 +144,6 @@ def _timed_decode(generator, settings: MeasureSettings):
     return prompt_ids, generator.generate(prompt_ids, max_new_tokens=settings.tokens, stop_on_eos=False)
 
 
-def eval_window(directory: ModelDir, settings: MeasureSettings) -> int:
-    return min(settings.window, directory.manifest.max_positions - 1)
-
-
 def measure_pair(target: ModelDir, draft: ModelDir, settings: MeasureSettings) -> dict[str, Any]:
     """Greedy speculative decoding of the target with its draft, same prompt and length as the stages."""
     from graphopt.runtime.speculative import SpeculativeGenerator
@@ -162,7 +158,7 @@ def measure_transformers(src: str, reference: ModelDir, settings: MeasureSetting
     import torch
 
     from graphopt.checkpoint import load
-    from graphopt.evaluate import DEFAULT_TEXT, perplexity, read_text, text_windows
+    from graphopt.evaluate import DEFAULT_TEXT, fitting_window, perplexity, read_text, text_windows
     from graphopt.runtime.tokenizer import Tokenizer
 
     from transformers.utils import logging as transformers_logging
@@ -180,7 +176,7 @@ def measure_transformers(src: str, reference: ModelDir, settings: MeasureSetting
         started = time.perf_counter()
         model.generate(ids, max_new_tokens=settings.tokens, min_new_tokens=settings.tokens, do_sample=False)
         total_s = time.perf_counter() - started
-        window = eval_window(reference, settings)
+        window = fitting_window(reference, settings.window)
         windows = text_windows(tokenizer.encode(read_text(DEFAULT_TEXT)), window, settings.eval_windows)
         logger.info("  PyTorch perplexity over %d windows of %d tokens", len(windows), window)
         torch_perplexity = perplexity(

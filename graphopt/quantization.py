@@ -288,9 +288,9 @@ def quantize(model_dir: str | pathlib.Path, output: str | pathlib.Path, config: 
 
 def measure_perplexity(reference: pathlib.Path, quantized: pathlib.Path, max_windows: int) -> dict:
     """Perplexity of both models on the default evaluation text, and their agreement."""
-    from graphopt.evaluate import DEFAULT_TEXT, evaluate
+    from graphopt.evaluate import DEFAULT_TEXT, evaluate, fitting_window
 
-    window = min(512, ModelDir.open(reference).manifest.max_positions - 1)
+    window = fitting_window(ModelDir.open(reference))
     logger.info("measuring perplexity on %s (%d windows of %d)", DEFAULT_TEXT.name, max_windows, window)
     float_result = evaluate(reference, DEFAULT_TEXT, window=window, max_windows=max_windows)
     result = evaluate(quantized, DEFAULT_TEXT, window=window, reference_dir=reference, max_windows=max_windows)
