@@ -146,9 +146,7 @@ def plan_channels(fraction: float, importance: Importance, shapes: Shapes, layer
 
 
 def plan_layers(count: int, importance: Importance, shapes: Shapes) -> list[int]:
-    """The ``count`` layers that change the residual stream least."""
-    if count >= len(shapes.layouts):
-        raise GraphoptError(f"cannot drop {count} of {len(shapes.layouts)} layers (at least one must stay)")
+    """The ``count`` layers that change the residual stream least (``PruneStep`` checks that one stays)."""
     return sorted(np.argsort(importance.layers, kind="stable")[:count].tolist())
 
 
