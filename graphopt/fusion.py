@@ -6,6 +6,7 @@ Targets (where the model will run, so which fused ops it may use) are the record
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -89,18 +90,17 @@ def fuse_model(model: ir.Model, target: str, layers: int, max_positions: int | N
     ``explain`` adds why each rule that matched nothing did not match (and why attention did not
     fuse when fewer than ``layers`` layers did).
     """
-    counts: dict[str, int] = {}
+    counts: collections.Counter[str] = collections.Counter()
     modified = False
     rule_passes: list[RulePass] = []
     for step in pipeline(target, max_positions, pack_qkv):
         result = step(model)
+        # The clean-up passes only remove what these made unused: they do not count as a change.
+        if isinstance(step, (RulePass, ConvertOpset)):
+            counts.update(step.counts)
+            modified = modified or result.modified
         if isinstance(step, RulePass):
             rule_passes.append(step)
-            for key, count in step.counts.items():
-                counts[key] = counts.get(key, 0) + count
-            modified = modified or result.modified
-        elif isinstance(step, ConvertOpset):
-            modified = modified or result.modified
     attention_layers = fused_attention_count(model)
     explanations = []
     if explain:
