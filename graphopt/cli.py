@@ -28,18 +28,19 @@ class Terminated(BaseException):
         self.signum = signum
 
 
+_TERMINATION_SIGNALS = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+
+
 def _raise_terminated(signum, _frame) -> None:
     # A second signal during clean-up must not interrupt the clean-up itself.
-    for name in ("SIGTERM", "SIGHUP"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    for number in _TERMINATION_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
     raise Terminated(signum)
 
 
 def handle_termination_signals() -> None:
-    for name in ("SIGTERM", "SIGHUP"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), _raise_terminated)
+    for number in _TERMINATION_SIGNALS:
+        signal.signal(number, _raise_terminated)
 
 
 # `graphopt` alone prints the help (click >= 8.2 signals it with this UsageError subclass).

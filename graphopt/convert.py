@@ -82,11 +82,5 @@ class ConvertStep(Step):
 
 def convert(model_dir: str | os.PathLike, output: str | os.PathLike, dtype: str = "fp16", force: bool = False,
             **parameters) -> ModelDir:
-    """Convert MODEL_DIR's float32 graph to ``dtype`` into a new model directory at ``output`` (atomic).
-
-    Raises:
-        GraphoptError: unknown dtype, or the model is not float32.
-        ValidationError: non-finite logits, or logits further from the source than
-            ``FP16_RELATIVE_TOLERANCE`` allows.
-    """
+    """Convert MODEL_DIR's float32 graph to ``dtype`` into a new model directory at ``output``."""
     return run_step(ConvertStep(), model_dir, output, ConvertConfig(dtype=dtype, **parameters), force=force).output

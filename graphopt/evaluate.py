@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
+from typing import Callable
 
 import numpy as np
 
@@ -45,6 +46,11 @@ def text_windows(token_ids: list[int], window: int, max_windows: int | None = No
     return windows[:max_windows] if max_windows else windows
 
 
+def fitting_window(directory: ModelDir, window: int = 512) -> int:
+    """``window``, shortened to what the model's context takes (a window runs ``window + 1`` tokens)."""
+    return min(window, directory.manifest.max_positions - 1)
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     logits = logits.astype(np.float64)
     shifted = logits - logits.max(axis=-1, keepdims=True)
@@ -58,11 +64,23 @@ def sequence_logprobs(decoder: Decoder, ids: list[int]) -> tuple[np.ndarray, flo
     return logprobs, -float(logprobs[np.arange(len(ids) - 1), ids[1:]].sum())
 
 
+def perplexity(logprobs_of: Callable[[list[int]], np.ndarray], sequences: list[list[int]]) -> float:
+    """Perplexity over ``sequences``; ``logprobs_of(ids)`` gives the log-probabilities after each of ``ids[:-1]``."""
+    nll = sum(-float(logprobs_of(ids)[np.arange(len(ids) - 1), ids[1:]].sum()) for ids in sequences)
+    return float(np.exp(nll / sum(len(ids) - 1 for ids in sequences)))
+
+
 def sequences_perplexity(model_path: str | pathlib.Path, sequences: list[list[int]], ep: str = "cpu") -> float:
     """Perplexity over ``sequences``, each scored from an empty cache."""
     decoder = Decoder(model_path, ep=ep)
-    total = sum(sequence_logprobs(decoder, ids)[1] for ids in sequences)
-    return float(np.exp(total / sum(len(ids) - 1 for ids in sequences)))
+    return perplexity(lambda ids: sequence_logprobs(decoder, ids)[0], sequences)
+
+
+def forward_chunks(decoder: Decoder, ids: list[int], splits: tuple[int, ...]) -> list[np.ndarray]:
+    """From an empty cache, ``ids[:splits[0]]``, then each further chunk on the cache; each chunk's logits."""
+    decoder.reset()
+    bounds = [0, *splits, len(ids)]
+    return [decoder.forward(ids[start:end]) for start, end in zip(bounds, bounds[1:])]
 
 
 def compare_logits(reference: str | pathlib.Path, candidate: str | pathlib.Path, vocab_size: int, ep: str = "cpu",
@@ -75,10 +93,7 @@ def compare_logits(reference: str | pathlib.Path, candidate: str | pathlib.Path,
     """
     ids = np.random.default_rng(seed).integers(0, vocab_size, size=12).tolist()
     phases = ("prefill", "decode", "multi_token")
-    outputs = []
-    for path in (reference, candidate):
-        decoder = Decoder(path, ep=ep)
-        outputs.append([decoder.forward(ids[:8]), decoder.forward(ids[8:9]), decoder.forward(ids[9:12])])
+    outputs = [forward_chunks(Decoder(path, ep=ep), ids, (8, 9)) for path in (reference, candidate)]
     figures: dict[str, float | bool] = {f"max_abs_logits_diff_{phase}": float(np.abs(a - b).max())
                                         for phase, a, b in zip(phases, *outputs)}
     reference_logits, candidate_logits = (np.concatenate(logits) for logits in outputs)

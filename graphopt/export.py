@@ -113,14 +113,6 @@ def tidy(model) -> None:
             initializers[value.name] = value
 
 
-def _ort_logits(decoder, token_ids: list[int], split: int) -> np.ndarray:
-    """Prefill ``token_ids[:split]`` then run the rest on the cache; logits for every position."""
-    decoder.reset()
-    first = decoder.forward(token_ids[:split])
-    rest = decoder.forward(token_ids[split:])
-    return np.concatenate([first, rest], axis=0)
-
-
 def validate(model_dir: pathlib.Path, hf_model, prompt_ids: list[int], vocab_size: int, tolerance: float,
              greedy_steps: int = 32, seed: int = 0) -> dict:
     """ORT vs PyTorch: logits on random and real inputs (prefill and decode on a cache), greedy tokens.
@@ -134,6 +126,7 @@ def validate(model_dir: pathlib.Path, hf_model, prompt_ids: list[int], vocab_siz
     """
     import torch
 
+    from graphopt.evaluate import forward_chunks
     from graphopt.runtime.decoder import Decoder
 
     decoder = Decoder(model_dir / MODEL_FILE, ep="cpu")
@@ -144,7 +137,7 @@ def validate(model_dir: pathlib.Path, hf_model, prompt_ids: list[int], vocab_siz
         split = max(1, len(ids) // 2)
         with torch.no_grad():
             reference = hf_model(torch.tensor([ids])).logits[0].float().numpy()
-        ours = _ort_logits(decoder, ids, split)
+        ours = np.concatenate(forward_chunks(decoder, ids, (split,)))  # prefill, then the rest on the cache
         figures[f"max_abs_logits_diff_{label}_prefill"] = float(np.abs(ours[:split] - reference[:split]).max())
         figures[f"max_abs_logits_diff_{label}_decode"] = float(np.abs(ours[split:] - reference[split:]).max())
     worst = max(figures.values())

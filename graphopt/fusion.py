@@ -6,6 +6,7 @@ Targets (where the model will run, so which fused ops it may use) are the record
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -89,18 +90,17 @@ def fuse_model(model: ir.Model, target: str, layers: int, max_positions: int | N
     ``explain`` adds why each rule that matched nothing did not match (and why attention did not
     fuse when fewer than ``layers`` layers did).
     """
-    counts: dict[str, int] = {}
+    counts: collections.Counter[str] = collections.Counter()
     modified = False
     rule_passes: list[RulePass] = []
     for step in pipeline(target, max_positions, pack_qkv):
         result = step(model)
+        # The clean-up passes only remove what these made unused: they do not count as a change.
+        if isinstance(step, (RulePass, ConvertOpset)):
+            counts.update(step.counts)
+            modified = modified or result.modified
         if isinstance(step, RulePass):
             rule_passes.append(step)
-            for key, count in step.counts.items():
-                counts[key] = counts.get(key, 0) + count
-            modified = modified or result.modified
-        elif isinstance(step, ConvertOpset):
-            modified = modified or result.modified
     attention_layers = fused_attention_count(model)
     explanations = []
     if explain:
@@ -114,14 +114,9 @@ def fuse_model(model: ir.Model, target: str, layers: int, max_positions: int | N
 
 @dataclasses.dataclass(frozen=True)
 class FuseConfig(StepConfig):
-    """``graphopt fuse``'s parameters.
-
-    ``pack_qkv`` (GroupQueryAttention targets) concatenates the query, key and value projection
-    weights into one MatMul: fewer kernel launches per layer, which matters on a GPU; prune and
-    quantize with ``--exclude`` before it, since the packed weight loses the per-projection names.
-    ``tolerance`` bounds the max |logits diff| to the source (validation runs on ONNX Runtime's CPU
-    provider: every fused op has a CPU kernel).
-    """
+    """``graphopt fuse``'s parameters. ``tolerance`` bounds the max |logits diff| to the source, checked on
+    ONNX Runtime's CPU provider (every fused op has a CPU kernel). ``pack_qkv`` loses the per-projection
+    weight names, so prune and quantize with ``--exclude`` before it."""
 
     target: str = "cpu"
     require: bool = False
@@ -197,15 +192,9 @@ class FuseStep(Step):
 
 def fuse(model_dir: str | os.PathLike, output: str | os.PathLike, target: str = "cpu", force: bool = False,
          **parameters) -> tuple[ModelDir, dict[str, int]]:
-    """Fuse MODEL_DIR for ``target`` into a new model directory at ``output``; returns it and the counts.
+    """Fuse MODEL_DIR for ``target`` into a new model directory at ``output`` (``parameters``: :class:`FuseConfig`).
 
-    ``parameters`` are :class:`FuseConfig`'s. Nothing is written at ``output`` unless every step
-    succeeds.
-
-    Raises:
-        GraphoptError: unknown target, or ``require`` and fewer attention layers fused than the
-            model has.
-        ValidationError: fused logits differ from the source's by more than ``tolerance``.
+    Returns the new directory and the counts per produced op.
     """
     record = run_step(FuseStep(), model_dir, output, FuseConfig(target=target, **parameters), force=force)
     return record.output, record.step.counts

@@ -37,8 +37,7 @@ MANIFEST_FILE = "graphopt.json"
 REPORT_FILE = "report.json"  # marks a `graphopt optimize` output
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json", "vocab.json", "merges.txt")
-JSON_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                        "vocab.json")
+JSON_TOKENIZER_FILES = tuple(name for name in TOKENIZER_FILES if name.endswith(".json"))
 
 
 class ModelDir:

@@ -15,9 +15,8 @@ Reference tools measured on the same machine go into the report and plot beside 
 transformers' ``generate`` on the checkpoint (when SRC is a checkpoint), and with ``with_peers``
 onnxruntime.quantization's ``quantize_dynamic`` on the float export.
 
-OUT gets ``target/`` and ``draft/`` (model directories), ``report.md``, ``report.json`` and
-``report.png``. The whole of OUT is built in a scratch directory beside it and renamed at the end,
-so an interrupted or failed run leaves no OUT (and an existing OUT, with ``force``, untouched).
+OUT (written atomically) gets ``target/`` and ``draft/`` (model directories), ``report.md``,
+``report.json`` and ``report.png``.
 """
 
 from __future__ import annotations
@@ -36,8 +35,8 @@ from typing import Any
 from graphopt.errors import GraphoptError, ValidationError
 from graphopt.modeldir import MANIFEST_FILE, MODEL_FILE, ModelDir, atomic_output, check_output, derive
 from graphopt.manifest import LineageStep
-from graphopt.recipes import (MODEL_STAGES, STEPS, DistillConfig, DraftStage, ExportStage, Recipe, ValidateStage,
-                              check_order, check_parameters, get_recipe, run_stage)
+from graphopt.recipes import (MODEL_STAGES, STEPS, ExportStage, Recipe, ValidateStage, check_order, check_parameters,
+                              get_recipe, run_stage)
 
 logger = logging.getLogger(__name__)
 
@@ -121,14 +120,12 @@ def logical_parameters(model_path: pathlib.Path) -> int:
 
 def measure_model(directory: ModelDir, reference: ModelDir | None, settings: MeasureSettings) -> dict[str, Any]:
     """Size, parameters, decode tokens/s, prefill ms, perplexity and token agreement of one model."""
-    from graphopt.evaluate import DEFAULT_TEXT, evaluate
+    from graphopt.evaluate import DEFAULT_TEXT, evaluate, fitting_window
     from graphopt.runtime import Generator
 
     generator = Generator(directory.path, ep=settings.ep)
-    prompt_ids = generator.encode_prompt(PROMPT, chat=True)
-    generator.generate(prompt_ids, max_new_tokens=4, stop_on_eos=False)  # warm-up: first-run allocations
-    run = generator.generate(prompt_ids, max_new_tokens=settings.tokens, stop_on_eos=False)
-    window = eval_window(directory, settings)
+    prompt_ids, run = _timed_decode(generator, settings)
+    window = fitting_window(directory, settings.window)
     logger.info("  perplexity over %d windows of %d tokens%s", settings.eval_windows, window,
                 " with agreement against float32" if reference is not None else "")
     quality = evaluate(directory.path, DEFAULT_TEXT, window=window, max_windows=settings.eval_windows,
@@ -140,18 +137,18 @@ def measure_model(directory: ModelDir, reference: ModelDir | None, settings: Mea
             "eval_tokens": quality.tokens, "provider": generator.provider, "token_ids": run.token_ids}
 
 
-def eval_window(directory: ModelDir, settings: MeasureSettings) -> int:
-    return min(settings.window, directory.manifest.max_positions - 1)
+def _timed_decode(generator, settings: MeasureSettings):
+    """The prompt's ids and a greedy run of ``settings.tokens``, after a warm-up run (first-run allocations)."""
+    prompt_ids = generator.encode_prompt(PROMPT, chat=True)
+    generator.generate(prompt_ids, max_new_tokens=4, stop_on_eos=False)
+    return prompt_ids, generator.generate(prompt_ids, max_new_tokens=settings.tokens, stop_on_eos=False)
 
 
 def measure_pair(target: ModelDir, draft: ModelDir, settings: MeasureSettings) -> dict[str, Any]:
     """Greedy speculative decoding of the target with its draft, same prompt and length as the stages."""
     from graphopt.runtime.speculative import SpeculativeGenerator
 
-    generator = SpeculativeGenerator(target.path, draft.path, ep=settings.ep)
-    prompt_ids = generator.encode_prompt(PROMPT, chat=True)
-    generator.generate(prompt_ids, max_new_tokens=4, stop_on_eos=False)
-    run = generator.generate(prompt_ids, max_new_tokens=settings.tokens, stop_on_eos=False)
+    _, run = _timed_decode(SpeculativeGenerator(target.path, draft.path, ep=settings.ep), settings)
     return {"decode_tokens_per_s": run.decode_tokens_per_s, "prefill_ms": run.prefill_ms,
             "acceptance_rate": run.extra.get("acceptance_rate"), "token_ids": run.token_ids}
 
@@ -161,7 +158,7 @@ def measure_transformers(src: str, reference: ModelDir, settings: MeasureSetting
     import torch
 
     from graphopt.checkpoint import load
-    from graphopt.evaluate import DEFAULT_TEXT, read_text, text_windows
+    from graphopt.evaluate import DEFAULT_TEXT, fitting_window, perplexity, read_text, text_windows
     from graphopt.runtime.tokenizer import Tokenizer
 
     from transformers.utils import logging as transformers_logging
@@ -179,17 +176,13 @@ def measure_transformers(src: str, reference: ModelDir, settings: MeasureSetting
         started = time.perf_counter()
         model.generate(ids, max_new_tokens=settings.tokens, min_new_tokens=settings.tokens, do_sample=False)
         total_s = time.perf_counter() - started
-        window = eval_window(reference, settings)
+        window = fitting_window(reference, settings.window)
         windows = text_windows(tokenizer.encode(read_text(DEFAULT_TEXT)), window, settings.eval_windows)
         logger.info("  PyTorch perplexity over %d windows of %d tokens", len(windows), window)
-        nll, scored = 0.0, 0
-        for window_ids in windows:
-            logits = model(torch.tensor([window_ids[:-1]])).logits[0].double()
-            targets = torch.tensor(window_ids[1:])
-            nll -= float(torch.log_softmax(logits, -1)[torch.arange(len(targets)), targets].sum())
-            scored += len(targets)
+        torch_perplexity = perplexity(
+            lambda ids: torch.log_softmax(model(torch.tensor([ids[:-1]])).logits[0].double(), -1).numpy(), windows)
     return {"decode_tokens_per_s": (settings.tokens - 1) / max(total_s - prefill_s, 1e-9),
-            "prefill_ms": prefill_s * 1e3, "perplexity": math.exp(nll / scored),
+            "prefill_ms": prefill_s * 1e3, "perplexity": torch_perplexity,
             "parameters": sum(parameter.numel() for parameter in model.parameters()), "provider": "torch CPU"}
 
 
@@ -266,18 +259,18 @@ def optimize(src: str, output: str | os.PathLike, recipe: str, force: bool = Fal
                 record = run_stage(stage, current, destination)
                 current, figures = record.output, dict(record.step.counts)
             elif stage.kind == "export":
-                current = export_stage(src, destination, ExportStage.from_parameters(dict(stage.parameters)))
+                current = export_stage(src, destination, stage.config())
                 figures = {"given": True} if current.path != destination else {}
             elif stage.kind == "distill":
                 from graphopt.distill import recipe_stage
 
                 current, figures = recipe_stage(current.path, models["export"].path, destination,
-                                                DistillConfig.from_parameters(dict(stage.parameters)))
+                                                stage.config())
             elif stage.kind == "validate":
                 figures = validate_stage(measure(current), measure(models["export"]),
-                                         ValidateStage.from_parameters(dict(stage.parameters)))
+                                         stage.config())
             elif stage.kind == "draft":
-                config = DraftStage.from_parameters(dict(stage.parameters))
+                config = stage.config()
                 if config.source not in models:
                     raise GraphoptError(f"recipe {chosen.name}: draft source {config.source!r} is not an earlier stage")
                 from graphopt.drafting import build_draft

@@ -146,9 +146,7 @@ def plan_channels(fraction: float, importance: Importance, shapes: Shapes, layer
 
 
 def plan_layers(count: int, importance: Importance, shapes: Shapes) -> list[int]:
-    """The ``count`` layers that change the residual stream least."""
-    if count >= len(shapes.layouts):
-        raise GraphoptError(f"cannot drop {count} of {len(shapes.layouts)} layers (at least one must stay)")
+    """The ``count`` layers that change the residual stream least (``PruneStep`` checks that one stays)."""
     return sorted(np.argsort(importance.layers, kind="stable")[:count].tolist())
 
 
@@ -214,13 +212,8 @@ def layers_to_drop(layers: int, keep: int, where: str) -> set[int]:
 
 @dataclasses.dataclass(frozen=True)
 class PruneConfig(StepConfig):
-    """What to remove, validated on creation.
-
-    Give any of ``heads`` / ``channels`` (fractions removed), ``layers`` (count dropped), or
-    ``params`` (fraction of all parameters removed, divided by ``split``), but not ``params`` with
-    the others. ``keep_layers`` keeps that fraction of the layers by position (``keep_where``,
-    see :func:`layers_to_drop`; no calibration: what drafts use). ``plan`` is an explicit plan.
-    """
+    """What to remove (see the module docstring). ``keep_layers`` keeps that fraction of the layers by
+    position (:func:`layers_to_drop`, no calibration: what drafts use); ``plan`` is an explicit plan."""
 
     heads: float | None = None
     channels: float | None = None

@@ -1,24 +1,12 @@
-"""`graphopt quantize`: calibrate, pick what to quantize, run the quantization passes, write a model directory.
+"""The quantize step: calibrate, pick what to quantize, run the quantization passes.
 
-Three schemes (``QuantizeConfig.scheme``):
-
-* ``w8a8``: static int8 QDQ (``passes.quantize_qdq``), optionally after SmoothQuant
-  (``passes.smooth_quant``), with activation ranges from streaming collectors (``graphopt.ranges``);
-* ``int8`` / ``int4``: weight-only MatMulNBits (``passes.quantize_weights``), RTN or GPTQ.
-
-Pipeline (order matters, each step reads what the one before wrote):
-
-1. calibration sequences (text, .npz, or sampled from the model itself) - only when a step needs data;
-2. SmoothQuant: per-channel max |x| of each linear input, folded into norms / up projections;
-3. ranges: a ``RangeCollector`` per linear input over the (smoothed) model's activations;
-4. QDQ insertion, or MatMulNBits with GPTQ Hessians ``sum x x^T`` collected the same streaming way;
-5. with ``max_ppl_increase``: layers ranked by their own quantization error, the worst kept in
-   float until the perplexity on the calibration sequences is within the bound.
-
-Supported orders: fuse then quantize (recommended, tested: MatMuls stay MatMuls, fused norms take
-SmoothQuant's factors through their scale input, ORT runs GroupQueryAttention next to
-MatMulIntegerToFloat / MatMulNBits) and quantize then fuse (the attention rules do not look at
-the linear layers' weights; checked by hand on the tiny Llama, not in the tests). Needs no torch.
+Schemes (``QuantizeConfig.scheme``): ``w8a8`` is static int8 QDQ (``passes.quantize_qdq``),
+optionally after SmoothQuant (``passes.smooth_quant``), with activation ranges streamed through
+``graphopt.ranges``' collectors; ``int8`` / ``int4`` are weight-only MatMulNBits
+(``passes.quantize_weights``). Calibration sequences are made only for a scheme or method that
+reads them. With ``max_ppl_increase`` the sites with the largest error are kept in float until the
+calibration perplexity is within the bound. Fuse before quantizing (``graphopt.recipes`` says
+why; fused norms take SmoothQuant's factors through their scale input). Needs no torch.
 """
 
 from __future__ import annotations
@@ -44,12 +32,13 @@ from graphopt.steps import Step, StepConfig, StepOutput, run_step
 logger = logging.getLogger(__name__)
 
 SCHEMES = ("w8a8", "int8", "int4")
-HEAD_CHOICES = ("auto", "float", "int8", "int4")
+# The bits of each --head / --embedding choice (None: kept in float).
+_BITS = {"auto": 8, "float": None, "int8": 8, "int4": 4}
+HEAD_CHOICES = EMBEDDING_CHOICES = tuple(_BITS)
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits: a power of two, at least 16
 # auto: the best measured method, affine for weight-only int4 (exact on Q4_1-derived weights, never
 # worse than rtn on others: see passes/quantize_weights.py), rtn otherwise.
 METHODS = ("auto", "rtn", "mse", "affine", "gptq")
-EMBEDDING_CHOICES = ("auto", "float", "int8", "int4")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,17 +121,11 @@ class QuantizeConfig(StepConfig):
 
     def head_bits(self) -> int | None:
         """Bits of the LM head for weight-only schemes (None keeps it in float)."""
-        if self.head == "float":
-            return None
-        if self.head == "auto":
-            return 8
-        return int(self.head[3:])
+        return _BITS[self.head]
 
     def embedding_bits(self) -> int | None:
         """Bits of a table the head cannot share (auto: 8); None keeps the embedding in float."""
-        if self.scheme == "w8a8" or self.embedding == "float":
-            return None
-        return 8 if self.embedding == "auto" else int(self.embedding[3:])
+        return None if self.scheme == "w8a8" else _BITS[self.embedding]
 
     def describe(self) -> dict:
         record = {"scheme": self.scheme, "weights": self.weights, "activations": self.activations,
@@ -305,9 +288,9 @@ def quantize(model_dir: str | pathlib.Path, output: str | pathlib.Path, config: 
 
 def measure_perplexity(reference: pathlib.Path, quantized: pathlib.Path, max_windows: int) -> dict:
     """Perplexity of both models on the default evaluation text, and their agreement."""
-    from graphopt.evaluate import DEFAULT_TEXT, evaluate
+    from graphopt.evaluate import DEFAULT_TEXT, evaluate, fitting_window
 
-    window = min(512, ModelDir.open(reference).manifest.max_positions - 1)
+    window = fitting_window(ModelDir.open(reference))
     logger.info("measuring perplexity on %s (%d windows of %d)", DEFAULT_TEXT.name, max_windows, window)
     float_result = evaluate(reference, DEFAULT_TEXT, window=window, max_windows=max_windows)
     result = evaluate(quantized, DEFAULT_TEXT, window=window, reference_dir=reference, max_windows=max_windows)

@@ -36,6 +36,7 @@ from typing import Any, Mapping
 from graphopt.convert import ConvertStep
 from graphopt.distill import DistillConfig
 from graphopt.errors import GraphoptError
+from graphopt.export import DEFAULT_OPSET
 from graphopt.fusion import FuseStep
 from graphopt.modeldir import ModelDir
 from graphopt.pruning import PruneStep
@@ -54,7 +55,7 @@ STEPS: dict[str, Step] = {step.name: step for step in (PruneStep(), FuseStep(), 
 class ExportStage(StepConfig):
     """SRC as a float32 model directory: exported (and validated against PyTorch), or SRC itself."""
 
-    opset: int = 18
+    opset: int = DEFAULT_OPSET
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,9 +104,9 @@ class Stage:
         return f"{self.kind}({arguments})"
 
     def config(self, where: str = "") -> StepConfig:
-        """The typed, validated parameters of a registered step's stage."""
-        step = STEPS[self.kind]
-        return step.config_type.from_parameters(dict(self.parameters), where=where)
+        """The stage's typed, validated parameters (a registered step's config, or a pipeline stage's)."""
+        config_type = STEPS[self.kind].config_type if self.kind in STEPS else STAGE_CONFIGS[self.kind]
+        return config_type.from_parameters(dict(self.parameters), where=where)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,10 +247,7 @@ def check_parameters(recipe: Recipe) -> None:
     for stage in recipe.stages:
         where = f"recipe {recipe.name}: stage {stage.describe()}: "
         try:
-            if stage.kind in STEPS:
-                stage.config(where)
-            else:
-                STAGE_CONFIGS[stage.kind].from_parameters(dict(stage.parameters), where=where)
+            stage.config(where)
         except TypeError as error:
             raise GraphoptError(f"{where}{error}") from None
         except GraphoptError as error:

@@ -84,12 +84,11 @@ def chunked_logits(model_path, optimization: str, ids: list[int], splits: tuple[
     ``optimization="disable"`` is the reference a rewrite is compared with (ONNX Runtime's own
     graph rewrites off).
     """
+    from graphopt.evaluate import forward_chunks
     from graphopt.runtime.decoder import Decoder
     from graphopt.runtime.session import make_session
 
-    decoder = Decoder(model_path, session=make_session(model_path, optimization=optimization))
-    bounds = [0, *splits, len(ids)]
-    return [decoder.forward(ids[start:end]) for start, end in zip(bounds, bounds[1:])]
+    return forward_chunks(Decoder(model_path, session=make_session(model_path, optimization=optimization)), ids, splits)
 
 
 def register_ort_onnx_domain_schemas() -> None:

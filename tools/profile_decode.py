@@ -31,12 +31,12 @@ import platform
 import re
 import sys
 import tempfile
-import time
-
-import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+import bench_cache  # noqa: E402  (its timed greedy loop)
 
 PROMPT = "What is the capital of France? Answer in one sentence, then name two famous museums there."
 
@@ -72,16 +72,9 @@ def prompt_ids(model_dir: pathlib.Path) -> list[int]:
 
 
 def decode(decoder, prompt: list[int], tokens: int) -> tuple[float, list[int]]:
-    """Prefill (untimed), then ``tokens`` greedy steps; seconds per step and the ids."""
-    decoder.reset()
-    decoder.reserve(len(prompt) + tokens + 1)
-    logits = decoder.forward(prompt)[-1]
-    generated = []
-    started = time.perf_counter()
-    for _ in range(tokens):
-        generated.append(int(np.argmax(logits)))
-        logits = decoder.forward(generated[-1:])[-1]
-    return (time.perf_counter() - started) / tokens, generated
+    """Prefill (untimed), then ``tokens`` greedy steps (bench_cache's loop); seconds per step and the ids."""
+    tokens_per_s, generated = bench_cache.decode(decoder, prompt, tokens)
+    return 1.0 / tokens_per_s, generated
 
 
 def session_options(threads: int | None, spinning: bool, profile_prefix: str | None = None):

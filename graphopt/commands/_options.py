@@ -20,3 +20,9 @@ def calibration_options(command):
     )):
         command = option(command)
     return command
+
+
+def calibration_spec(options: dict, seed: int) -> CalibrationSpec:
+    """The spec that :func:`calibration_options`' values say, taken out of a command's ``options``."""
+    return CalibrationSpec(text=options.pop("calib_text"), npz=options.pop("calib_npz"),
+                           samples=options.pop("calib_samples"), seq_len=options.pop("seq_len"), seed=seed)

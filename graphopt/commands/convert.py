@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import click
 
-from graphopt.convert import DTYPES
+from graphopt.commands import default
+from graphopt.convert import DTYPES, ConvertConfig
 
 
 @click.command("convert")
 @click.argument("model_dir", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(), help="Model directory to create.")
 @click.option("--dtype", type=click.Choice(DTYPES), required=True, help="Target precision of weights, activations and cache.")
-@click.option("--keep-softmax/--no-keep-softmax", default=True, show_default=True,
+@click.option("--keep-softmax/--no-keep-softmax", default=default(ConvertConfig, "keep_softmax"), show_default=True,
               help="Run Softmax (where the attention mask meets the scores) in float32.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
-@click.option("--validate/--no-validate", default=True, show_default=True,
+@click.option("--validate/--no-validate", default=default(ConvertConfig, "validate"), show_default=True,
               help="Compare logits with the float32 source on CPU.")
 def command(model_dir: str, output: str, dtype: str, keep_softmax: bool, force: bool, validate: bool) -> None:
     """Convert MODEL_DIR to DTYPE into OUTPUT (for CUDA / TensorRT; the CPU runs it, slowly).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from graphopt import sources
+from graphopt.export import DEFAULT_OPSET
 from graphopt.passes.targets import TARGETS
 
 
@@ -15,7 +16,7 @@ from graphopt.passes.targets import TARGETS
 @click.option("--validate/--no-validate", default=True, show_default=True,
               help="Check ONNX Runtime against PyTorch (logits and 32 greedy tokens).")
 @click.option("--tolerance", type=float, default=1e-3, show_default=True, help="Max |logits diff| accepted.")
-@click.option("--opset", type=click.IntRange(18, 23), default=18, show_default=True, help="ONNX opset of the graph.")
+@click.option("--opset", type=click.IntRange(18, 23), default=DEFAULT_OPSET, show_default=True, help="ONNX opset of the graph.")
 @click.option("--fuse", "fuse_target", type=click.Choice(list(TARGETS)), default=None,
               help="Also fuse attention for this target (as `graphopt fuse`), in one step.")
 @click.option("--keep-quantization", is_flag=True,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from graphopt.commands import default
+from graphopt.fusion import FuseConfig
 from graphopt.passes.targets import TARGETS
 
 
@@ -15,7 +17,7 @@ from graphopt.passes.targets import TARGETS
 @click.option("--explain", is_flag=True, help="Say why each rule that fused nothing did not match.")
 @click.option("--require", is_flag=True, help="Fail (exit 2) unless every attention layer fuses.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
-@click.option("--validate/--no-validate", default=True, show_default=True,
+@click.option("--validate/--no-validate", default=default(FuseConfig, "validate"), show_default=True,
               help="Compare fused and source logits on CPU (prefill, decode, multi-token on cache).")
 @click.option("--pack-qkv", is_flag=True,
               help="One MatMul for the query, key and value projections (cpu/cuda): fewer kernels per layer on a GPU.")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import click
 
 from graphopt import sources
+from graphopt.commands import default
+from graphopt.optimize import MeasureSettings
 from graphopt.recipes import DEFAULT_RECIPE
 
 
@@ -25,12 +27,13 @@ def _list_recipes(ctx, _parameter, value) -> None:
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists (only once the new one is complete).")
 @click.option("--list-recipes", is_flag=True, expose_value=False, is_eager=True, callback=_list_recipes,
               help="Print the recipes and their stages, then exit.")
-@click.option("--tokens", type=click.IntRange(2, 4096), default=64, show_default=True,
+@click.option("--tokens", type=click.IntRange(2, 4096), default=default(MeasureSettings, "tokens"), show_default=True,
               help="New tokens per decode measurement.")
-@click.option("--eval-windows", type=click.IntRange(1, 1000), default=4, show_default=True,
-              help="Perplexity windows (of up to --window tokens) per model.")
-@click.option("--window", type=click.IntRange(8, 8192), default=512, show_default=True, help="Perplexity window.")
-@click.option("--reference/--no-reference", default=True, show_default=True,
+@click.option("--eval-windows", type=click.IntRange(1, 1000), default=default(MeasureSettings, "eval_windows"),
+              show_default=True, help="Perplexity windows (of up to --window tokens) per model.")
+@click.option("--window", type=click.IntRange(8, 8192), default=default(MeasureSettings, "window"), show_default=True,
+              help="Perplexity window.")
+@click.option("--reference/--no-reference", default=default(MeasureSettings, "reference_tools"), show_default=True,
               help="Also measure transformers generate on the checkpoint (when SRC is one).")
 @click.option("--with-peers", is_flag=True, help="Also measure onnxruntime.quantization.quantize_dynamic on the export.")
 def command(src: str, output: str, recipe: str, force: bool, tokens: int, eval_windows: int, window: int,
@@ -44,7 +47,7 @@ def command(src: str, output: str, recipe: str, force: bool, tokens: int, eval_w
     """
     import pathlib
 
-    from graphopt.optimize import MeasureSettings, optimize, table
+    from graphopt.optimize import optimize, table
 
     settings = MeasureSettings(tokens=tokens, eval_windows=eval_windows, window=window, reference_tools=reference,
                                with_peers=with_peers)

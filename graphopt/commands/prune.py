@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from graphopt.commands import default
-from graphopt.commands._options import calibration_options
+from graphopt.commands._options import calibration_options, calibration_spec
 from graphopt.pruning import IMPORTANCE, SPLITS, PruneConfig
 
 
@@ -24,24 +24,20 @@ from graphopt.pruning import IMPORTANCE, SPLITS, PruneConfig
 @click.option("--importance", type=click.Choice(IMPORTANCE), default=default(PruneConfig, "importance"), show_default=True,
               help="Measured on calibration data, or seeded random (the control).")
 @calibration_options
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=int, default=default(PruneConfig, "seed"), show_default=True,
               help="Seed of the data-free calibration, the window choice and --importance random.")
-def command(model_dir, output, force, heads, channels, layers, params, split, importance, calib_text, calib_npz,
-            calib_samples, seq_len, seed) -> None:
+def command(model_dir, output, force, seed, **options) -> None:
     """Prune MODEL_DIR into OUTPUT (an unfused or fused float model; prune before quantizing).
 
     Example: graphopt prune smollm2 -o smollm2-pruned --params 0.25
     """
-    from graphopt.calibration import CalibrationSpec
     from graphopt.commands import report_step
     from graphopt.errors import GraphoptError
     from graphopt.pruning import prune
 
-    if not any(value is not None for value in (heads, channels, layers, params)):
+    if all(options[name] is None for name in ("heads", "channels", "layers", "params")):
         raise GraphoptError("say what to remove: --heads F, --channels F, --layers N or --params F")
-    result = prune(model_dir, output, heads=heads, channels=channels, layers=layers, params=params, split=split,
-                   importance=importance, seed=seed, force=force,
-                   calib=CalibrationSpec(text=calib_text, npz=calib_npz, samples=calib_samples, seq_len=seq_len,
-                                         seed=seed))
+    # The options left in ``options`` are PruneConfig fields of the same names.
+    result = prune(model_dir, output, force=force, seed=seed, calib=calibration_spec(options, seed), **options)
     report_step(result.manifest.lineage[-1])
     click.echo(str(result.path))

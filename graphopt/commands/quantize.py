@@ -8,7 +8,7 @@ from __future__ import annotations
 import click
 
 from graphopt.commands import default
-from graphopt.commands._options import calibration_options
+from graphopt.commands._options import calibration_options, calibration_spec
 from graphopt.evaluate import DEFAULT_TEXT
 from graphopt.quantization import BLOCK_SIZES, EMBEDDING_CHOICES, HEAD_CHOICES, METHODS, QuantizeConfig
 from graphopt.ranges import METHODS as CALIBRATION_METHODS
@@ -72,9 +72,7 @@ def _default(name: str):
 @click.option("--measure", is_flag=True,
               help=f"Also measure perplexity (float and quantized, on {DEFAULT_TEXT.name}) into the lineage.")
 @click.option("--measure-windows", type=int, default=4, show_default=True, help="Windows of 512 tokens for --measure.")
-def command(model_dir, output, force, weights, activations, symmetric, reduce_range, calibration, percentile, block_size,
-            pack, method, act_order, head, embedding, exclude, op_types, smooth, max_ppl_increase, calib_text, calib_npz,
-            calib_samples, seq_len, seed, measure, measure_windows) -> None:
+def command(model_dir, output, force, block_size, exclude, op_types, seed, measure, measure_windows, **options) -> None:
     """Quantize MODEL_DIR into OUTPUT.
 
     Default: weight-only int8 (MatMulNBits, symmetric), the LM head int8 and a tied embedding table
@@ -82,18 +80,13 @@ def command(model_dir, output, force, weights, activations, symmetric, reduce_ra
     int8. Static W8A8 (int8 per-channel weights, uint8 activations, calibrated on sequences the
     model samples itself): --weights int8 --activations int8.
     """
-    from graphopt.calibration import CalibrationSpec
     from graphopt.commands import report_step
     from graphopt.quantization import quantize
 
-    config = QuantizeConfig(weights=weights, activations=activations, symmetric=symmetric, reduce_range=reduce_range,
-                            calibration=calibration, percentile=percentile,
-                            block_size=int(block_size) if block_size else None, pack=pack, method=method,
-                            act_order=act_order, head=head, embedding=embedding, exclude=tuple(exclude),
-                            op_types=tuple(op_types.split(",")), smooth=smooth, max_ppl_increase=max_ppl_increase,
-                            calib=CalibrationSpec(text=calib_text, npz=calib_npz, samples=calib_samples,
-                                                  seq_len=seq_len, seed=seed),
-                            measure_windows=measure_windows if measure else None)
+    # The options left in ``options`` are QuantizeConfig fields of the same names.
+    config = QuantizeConfig(calib=calibration_spec(options, seed), block_size=int(block_size) if block_size else None,
+                            exclude=tuple(exclude), op_types=tuple(op_types.split(",")),
+                            measure_windows=measure_windows if measure else None, **options)
     result = quantize(model_dir, output, config, force=force)
     report_step(result.manifest.lineage[-1])
     click.echo(str(result.path))
