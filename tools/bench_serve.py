@@ -1,6 +1,6 @@
 """Serving under concurrency: N streaming clients against `graphopt serve`, and a load run.
 
-    python tools/bench_serve.py MODEL_DIR [--clients 1 8] [--rounds 2] [--requests 3] [--max-batch 8]
+    python tools/bench_serve.py MODEL_DIR [--clients 1 8] [--rounds 3] [--requests 3] [--max-batch 8]
         [--context 1024] [--check-generate] [--load-seconds 300 --load-clients 12]
         [--png docs/bench_serve.png] [--json tools/results/bench_serve.json]
 
@@ -8,7 +8,10 @@ Starts ``graphopt serve MODEL_DIR`` on a free local port (or uses ``--url``), th
 
 * **Concurrency rounds**: for each count in ``--clients``, that many clients each stream
   ``--requests`` chat completions one after another, greedy, from a mix of short and long
-  prompts and output lengths (each client starts at a different place in the mix). Rounds are
+  prompts and output lengths (each client starts at a different place in the mix). Each user
+  message starts with its own tag (``[client.request]``), so that no two requests share more
+  than the chat template's opening: the server's prefix reuse gets that for every request alike,
+  never a whole repeated prompt. Rounds are
   interleaved (1, 8, 1, 8, ...) so that load from other processes hits every count alike; the
   table shows the median over rounds, and the speed-up is the median of each round's ratio to
   the fewest clients' round just before it. Aggregate tokens/s = completion tokens of all clients / the
@@ -18,8 +21,8 @@ Starts ``graphopt serve MODEL_DIR`` on a free local port (or uses ``--url``), th
   from decode steps over its seconds in decode steps (from /metrics: batching's gain per step,
   without the prefills); time to first token (TTFT) and inter-token latency (ITL:
   the gaps between streamed chunks) are per request, p50 / p99 over the round. With
-  ``--check-generate`` every response's text is compared with ``graphopt generate --chat --json``
-  for the same prompt and length.
+  ``--check-generate`` every response's text is compared with what ``graphopt generate --chat``
+  answers for the same prompt and length (its Generator, run in this process once per prompt).
 * **Load run** (``--load-seconds``): ``--load-clients`` clients send requests back to back for
   that long: most stream to the end, some disconnect after a few chunks, some send a prompt longer
   than the context (the server must answer 400), some do not stream. A request is *lost* when it
@@ -161,7 +164,7 @@ def engine_counters(url: str) -> dict[str, float]:
 
     counters = {}
     for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
-        if line.startswith(("graphopt_prefill_", "graphopt_decode_step_")) and "_created" not in line:
+        if line.startswith(("graphopt_prefill_", "graphopt_decode_step_", "graphopt_prefix_")) and "_created" not in line:
             name, value = line.split()
             counters[name] = float(value)
     return counters
@@ -179,6 +182,7 @@ def concurrency_round(url: str, clients: int, requests: int) -> dict:
         barrier.wait()
         for number in range(requests):
             prompt, max_tokens = WORKLOAD[(index + number) % len(WORKLOAD)]
+            prompt = f"[{index}.{number}] {prompt}"
             try:
                 result = stream_chat(client, prompt, max_tokens)
             except Exception as error:  # counted as lost
@@ -208,7 +212,9 @@ def concurrency_round(url: str, clients: int, requests: int) -> dict:
     return {"clients": clients, "requests": len(flat), "decode_tokens_per_s": sum(decode_rates),
             "step_tokens_per_s": engine.get("graphopt_decode_step_tokens_total", 0.0) / step_seconds
             if step_seconds else float("nan"),
-            "prefill_share": engine.get("graphopt_prefill_seconds_total", 0.0) / wall, "lost": clients * requests - len(flat), "errors": errors[:5],
+            "prefill_share": engine.get("graphopt_prefill_seconds_total", 0.0) / wall,
+            "prompt_tokens_computed": engine.get("graphopt_prefill_tokens_total", 0.0),
+            "prompt_tokens_reused": engine.get("graphopt_prefix_reused_tokens_total", 0.0), "lost": clients * requests - len(flat), "errors": errors[:5],
             "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
             "ttft_p50": percentile(ttfts, 50), "ttft_p99": percentile(ttfts, 99),
             "itl_p50": percentile(gaps, 50), "itl_p99": percentile(gaps, 99), "ttfts": ttfts, "gaps": gaps,
@@ -240,16 +246,17 @@ def summarize(by_clients: dict[int, list[dict]]) -> dict[int, dict]:
                           "step_speedup": statistics.median(step_ratios),
                           "step_speedups": [round(ratio, 2) for ratio in step_ratios],
                           "prefill_share": statistics.median(r["prefill_share"] for r in results),
+                          "prompt_tokens_computed": sum(r["prompt_tokens_computed"] for r in results),
+                          "prompt_tokens_reused": sum(r["prompt_tokens_reused"] for r in results),
                           "ttft_p50": percentile(ttfts, 50), "ttft_p99": percentile(ttfts, 99),
                           "itl_p50": percentile(gaps, 50), "itl_p99": percentile(gaps, 99)}
     return summary
 
 
-def generate_reference(model_dir: str, prompt: str, max_tokens: int) -> str:
-    """What `graphopt generate --chat --json` answers (greedy) for ``prompt``."""
-    output = subprocess.run([sys.executable, "-m", "graphopt", "generate", model_dir, "--prompt", prompt, "--chat",
-                             "--max-new-tokens", str(max_tokens), "--json"], capture_output=True, text=True, check=True)
-    return json.loads(output.stdout)["text"]
+def generate_reference(generator, prompt: str, max_tokens: int) -> str:
+    """What `graphopt generate --chat --max-new-tokens N` answers (greedy) for ``prompt``: its Generator."""
+    result = generator.generate(generator.encode_prompt(prompt, chat=True), max_new_tokens=max_tokens)
+    return result.text
 
 
 def load_run(url: str, pid: int | None, seconds: float, clients: int, context: int, request_timeout: float,
@@ -389,7 +396,7 @@ def main() -> None:
     parser.add_argument("model_dir")
     parser.add_argument("--url", default=None, help="A running server instead of starting one.")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=3, help="Requests per client per round.")
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--max-queue", type=int, default=64)
@@ -424,13 +431,16 @@ def main() -> None:
         medians = summarize(by_clients)
         mismatches, checked = [], 0
         if args.check_generate:
+            from graphopt.runtime import Generator
+
+            generator = Generator(args.model_dir)
             references = {}
             for results in by_clients.values():
                 for result in results:
                     for prompt, max_tokens, text in result["texts"]:
                         key = (prompt, max_tokens)
                         if key not in references:
-                            references[key] = generate_reference(args.model_dir, prompt, max_tokens)
+                            references[key] = generate_reference(generator, prompt, max_tokens)
                         checked += 1
                         if text != references[key]:
                             mismatches.append({"prompt": prompt[:40], "max_tokens": max_tokens, "served": text[:80],
@@ -444,7 +454,8 @@ def main() -> None:
     for count, result in sorted(medians.items()):
         print(f"{count} clients: tokens/s per round {result['per_round']}, ratio per round {result['speedups']}, "
               f"decode ratio per round {result['decode_speedups']}, decode-step ratio per round "
-              f"{result['step_speedups']}, engine time in prefills {result['prefill_share']:.0%}")
+              f"{result['step_speedups']}, engine time in prefills {result['prefill_share']:.0%}, prompt tokens "
+              f"computed {result['prompt_tokens_computed']:.0f} / reused {result['prompt_tokens_reused']:.0f}")
     print("| clients | requests | lost | completion tokens | aggregate tok/s | vs fewest | aggregate decode tok/s "
           "| vs fewest | decode-step tok/s | vs fewest | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
