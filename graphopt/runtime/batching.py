@@ -31,6 +31,12 @@ length: ragged batches need nothing from the model file.
   will overwrite anyway. New requests take the lowest free slot, which keeps such holes rare.
 * A sequence that finishes or is cancelled gives its slot back at the end of that step.
 
+Two ways to take prefills off the decode path are not open with ONNX Runtime's
+GroupQueryAttention: decode rows and a prompt piece in one run (several positions per row with a
+cache already in the slot need a batch of one), and several new prompts in one right-padded run
+(possible through the first-prompt path, but prefix reuse needs the other path, and on the CPU the
+int8 MatMulNBits kernel costs about as much per row at 128 rows as at 37, so the gain is small).
+
 Graphs without GroupQueryAttention (unfused exports) are refused with the command that fuses
 them: their attention concatenates a growing cache and takes one length for the whole batch.
 
