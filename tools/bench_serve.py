@@ -381,11 +381,15 @@ def plot(rounds: dict[int, dict], load: dict | None, path: pathlib.Path, title: 
     if load:
         if load["memory_samples"]:
             moments, values = zip(*load["memory_samples"])
-            axes[2].plot(moments, values, color="tab:red", label="server RSS (MB)")
+            axes[2].plot(moments, values, color="tab:red", linewidth=2, label="server RSS (MB)")
+            axes[2].set_ylim(0, max(values) * 1.25)
+            axes[2].annotate(f"{values[0]:.0f} MB -> {values[-1]:.0f} MB", (moments[-1], values[-1]),
+                             xytext=(0.35, 0.9), textcoords="axes fraction", fontsize=9)
         axes[2].set_xlabel("seconds")
         axes[2].set_ylabel("resident memory, MB")
-        axes[2].set_title(f"load run: {load['clients']} clients, {load['requests']} requests")
-        axes[2].set_ylim(bottom=0)
+        counts = load["counts"]
+        axes[2].set_title(f"load run: {load['clients']} clients, {load['requests']} requests, "
+                          f"{counts['lost']} lost, {counts['hung']} hung", fontsize=10)
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -409,7 +413,16 @@ def main() -> None:
     parser.add_argument("--request-timeout", type=float, default=180)
     parser.add_argument("--png", type=pathlib.Path, default=None)
     parser.add_argument("--json", type=pathlib.Path, default=None)
+    parser.add_argument("--replot", action="store_true", help="Only redraw --png from the --json record.")
     args = parser.parse_args()
+    if args.replot:
+        record = json.loads(args.json.read_text())
+        machine = record["machine"]
+        before, after = record["load_average_before"][0], record["load_average_after"][0]
+        plot({int(count): value for count, value in record["summary"].items()}, record["load"], args.png,
+             f"graphopt serve, {pathlib.Path(record['model_dir']).name}, max batch {record['max_batch']}"
+             f" - {machine}, load avg {before:.1f}->{after:.1f}")
+        return
 
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
     load_before = os.getloadavg()
