@@ -19,7 +19,9 @@ Starts ``graphopt serve MODEL_DIR`` on a free local port (or uses ``--url``), th
   client's decode speed (tokens after the first / time from first to last chunk, so the stalls
   that other clients' prefills cause are in it); decode-step tokens/s = the server engine's tokens
   from decode steps over its seconds in decode steps (from /metrics: batching's gain per step,
-  without the prefills); time to first token (TTFT) and inter-token latency (ITL:
+  without the prefills); tokens per server CPU second (completion tokens over the CPU time the
+  server process used in the round, with ``--url`` not measured): the least load-sensitive of the
+  rates on a shared machine; time to first token (TTFT) and inter-token latency (ITL:
   the gaps between streamed chunks) are per request, p50 / p99 over the round. With
   ``--check-generate`` every response's text is compared with what ``graphopt generate --chat``
   answers for the same prompt and length (its Generator, run in this process once per prompt).
@@ -122,6 +124,17 @@ def rss_mb(pid: int) -> float | None:
     return total / 1024
 
 
+def cpu_seconds(pid: int | None) -> float | None:
+    """User plus system CPU seconds that ``pid`` has used so far (its threads included), from /proc."""
+    if pid is None:
+        return None
+    try:
+        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -170,7 +183,7 @@ def engine_counters(url: str) -> dict[str, float]:
     return counters
 
 
-def concurrency_round(url: str, clients: int, requests: int) -> dict:
+def concurrency_round(url: str, clients: int, requests: int, pid: int | None = None) -> dict:
     import openai
 
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
@@ -193,12 +206,14 @@ def concurrency_round(url: str, clients: int, requests: int) -> dict:
 
     threads = [threading.Thread(target=run, args=(index,)) for index in range(clients)]
     engine_before = engine_counters(url)
+    cpu_before = cpu_seconds(pid)
     started = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - started
+    cpu_after = cpu_seconds(pid)
     engine_after = engine_counters(url)
     engine = {name: engine_after[name] - engine_before.get(name, 0.0) for name in engine_after}
     flat = [result for per_client in results for result in per_client]
@@ -216,6 +231,10 @@ def concurrency_round(url: str, clients: int, requests: int) -> dict:
             "prompt_tokens_computed": engine.get("graphopt_prefill_tokens_total", 0.0),
             "prompt_tokens_reused": engine.get("graphopt_prefix_reused_tokens_total", 0.0), "lost": clients * requests - len(flat), "errors": errors[:5],
             "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            # Completion tokens per CPU second of the server: what the other jobs' load moves least
+            # (they take wall time from the server, much less its CPU time per token).
+            "tokens_per_cpu_s": tokens / (cpu_after - cpu_before) if cpu_before is not None and cpu_after > cpu_before
+            else float("nan"),
             "ttft_p50": percentile(ttfts, 50), "ttft_p99": percentile(ttfts, 99),
             "itl_p50": percentile(gaps, 50), "itl_p99": percentile(gaps, 99), "ttfts": ttfts, "gaps": gaps,
             "texts": [(result["prompt"], result["max_tokens"], result["text"]) for result in flat]}
@@ -232,6 +251,8 @@ def summarize(by_clients: dict[int, list[dict]]) -> dict[int, dict]:
                          for result, base in zip(results, by_clients[fewest])]
         step_ratios = [result["step_tokens_per_s"] / base["step_tokens_per_s"]
                        for result, base in zip(results, by_clients[fewest])]
+        cpu_ratios = [result["tokens_per_cpu_s"] / base["tokens_per_cpu_s"]
+                      for result, base in zip(results, by_clients[fewest])]
         ttfts = [value for result in results for value in result["ttfts"]]
         gaps = [value for result in results for value in result["gaps"]]
         summary[count] = {"clients": count, "rounds": len(results), "requests": sum(r["requests"] for r in results),
@@ -246,6 +267,9 @@ def summarize(by_clients: dict[int, list[dict]]) -> dict[int, dict]:
                           "step_speedup": statistics.median(step_ratios),
                           "step_speedups": [round(ratio, 2) for ratio in step_ratios],
                           "prefill_share": statistics.median(r["prefill_share"] for r in results),
+                          "tokens_per_cpu_s": statistics.median(r["tokens_per_cpu_s"] for r in results),
+                          "cpu_speedup": statistics.median(cpu_ratios),
+                          "cpu_speedups": [round(ratio, 2) for ratio in cpu_ratios],
                           "prompt_tokens_computed": sum(r["prompt_tokens_computed"] for r in results),
                           "prompt_tokens_reused": sum(r["prompt_tokens_reused"] for r in results),
                           "ttft_p50": percentile(ttfts, 50), "ttft_p99": percentile(ttfts, 99),
@@ -437,7 +461,7 @@ def main() -> None:
         by_clients: dict[int, list[dict]] = {count: [] for count in args.clients}
         for round_number in range(args.rounds):
             for count in args.clients:
-                result = concurrency_round(url, count, args.requests)
+                result = concurrency_round(url, count, args.requests, pid)
                 by_clients[count].append(result)
                 print(f"round {round_number + 1}, {count} clients: {result['tokens_per_s']:.1f} tokens/s "
                       f"(load {os.getloadavg()[0]:.1f})", file=sys.stderr)
@@ -468,7 +492,8 @@ def main() -> None:
         print(f"{count} clients: tokens/s per round {result['per_round']}, ratio per round {result['speedups']}, "
               f"decode ratio per round {result['decode_speedups']}, decode-step ratio per round "
               f"{result['step_speedups']}, engine time in prefills {result['prefill_share']:.0%}, prompt tokens "
-              f"computed {result['prompt_tokens_computed']:.0f} / reused {result['prompt_tokens_reused']:.0f}")
+              f"computed {result['prompt_tokens_computed']:.0f} / reused {result['prompt_tokens_reused']:.0f}; "
+              f"tokens per server CPU second {result['tokens_per_cpu_s']:.1f}, ratio per round {result['cpu_speedups']}")
     print("| clients | requests | lost | completion tokens | aggregate tok/s | vs fewest | aggregate decode tok/s "
           "| vs fewest | decode-step tok/s | vs fewest | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
