@@ -371,9 +371,16 @@ class BatchEngine:
         for sequence in entering:
             if budget is not None and budget <= 0:
                 break
-            count = sequence.prompt_length - sequence.prefilled
+            remaining = sequence.prompt_length - sequence.prefilled
+            count = remaining
             if budget is not None:
-                count = min(count, budget)
+                # Never a one-token piece of a longer prompt, first or last: GroupQueryAttention's
+                # one-token path rounds differently from its prompt path (up to ~1 logit on the int8
+                # SmolLM2 with packed q/k/v, 0 between pieces of two or more tokens), and
+                # `graphopt generate` computes every prompt position on the prompt path.
+                count = min(remaining, max(budget, 2))
+                if remaining - count == 1:
+                    count = remaining
                 budget -= count
             self._prefill(sequence, count)
         return bool(entering or decoding)
@@ -446,9 +453,10 @@ class BatchEngine:
         if not self.prefix_cache:
             return
         prompt = sequence.request.prompt_ids
-        # At least the prompt's last token is computed: its logits give the first new token.
-        shared = _common_prefix(prompt, self._prefix_tokens, sequence.prompt_length - 1)
-        if shared == 0:
+        # At least the prompt's last two tokens are computed: the last one's logits give the first
+        # new token, and a one-token piece would take GroupQueryAttention's one-token path (see step).
+        shared = _common_prefix(prompt, self._prefix_tokens, sequence.prompt_length - 2)
+        if shared <= 0:
             return
         for (_, _, _, _, array), kept in zip(self._cache, self._prefix):
             array[sequence.slot, :, :shared] = kept[:, :shared]
