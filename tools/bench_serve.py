@@ -177,7 +177,8 @@ def engine_counters(url: str) -> dict[str, float]:
 
     counters = {}
     for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
-        if line.startswith(("graphopt_prefill_", "graphopt_decode_step_", "graphopt_prefix_")) and "_created" not in line:
+        wanted = line.startswith(("graphopt_prefill_", "graphopt_decode_step_", "graphopt_prefix_"))
+        if wanted and "_created" not in line:
             name, value = line.split()
             counters[name] = float(value)
     return counters
@@ -229,7 +230,8 @@ def concurrency_round(url: str, clients: int, requests: int, pid: int | None = N
             if step_seconds else float("nan"),
             "prefill_share": engine.get("graphopt_prefill_seconds_total", 0.0) / wall,
             "prompt_tokens_computed": engine.get("graphopt_prefill_tokens_total", 0.0),
-            "prompt_tokens_reused": engine.get("graphopt_prefix_reused_tokens_total", 0.0), "lost": clients * requests - len(flat), "errors": errors[:5],
+            "prompt_tokens_reused": engine.get("graphopt_prefix_reused_tokens_total", 0.0),
+            "lost": clients * requests - len(flat), "errors": errors[:5],
             "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
             # Completion tokens per CPU second of the server: what the other jobs' load moves least
             # (they take wall time from the server, much less its CPU time per token).

@@ -244,7 +244,8 @@ class BatchEngine:
             meta = inputs[name]
             kv_heads, head_dim = meta.shape[1], meta.shape[3]
             if not isinstance(kv_heads, int) or not isinstance(head_dim, int):
-                raise GraphoptError(f"{model_path}: cache input {name} needs static heads and head dim, has {meta.shape}")
+                raise GraphoptError(f"{model_path}: cache input {name} needs static heads and head dim, "
+                                    f"has {meta.shape}")
             dtype = _NUMPY_TYPES[meta.type]
             shape = [max_batch, kv_heads, self.context, head_dim]
             if self.device == "cpu":
@@ -481,7 +482,8 @@ class BatchEngine:
         start = sequence.prefilled
         end = start + count
         binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", np.asarray(sequence.request.prompt_ids[start:end], dtype=np.int64).reshape(1, -1))
+        piece = np.asarray(sequence.request.prompt_ids[start:end], dtype=np.int64).reshape(1, -1)
+        binding.bind_cpu_input("input_ids", piece)
         # A mask as wide as the positions so far: as wide as the piece for the first (GroupQueryAttention's
         # first-prompt path, writing from position 0), wider for the next ones (its subsequent-prompt
         # path, writing after the positions already in the slot).
@@ -632,7 +634,11 @@ def _last_token_graph(model_path: os.PathLike) -> bytes | None:
     model = ir.load(os.fspath(model_path))
     if not LastTokenLogitsPass()(model).modified:
         return None
-    return ir.to_proto(model).SerializeToString()
+    try:
+        return ir.to_proto(model).SerializeToString()
+    except ValueError as error:  # weights inside the file past protobuf's 2 GB: run the file as it is
+        logger.warning("%s: logits for every position (%s)", model_path, error)
+        return None
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:
