@@ -77,10 +77,11 @@ def build_app(args: dict[str, str]):
     """Application builder for ``serve run graphopt.ray_serve:build_app model_dir=DIR [key=value ...]``.
 
     Keys: ``model_dir`` (required), ``replicas``, ``model_name``, ``num_cpus``, and the engine's
-    ``max_batch``, ``max_queue``, ``context``, ``threads``, ``ep``.
+    ``max_batch``, ``max_queue``, ``context``, ``threads``, ``prefill_chunk``, ``prefix_cache``, ``ep``.
     """
     args = dict(args)
-    integers = {key: int(args.pop(key)) for key in ("replicas", "max_batch", "max_queue", "context", "threads")
+    integers = {key: int(args.pop(key)) for key in ("replicas", "max_batch", "max_queue", "context", "threads",
+                                                              "prefill_chunk", "prefix_cache")
                 if key in args}
     num_cpus = float(args.pop("num_cpus")) if "num_cpus" in args else None
     return deployment(args.pop("model_dir"), num_cpus=num_cpus, **integers, **args)

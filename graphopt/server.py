@@ -37,8 +37,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from graphopt.errors import GraphoptError
-from graphopt.runtime.batching import (BatchEngine, BatchRequest, EngineClosedError, PromptTooLongError,
-                                       QueueFullError, SequenceEvent)
+from graphopt.runtime.batching import (DEFAULT_PREFILL_CHUNK, DEFAULT_PREFIX_CACHE, BatchEngine, BatchRequest,
+                                       EngineClosedError, PromptTooLongError, QueueFullError, SequenceEvent)
 from graphopt.runtime.generator import encode_prompt as prompt_ids
 from graphopt.runtime.sampling import Sampling
 
@@ -125,7 +125,9 @@ class _EngineCollector:
         stats = self.engine.stats
         for name, help_text, value in (
                 ("graphopt_prefill_seconds", "Seconds spent in prefills.", stats.prefill_s),
-                ("graphopt_prefill_tokens", "Prompt tokens prefilled by the engine.", stats.prefill_tokens),
+                ("graphopt_prefill_tokens", "Prompt tokens computed by the engine's prefills.", stats.prefill_tokens),
+                ("graphopt_prefix_reused_tokens", "Prompt tokens copied from the previous prompt instead of computed.",
+                 stats.prefix_reused_tokens),
                 ("graphopt_decode_step_seconds", "Seconds spent in decode steps.", stats.decode_s),
                 ("graphopt_decode_step_tokens", "Tokens produced by decode steps.", stats.decode_tokens)):
             yield CounterMetricFamily(name, help_text, value=value)
@@ -450,7 +452,8 @@ def _openai_reason(reason: str | None) -> str:
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, max_queue: int = 64,
           ep: str = "cpu", context: int | None = None, threads: int | None = None, model_name: str | None = None,
-          shutdown_timeout: float = 30.0, ready=None) -> None:
+          shutdown_timeout: float = 30.0, ready=None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+          prefix_cache: int = DEFAULT_PREFIX_CACHE) -> None:
     """Run the server until SIGINT / SIGTERM (uvicorn's handlers): open requests get ``shutdown_timeout``
     seconds to finish, then the rest are cancelled. ``ready(url)`` is called once it listens."""
     import pathlib
@@ -460,7 +463,7 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, max_batch: 
     # Not spinning: ORT's idle threads would busy-wait on the cores that the event loop and the
     # tokenizer need between steps (on 2 cores under load, 8 streams decoded ~1.3x faster so).
     engine = BatchEngine(model_dir, ep=ep, max_batch=max_batch, max_queue=max_queue, context=context, threads=threads,
-                         spinning=False)
+                         spinning=False, prefill_chunk=prefill_chunk, prefix_cache=prefix_cache)
     name = model_name or pathlib.Path(model_dir).resolve().name
     app = create_app(engine, name)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_timeout,

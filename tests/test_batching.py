@@ -158,3 +158,66 @@ def test_limits_are_typed_errors(fused_llama_dir, tiny_llama_dir):
         engine.submit(BatchRequest((5, 6, 7), 4))
     with pytest.raises(GraphoptError, match="GroupQueryAttention"):
         BatchEngine(tiny_llama_dir)
+
+
+@pytest.mark.parametrize("directory", ["fused_llama_dir", "int8_llama_dir"])
+def test_chunked_prefill_and_prefix_reuse_decode_what_alone_decodes(request, directory):
+    """Prompts enter in 4-token pieces between decode steps (one of them in a slot below a decoding
+    one, so dummies are written into a half-entered prompt), and reuse the previous prompt's positions
+    (a shared opening, a repeated prompt): every sequence still decodes what it decodes alone."""
+    model_dir = request.getfixturevalue(directory)
+    generator = Generator(model_dir)
+    rng = np.random.default_rng(5)
+    opening = rng.integers(3, 300, size=12).tolist()
+    prompts = [opening + rng.integers(3, 300, size=int(size)).tolist() for size in (9, 17, 3, 25)]
+    prompts.append(list(prompts[1]))  # the same prompt again
+    prompts.append(rng.integers(3, 300, size=30).tolist())  # nothing shared
+    lengths = [20, 14, 18, 9, 12, 10]
+    alone = [generator.generate(prompt, max_new_tokens=count).token_ids for prompt, count in zip(prompts, lengths)]
+    engine = BatchEngine(model_dir, max_batch=3, context=96, prefill_chunk=4, prefix_cache=64)
+    sequences = {}
+
+    def submit(index):
+        sequences[index] = engine.submit(BatchRequest(tuple(prompts[index]), lengths[index]))
+
+    submit(0)
+    engine.step()  # nothing decodes yet: prompt 0 enters whole
+    assert engine.stats.prefill_chunks == 1 and sequences[0].token_ids
+    submit(1)
+    submit(2)
+    engine.step()  # 0 decodes; 1 reuses the opening and enters 4 tokens, 2 waits for the budget
+    assert engine.stats.prefix_reused_tokens >= 12
+    assert not sequences[1].token_ids and sequences[1].prefilled == 12 + 4
+    for _ in range(3):
+        engine.step()
+    engine.cancel(sequences[0])  # frees slot 0 below the prompts still entering
+    engine.step()
+    submit(3)  # takes slot 0, enters in pieces while 1 and 2 decode above it
+    submit(4)
+    submit(5)
+    engine.run_until_idle()
+    assert engine.batch_size == 0 and engine.queue_depth == 0
+    assert engine.stats.prefill_chunks > engine.stats.prefills >= 5
+    assert sequences[4].finish_reason in ("stop", "length")
+    for index, sequence in sequences.items():
+        if index == 0:
+            assert sequence.token_ids == alone[0][:len(sequence.token_ids)]
+            continue
+        assert sequence.token_ids == alone[index], f"sequence {index} in slot {sequence.slot}"
+    # Right after itself, a prompt reuses everything but its last two tokens (a one-token piece would
+    # take GroupQueryAttention's one-token path, which rounds differently from `generate`'s prefill).
+    engine.generate([BatchRequest(tuple(prompts[4]), 1)])
+    reused = engine.stats.prefix_reused_tokens
+    again = engine.generate([BatchRequest(tuple(prompts[4]), lengths[4])])[0]
+    assert engine.stats.prefix_reused_tokens - reused == len(prompts[4]) - 2
+    assert again.token_ids == alone[4]
+
+
+def test_whole_prompts_without_chunks_or_reuse_still_agree(fused_llama_dir):
+    generator = Generator(fused_llama_dir)
+    prompts = _prompts(4, seed=9)
+    alone = [generator.generate(prompt, max_new_tokens=12).token_ids for prompt in prompts]
+    engine = BatchEngine(fused_llama_dir, max_batch=2, context=96, prefill_chunk=0, prefix_cache=0)
+    batch = engine.generate([BatchRequest(tuple(prompt), 12) for prompt in prompts])
+    assert [sequence.token_ids for sequence in batch] == alone
+    assert engine.stats.prefix_reused_tokens == 0 and engine.stats.prefill_chunks == engine.stats.prefills == 4

@@ -1,6 +1,6 @@
 """Serving under concurrency: N streaming clients against `graphopt serve`, and a load run.
 
-    python tools/bench_serve.py MODEL_DIR [--clients 1 8] [--rounds 2] [--requests 3] [--max-batch 8]
+    python tools/bench_serve.py MODEL_DIR [--clients 1 8] [--rounds 3] [--requests 3] [--max-batch 8]
         [--context 1024] [--check-generate] [--load-seconds 300 --load-clients 12]
         [--png docs/bench_serve.png] [--json tools/results/bench_serve.json]
 
@@ -8,7 +8,10 @@ Starts ``graphopt serve MODEL_DIR`` on a free local port (or uses ``--url``), th
 
 * **Concurrency rounds**: for each count in ``--clients``, that many clients each stream
   ``--requests`` chat completions one after another, greedy, from a mix of short and long
-  prompts and output lengths (each client starts at a different place in the mix). Rounds are
+  prompts and output lengths (each client starts at a different place in the mix). Each user
+  message starts with its own tag (``[client.request]``), so that no two requests share more
+  than the chat template's opening: the server's prefix reuse gets that for every request alike,
+  never a whole repeated prompt. Rounds are
   interleaved (1, 8, 1, 8, ...) so that load from other processes hits every count alike; the
   table shows the median over rounds, and the speed-up is the median of each round's ratio to
   the fewest clients' round just before it. Aggregate tokens/s = completion tokens of all clients / the
@@ -16,10 +19,12 @@ Starts ``graphopt serve MODEL_DIR`` on a free local port (or uses ``--url``), th
   client's decode speed (tokens after the first / time from first to last chunk, so the stalls
   that other clients' prefills cause are in it); decode-step tokens/s = the server engine's tokens
   from decode steps over its seconds in decode steps (from /metrics: batching's gain per step,
-  without the prefills); time to first token (TTFT) and inter-token latency (ITL:
+  without the prefills); tokens per server CPU second (completion tokens over the CPU time the
+  server process used in the round, with ``--url`` not measured): the least load-sensitive of the
+  rates on a shared machine; time to first token (TTFT) and inter-token latency (ITL:
   the gaps between streamed chunks) are per request, p50 / p99 over the round. With
-  ``--check-generate`` every response's text is compared with ``graphopt generate --chat --json``
-  for the same prompt and length.
+  ``--check-generate`` every response's text is compared with what ``graphopt generate --chat``
+  answers for the same prompt and length (its Generator, run in this process once per prompt).
 * **Load run** (``--load-seconds``): ``--load-clients`` clients send requests back to back for
   that long: most stream to the end, some disconnect after a few chunks, some send a prompt longer
   than the context (the server must answer 400), some do not stream. A request is *lost* when it
@@ -119,6 +124,17 @@ def rss_mb(pid: int) -> float | None:
     return total / 1024
 
 
+def cpu_seconds(pid: int | None) -> float | None:
+    """User plus system CPU seconds that ``pid`` has used so far (its threads included), from /proc."""
+    if pid is None:
+        return None
+    try:
+        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -161,13 +177,14 @@ def engine_counters(url: str) -> dict[str, float]:
 
     counters = {}
     for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
-        if line.startswith(("graphopt_prefill_", "graphopt_decode_step_")) and "_created" not in line:
+        wanted = line.startswith(("graphopt_prefill_", "graphopt_decode_step_", "graphopt_prefix_"))
+        if wanted and "_created" not in line:
             name, value = line.split()
             counters[name] = float(value)
     return counters
 
 
-def concurrency_round(url: str, clients: int, requests: int) -> dict:
+def concurrency_round(url: str, clients: int, requests: int, pid: int | None = None) -> dict:
     import openai
 
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
@@ -179,6 +196,7 @@ def concurrency_round(url: str, clients: int, requests: int) -> dict:
         barrier.wait()
         for number in range(requests):
             prompt, max_tokens = WORKLOAD[(index + number) % len(WORKLOAD)]
+            prompt = f"[{index}.{number}] {prompt}"
             try:
                 result = stream_chat(client, prompt, max_tokens)
             except Exception as error:  # counted as lost
@@ -189,12 +207,14 @@ def concurrency_round(url: str, clients: int, requests: int) -> dict:
 
     threads = [threading.Thread(target=run, args=(index,)) for index in range(clients)]
     engine_before = engine_counters(url)
+    cpu_before = cpu_seconds(pid)
     started = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - started
+    cpu_after = cpu_seconds(pid)
     engine_after = engine_counters(url)
     engine = {name: engine_after[name] - engine_before.get(name, 0.0) for name in engine_after}
     flat = [result for per_client in results for result in per_client]
@@ -208,8 +228,15 @@ def concurrency_round(url: str, clients: int, requests: int) -> dict:
     return {"clients": clients, "requests": len(flat), "decode_tokens_per_s": sum(decode_rates),
             "step_tokens_per_s": engine.get("graphopt_decode_step_tokens_total", 0.0) / step_seconds
             if step_seconds else float("nan"),
-            "prefill_share": engine.get("graphopt_prefill_seconds_total", 0.0) / wall, "lost": clients * requests - len(flat), "errors": errors[:5],
+            "prefill_share": engine.get("graphopt_prefill_seconds_total", 0.0) / wall,
+            "prompt_tokens_computed": engine.get("graphopt_prefill_tokens_total", 0.0),
+            "prompt_tokens_reused": engine.get("graphopt_prefix_reused_tokens_total", 0.0),
+            "lost": clients * requests - len(flat), "errors": errors[:5],
             "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            # Completion tokens per CPU second of the server: what the other jobs' load moves least
+            # (they take wall time from the server, much less its CPU time per token).
+            "tokens_per_cpu_s": tokens / (cpu_after - cpu_before) if cpu_before is not None and cpu_after > cpu_before
+            else float("nan"),
             "ttft_p50": percentile(ttfts, 50), "ttft_p99": percentile(ttfts, 99),
             "itl_p50": percentile(gaps, 50), "itl_p99": percentile(gaps, 99), "ttfts": ttfts, "gaps": gaps,
             "texts": [(result["prompt"], result["max_tokens"], result["text"]) for result in flat]}
@@ -226,6 +253,8 @@ def summarize(by_clients: dict[int, list[dict]]) -> dict[int, dict]:
                          for result, base in zip(results, by_clients[fewest])]
         step_ratios = [result["step_tokens_per_s"] / base["step_tokens_per_s"]
                        for result, base in zip(results, by_clients[fewest])]
+        cpu_ratios = [result["tokens_per_cpu_s"] / base["tokens_per_cpu_s"]
+                      for result, base in zip(results, by_clients[fewest])]
         ttfts = [value for result in results for value in result["ttfts"]]
         gaps = [value for result in results for value in result["gaps"]]
         summary[count] = {"clients": count, "rounds": len(results), "requests": sum(r["requests"] for r in results),
@@ -240,16 +269,20 @@ def summarize(by_clients: dict[int, list[dict]]) -> dict[int, dict]:
                           "step_speedup": statistics.median(step_ratios),
                           "step_speedups": [round(ratio, 2) for ratio in step_ratios],
                           "prefill_share": statistics.median(r["prefill_share"] for r in results),
+                          "tokens_per_cpu_s": statistics.median(r["tokens_per_cpu_s"] for r in results),
+                          "cpu_speedup": statistics.median(cpu_ratios),
+                          "cpu_speedups": [round(ratio, 2) for ratio in cpu_ratios],
+                          "prompt_tokens_computed": sum(r["prompt_tokens_computed"] for r in results),
+                          "prompt_tokens_reused": sum(r["prompt_tokens_reused"] for r in results),
                           "ttft_p50": percentile(ttfts, 50), "ttft_p99": percentile(ttfts, 99),
                           "itl_p50": percentile(gaps, 50), "itl_p99": percentile(gaps, 99)}
     return summary
 
 
-def generate_reference(model_dir: str, prompt: str, max_tokens: int) -> str:
-    """What `graphopt generate --chat --json` answers (greedy) for ``prompt``."""
-    output = subprocess.run([sys.executable, "-m", "graphopt", "generate", model_dir, "--prompt", prompt, "--chat",
-                             "--max-new-tokens", str(max_tokens), "--json"], capture_output=True, text=True, check=True)
-    return json.loads(output.stdout)["text"]
+def generate_reference(generator, prompt: str, max_tokens: int) -> str:
+    """What `graphopt generate --chat --max-new-tokens N` answers (greedy) for ``prompt``: its Generator."""
+    result = generator.generate(generator.encode_prompt(prompt, chat=True), max_new_tokens=max_tokens)
+    return result.text
 
 
 def load_run(url: str, pid: int | None, seconds: float, clients: int, context: int, request_timeout: float,
@@ -374,11 +407,15 @@ def plot(rounds: dict[int, dict], load: dict | None, path: pathlib.Path, title: 
     if load:
         if load["memory_samples"]:
             moments, values = zip(*load["memory_samples"])
-            axes[2].plot(moments, values, color="tab:red", label="server RSS (MB)")
+            axes[2].plot(moments, values, color="tab:red", linewidth=2, label="server RSS (MB)")
+            axes[2].set_ylim(0, max(values) * 1.25)
+            axes[2].annotate(f"{values[0]:.0f} MB -> {values[-1]:.0f} MB", (moments[-1], values[-1]),
+                             xytext=(0.35, 0.9), textcoords="axes fraction", fontsize=9)
         axes[2].set_xlabel("seconds")
         axes[2].set_ylabel("resident memory, MB")
-        axes[2].set_title(f"load run: {load['clients']} clients, {load['requests']} requests")
-        axes[2].set_ylim(bottom=0)
+        counts = load["counts"]
+        axes[2].set_title(f"load run: {load['clients']} clients, {load['requests']} requests, "
+                          f"{counts['lost']} lost, {counts['hung']} hung", fontsize=10)
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -389,7 +426,7 @@ def main() -> None:
     parser.add_argument("model_dir")
     parser.add_argument("--url", default=None, help="A running server instead of starting one.")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=3, help="Requests per client per round.")
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--max-queue", type=int, default=64)
@@ -402,7 +439,16 @@ def main() -> None:
     parser.add_argument("--request-timeout", type=float, default=180)
     parser.add_argument("--png", type=pathlib.Path, default=None)
     parser.add_argument("--json", type=pathlib.Path, default=None)
+    parser.add_argument("--replot", action="store_true", help="Only redraw --png from the --json record.")
     args = parser.parse_args()
+    if args.replot:
+        record = json.loads(args.json.read_text())
+        machine = record["machine"]
+        before, after = record["load_average_before"][0], record["load_average_after"][0]
+        plot({int(count): value for count, value in record["summary"].items()}, record["load"], args.png,
+             f"graphopt serve, {pathlib.Path(record['model_dir']).name}, max batch {record['max_batch']}"
+             f" - {machine}, load avg {before:.1f}->{after:.1f}")
+        return
 
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
     load_before = os.getloadavg()
@@ -417,20 +463,23 @@ def main() -> None:
         by_clients: dict[int, list[dict]] = {count: [] for count in args.clients}
         for round_number in range(args.rounds):
             for count in args.clients:
-                result = concurrency_round(url, count, args.requests)
+                result = concurrency_round(url, count, args.requests, pid)
                 by_clients[count].append(result)
                 print(f"round {round_number + 1}, {count} clients: {result['tokens_per_s']:.1f} tokens/s "
                       f"(load {os.getloadavg()[0]:.1f})", file=sys.stderr)
         medians = summarize(by_clients)
         mismatches, checked = [], 0
         if args.check_generate:
+            from graphopt.runtime import Generator
+
+            generator = Generator(args.model_dir)
             references = {}
             for results in by_clients.values():
                 for result in results:
                     for prompt, max_tokens, text in result["texts"]:
                         key = (prompt, max_tokens)
                         if key not in references:
-                            references[key] = generate_reference(args.model_dir, prompt, max_tokens)
+                            references[key] = generate_reference(generator, prompt, max_tokens)
                         checked += 1
                         if text != references[key]:
                             mismatches.append({"prompt": prompt[:40], "max_tokens": max_tokens, "served": text[:80],
@@ -444,7 +493,9 @@ def main() -> None:
     for count, result in sorted(medians.items()):
         print(f"{count} clients: tokens/s per round {result['per_round']}, ratio per round {result['speedups']}, "
               f"decode ratio per round {result['decode_speedups']}, decode-step ratio per round "
-              f"{result['step_speedups']}, engine time in prefills {result['prefill_share']:.0%}")
+              f"{result['step_speedups']}, engine time in prefills {result['prefill_share']:.0%}, prompt tokens "
+              f"computed {result['prompt_tokens_computed']:.0f} / reused {result['prompt_tokens_reused']:.0f}; "
+              f"tokens per server CPU second {result['tokens_per_cpu_s']:.1f}, ratio per round {result['cpu_speedups']}")
     print("| clients | requests | lost | completion tokens | aggregate tok/s | vs fewest | aggregate decode tok/s "
           "| vs fewest | decode-step tok/s | vs fewest | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -26,6 +26,10 @@ from graphopt.runtime.session import EXECUTION_PROVIDERS
 @click.option("--ep", type=click.Choice(list(EXECUTION_PROVIDERS)), default="cpu", show_default=True,
               help="ONNX Runtime execution provider (falls back to CPU when unavailable).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--prefill-chunk", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Prompt tokens prefilled per step while other requests decode (0: whole prompts).")
+@click.option("--prefix-cache", type=click.IntRange(min=0), default=256, show_default=True,
+              help="Positions of the last prompt kept to be reused by prompts that start alike (0: off; CPU).")
 @click.option("--model-name", default=None, help="The model id clients use (default: MODEL_DIR's folder name).")
 @click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="On SIGTERM / SIGINT, seconds open requests get to finish before they are cancelled.")
@@ -34,8 +38,8 @@ from graphopt.runtime.session import EXECUTION_PROVIDERS
               help="With --ray: engine replicas behind Ray's HTTP proxy.")
 @click.option("--ray-address", default=None,
               help="With --ray: the Ray cluster to join (default: a new local one; 'auto' joins a running one).")
-def command(model_dir, host, port, max_batch, max_queue, context, ep, threads, model_name, shutdown_timeout, use_ray,
-            replicas, ray_address):
+def command(model_dir, host, port, max_batch, max_queue, context, ep, threads, prefill_chunk, prefix_cache, model_name,
+            shutdown_timeout, use_ray, replicas, ray_address):
     """Serve MODEL_DIR over HTTP with the OpenAI API (chat and text completions, streaming or not)."""
     from graphopt.runtime.batching import require_batchable
 
@@ -50,12 +54,14 @@ def command(model_dir, host, port, max_batch, max_queue, context, ep, threads, m
 
     if use_ray:
         load_ray_serve().run_ray(model_dir, host=host, port=port, replicas=replicas, address=ray_address, max_batch=max_batch,
-                max_queue=max_queue, context=context, ep=ep, threads=threads, model_name=model_name,
+                max_queue=max_queue, context=context, ep=ep, threads=threads, prefill_chunk=prefill_chunk,
+                prefix_cache=prefix_cache, model_name=model_name,
                 ready=lambda url, name: click.echo(f"graphopt: serving {name} at {url} on Ray Serve, "
                                                    f"{replicas} replicas", err=True))
         return
     load_server().serve(model_dir, host=host, port=port, max_batch=max_batch, max_queue=max_queue, ep=ep, context=context,
-          threads=threads, model_name=model_name, shutdown_timeout=shutdown_timeout, ready=ready)
+          threads=threads, prefill_chunk=prefill_chunk, prefix_cache=prefix_cache, model_name=model_name,
+          shutdown_timeout=shutdown_timeout, ready=ready)
 
 
 def _check_port(host: str, port: int) -> None:

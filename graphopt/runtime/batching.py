@@ -8,16 +8,34 @@ each step's keys and values in place (the static-cache layout of
 a ``[rows, context]`` mask holding each sequence's own number of ones gives every row its own
 length: ragged batches need nothing from the model file.
 
-* A request's prefill runs alone in its slot: the slot's rows are a contiguous piece of each
-  buffer, bound by address as a ``[1, kv_heads, context, head_dim]`` cache (GroupQueryAttention's
-  first-prompt path, exactly what the single-sequence static cache runs).
-* Each decode step runs one token of every active sequence together: rows ``0 .. highest active
-  slot`` of the buffers, one step for the whole batch, so the weights are read once per step
-  instead of once per sequence. Free slots below the highest active one ride along as one-token
-  dummies (a mask with a single one): a few wasted rows instead of moving caches around; new
-  requests take the lowest free slot, which keeps such holes rare.
-* New requests are prefilled between decode steps (continuous batching); a sequence that
-  finishes or is cancelled gives its slot back at the end of that step.
+* A request's prompt enters its slot alone (GroupQueryAttention takes several positions at once
+  only for a batch of one when the slot already holds some): bound by address as a
+  ``[1, kv_heads, context, head_dim]`` cache, the first piece through the first-prompt path (a
+  mask as wide as the piece), later pieces through the subsequent-prompt path (a mask as wide as
+  all positions so far), exactly what a single-sequence decoder runs for a prompt given in parts.
+* **Chunked prefill**: while other sequences decode, a prompt enters at most ``prefill_chunk``
+  tokens per engine step, between decode steps, so a long prompt no longer stops every decoding
+  sequence for its whole prefill; with nothing decoding it enters whole.
+* **Prefix reuse** (CPU): the engine keeps the keys and values of the last prompt it prefilled
+  (up to ``prefix_cache`` positions) and copies the positions that a new prompt shares with it
+  into the new slot, so only the rest is computed: the chat template's system prompt, repeated
+  instructions, a conversation's earlier turns. Causal attention makes a position's keys and values
+  depend only on the tokens up to it, so the copy is what the prefill would have written.
+* **Last-position logits**: the engine loads the graph with the LM head sliced to the last
+  position (:mod:`graphopt.passes.last_token_logits`, in memory only): prefill no longer pays the
+  LM head, about a fifth of the multiply-adds, for every prompt token.
+* Each decode step runs one token of every decoding sequence together: rows ``0 .. highest
+  busy slot`` of the buffers, one step for the whole batch, so the weights are read once per step
+  instead of once per sequence. Rows not decoding ride along as one-token dummies written where
+  they do no harm: at position 0 of a free slot, and at the next position a half-prefilled prompt
+  will overwrite anyway. New requests take the lowest free slot, which keeps such holes rare.
+* A sequence that finishes or is cancelled gives its slot back at the end of that step.
+
+Two ways to take prefills off the decode path are not open with ONNX Runtime's
+GroupQueryAttention: decode rows and a prompt piece in one run (several positions per row with a
+cache already in the slot need a batch of one), and several new prompts in one right-padded run
+(possible through the first-prompt path, but prefix reuse needs the other path, and on the CPU the
+int8 MatMulNBits kernel costs about as much per row at 128 rows as at 37, so the gain is small).
 
 Graphs without GroupQueryAttention (unfused exports) are refused with the command that fuses
 them: their attention concatenates a growing cache and takes one length for the whole batch.
@@ -51,6 +69,11 @@ logger = logging.getLogger(__name__)
 # Positions per slot unless asked otherwise: the cache costs max_batch * context positions of
 # keys and values for every layer, allocated up front (SmolLM2, 8 slots: 755 MB in float32).
 DEFAULT_CONTEXT = 2048
+# Prompt tokens a step prefills at most while other sequences decode: a 64-token piece costs a few
+# decode steps of 8 sequences on a 2-core CPU, and larger pieces gain little per token there.
+DEFAULT_PREFILL_CHUNK = 64
+# Positions of the last prompt kept for prefix reuse (SmolLM2: 46 KB per position).
+DEFAULT_PREFIX_CACHE = 256
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
@@ -107,6 +130,7 @@ class Sequence:
         self.request = request
         self.listener = listener
         self.slot: int | None = None
+        self.prefilled = 0  # prompt positions already in the slot (reused or computed)
         self.token_ids: list[int] = []
         self.text = ""  # text delivered so far (through events)
         self.finish_reason: str | None = None
@@ -123,8 +147,11 @@ class Sequence:
 
     @property
     def cache_length(self) -> int:
-        """Positions this sequence holds in its slot: the prompt and every generated token but the last."""
-        return self.prompt_length + max(len(self.token_ids) - 1, 0)
+        """Positions this sequence holds in its slot: the prompt and every generated token but the last
+        (while its prompt enters: the positions entered so far)."""
+        if not self.token_ids:
+            return self.prefilled
+        return self.prompt_length + len(self.token_ids) - 1
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the sequence has finished; False on timeout."""
@@ -142,7 +169,9 @@ class EngineStats:
     cancelled: int = 0
     busy_s: float = 0.0
     last_batch_size: int = 0
-    prefill_tokens: int = 0  # prompt tokens prefilled
+    prefill_tokens: int = 0  # prompt tokens computed by prefills
+    prefill_chunks: int = 0  # prefill runs (a prompt may enter in several)
+    prefix_reused_tokens: int = 0  # prompt tokens copied from the previous prompt instead of computed
     prefill_s: float = 0.0
     decode_tokens: int = 0  # tokens produced by decode steps (a request's first token comes from its prefill)
     decode_s: float = 0.0
@@ -160,6 +189,10 @@ class BatchEngine:
             DEFAULT_CONTEXT and the model's ``max_positions``.
         threads: ONNX Runtime intra-op threads (default: ORT's choice).
         spinning: let ORT's idle threads spin between runs (faster steps; costs a core while idle).
+        prefill_chunk: prompt tokens one step prefills at most while other sequences decode (0: whole
+            prompts at once).
+        prefix_cache: positions of the last prompt kept to be copied into new slots that share them
+            (0: off; CPU only).
         on_step: called after every decode step with (batch size, seconds): for metrics.
 
     Example:
@@ -170,11 +203,14 @@ class BatchEngine:
 
     def __init__(self, model_dir: str | os.PathLike, ep: str = "cpu", max_batch: int = 8, max_queue: int = 64,
                  context: int | None = None, threads: int | None = None, spinning: bool = True,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, prefix_cache: int = DEFAULT_PREFIX_CACHE,
                  on_step: Callable[[int, float], None] | None = None):
         if max_batch < 1:
             raise GraphoptError("max_batch must be at least 1")
         if max_queue < 0:
             raise GraphoptError("max_queue must be at least 0")
+        if prefill_chunk < 0 or prefix_cache < 0:
+            raise GraphoptError("prefill_chunk and prefix_cache must be at least 0")
         self.model_dir = require_batchable(model_dir)
         model_path = self.model_dir.model_path
         import onnxruntime as ort
@@ -183,7 +219,8 @@ class BatchEngine:
 
         self._ort = ort
         self.manifest = self.model_dir.manifest
-        self.session = make_session(model_path, ep=ep, threads=threads, spinning=spinning)
+        self.session = make_session(model_path, ep=ep, threads=threads, spinning=spinning,
+                                    model_bytes=_last_token_graph(model_path))
         self.provider = self.session.get_providers()[0]
         self.device = DEVICE_OF_PROVIDER.get(self.provider, "cpu")
         inputs = {meta.name: meta for meta in self.session.get_inputs()}
@@ -197,23 +234,43 @@ class BatchEngine:
             raise GraphoptError(f"a context of {self.context} positions leaves no room to generate")
         self.max_batch = max_batch
         self.max_queue = max_queue
-        self._cache = []  # (OrtValue, per-slot shape, bytes per slot, element type) per past input
+        self.prefill_chunk = prefill_chunk
+        # Cache buffers: numpy arrays on the CPU (the prefix copies are slices of them), OrtValues
+        # on a device. Written through once here so that the memory the cache takes is resident from
+        # the start, not a slow climb as slots reach positions no sequence reached before.
+        self._cache = []  # (address, per-slot shape, bytes per slot, element type, array or None) per past input
+        self._cache_values = []  # keeps device buffers alive
         for name in self.past_names:
             meta = inputs[name]
             kv_heads, head_dim = meta.shape[1], meta.shape[3]
             if not isinstance(kv_heads, int) or not isinstance(head_dim, int):
-                raise GraphoptError(f"{model_path}: cache input {name} needs static heads and head dim, has {meta.shape}")
+                raise GraphoptError(f"{model_path}: cache input {name} needs static heads and head dim, "
+                                    f"has {meta.shape}")
             dtype = _NUMPY_TYPES[meta.type]
-            value = ort.OrtValue.ortvalue_from_shape_and_type([max_batch, kv_heads, self.context, head_dim], dtype,
-                                                              self.device, 0)
+            shape = [max_batch, kv_heads, self.context, head_dim]
+            if self.device == "cpu":
+                array = np.zeros(shape, dtype)
+                array.fill(0)
+                address = array.ctypes.data
+            else:
+                array = None
+                value = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, self.device, 0)
+                self._cache_values.append(value)
+                address = value.data_ptr()
             slot_bytes = kv_heads * self.context * head_dim * np.dtype(dtype).itemsize
-            self._cache.append((value, (kv_heads, self.context, head_dim), slot_bytes, dtype))
+            self._cache.append((address, (kv_heads, self.context, head_dim), slot_bytes, dtype, array))
+        # Prefix reuse: the last prompt's tokens and its keys and values (CPU caches only).
+        self.prefix_cache = min(prefix_cache, self.context) if self.device == "cpu" else 0
+        self._prefix_tokens: tuple[int, ...] = ()
+        self._prefix = [np.zeros((shape[0], self.prefix_cache, shape[2]), dtype)
+                        for _, shape, _, dtype, _ in self._cache] if self.prefix_cache else []
         self.tokenizer = Tokenizer(self.model_dir.path)
         self.eos_token_ids = frozenset(self.manifest.eos_token_ids)
         self.on_step = on_step
         self.stats = EngineStats()
         self._slots: list[Sequence | None] = [None] * max_batch
         self._waiting: collections.deque[Sequence] = collections.deque()
+        self._entering: list[Sequence] = []  # in slots, prompt not all in yet (admission order)
         self._ids = itertools.count()
         self._condition = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -289,27 +346,45 @@ class BatchEngine:
     # ---- the loop ------------------------------------------------------------------------
 
     def step(self) -> bool:
-        """Free cancelled slots, prefill waiting requests into free slots, decode one token of every
-        running sequence. Returns whether there was anything to do."""
+        """Free cancelled slots, give free slots to waiting requests, decode one token of every decoding
+        sequence, then let waiting prompts enter (at most ``prefill_chunk`` tokens while others decode).
+        Returns whether there was anything to do."""
         with self._condition:
             for sequence in self._slots:
                 if sequence is not None and sequence._cancel_requested:
                     self._finish(sequence, "cancelled")
-            running = [sequence for sequence in self._slots if sequence is not None]
             admitted = []
             while self._waiting and None in self._slots:
                 sequence = self._waiting.popleft()
                 sequence.slot = self._slots.index(None)
                 self._slots[sequence.slot] = sequence
                 admitted.append(sequence)
-        # The decode step before the prefills: the step writes a dummy token at position 0 of every
-        # row it does not decode, which would overwrite the first prompt token of a slot
-        # prefilled just before. Newcomers join the batch from the next step on.
-        if running:
-            self._decode(running)
+            self._entering = [sequence for sequence in self._entering
+                             if sequence.finish_reason is None and not sequence.token_ids] + admitted
+            decoding = [sequence for sequence in self._slots if sequence is not None and sequence.token_ids]
+            entering = list(self._entering)
         for sequence in admitted:
-            self._prefill(sequence)
-        return bool(admitted or running)
+            self._reuse_prefix(sequence)
+        if decoding:
+            self._decode(decoding)
+        # With nothing decoding, nothing waits on a prompt: it enters whole.
+        budget = self.prefill_chunk if decoding and self.prefill_chunk else None
+        for sequence in entering:
+            if budget is not None and budget <= 0:
+                break
+            remaining = sequence.prompt_length - sequence.prefilled
+            count = remaining
+            if budget is not None:
+                # Never a one-token piece of a longer prompt, first or last: GroupQueryAttention's
+                # one-token path rounds differently from its prompt path (up to ~1 logit on the int8
+                # SmolLM2 with packed q/k/v, 0 between pieces of two or more tokens), and
+                # `graphopt generate` computes every prompt position on the prompt path.
+                count = min(remaining, max(budget, 2))
+                if remaining - count == 1:
+                    count = remaining
+                budget -= count
+            self._prefill(sequence, count)
+        return bool(entering or decoding)
 
     def start(self) -> "BatchEngine":
         """Run :meth:`step` on a thread of its own until :meth:`shutdown`."""
@@ -369,40 +444,82 @@ class BatchEngine:
 
     def _bind_cache(self, binding, first_slot: int, rows: int) -> None:
         """Bind rows ``first_slot .. first_slot + rows`` of every cache buffer as past and present."""
-        for past, present, (value, shape, slot_bytes, dtype) in zip(self.past_names, self.present_names, self._cache):
-            address = value.data_ptr() + first_slot * slot_bytes
+        for past, present, (base, shape, slot_bytes, dtype, _) in zip(self.past_names, self.present_names, self._cache):
+            address = base + first_slot * slot_bytes
             binding.bind_input(past, self.device, 0, dtype, [rows, *shape], address)
             binding.bind_output(present, self.device, 0, dtype, [rows, *shape], address)
 
-    def _prefill(self, sequence: Sequence) -> None:
+    def _reuse_prefix(self, sequence: Sequence) -> None:
+        """Copy the positions ``sequence``'s prompt shares with the last prompt into its slot."""
+        if not self.prefix_cache:
+            return
+        prompt = sequence.request.prompt_ids
+        # At least the prompt's last two tokens are computed: the last one's logits give the first
+        # new token, and a one-token piece would take GroupQueryAttention's one-token path (see step).
+        shared = _common_prefix(prompt, self._prefix_tokens, sequence.prompt_length - 2)
+        if shared <= 0:
+            return
+        for (_, _, _, _, array), kept in zip(self._cache, self._prefix):
+            array[sequence.slot, :, :shared] = kept[:, :shared]
+        sequence.prefilled = shared
+        self.stats.prefix_reused_tokens += shared
+
+    def _remember_prefix(self, sequence: Sequence) -> None:
+        """Keep the prompt just prefilled (its first ``prefix_cache`` positions) for the next ones."""
+        if not self.prefix_cache:
+            return
+        prompt = sequence.request.prompt_ids[:self.prefix_cache]
+        same = _common_prefix(prompt, self._prefix_tokens, len(prompt))
+        if same == len(prompt):
+            return
+        for (_, _, _, _, array), kept in zip(self._cache, self._prefix):
+            kept[:, same:len(prompt)] = array[sequence.slot, :, same:len(prompt)]
+        self._prefix_tokens = tuple(prompt)
+
+    def _prefill(self, sequence: Sequence, count: int) -> None:
+        """Run the next ``count`` prompt tokens of ``sequence`` into its slot; after the last, take its first token."""
         started = time.perf_counter()
-        prompt = np.asarray(sequence.request.prompt_ids, dtype=np.int64).reshape(1, -1)
-        length = prompt.shape[1]
+        start = sequence.prefilled
+        end = start + count
         binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", prompt)
-        # A mask as wide as the prompt: GroupQueryAttention's first-prompt path, which writes the
-        # prompt's keys and values into the bound slot from position 0.
-        binding.bind_cpu_input("attention_mask", np.ones((1, length), dtype=np.int64))
+        piece = np.asarray(sequence.request.prompt_ids[start:end], dtype=np.int64).reshape(1, -1)
+        binding.bind_cpu_input("input_ids", piece)
+        # A mask as wide as the positions so far: as wide as the piece for the first (GroupQueryAttention's
+        # first-prompt path, writing from position 0), wider for the next ones (its subsequent-prompt
+        # path, writing after the positions already in the slot).
+        binding.bind_cpu_input("attention_mask", np.ones((1, end), dtype=np.int64))
         if self._has_positions:
-            binding.bind_cpu_input("position_ids", np.arange(length, dtype=np.int64).reshape(1, -1))
+            binding.bind_cpu_input("position_ids", np.arange(start, end, dtype=np.int64).reshape(1, -1))
         binding.bind_output("logits", "cpu")
         self._bind_cache(binding, sequence.slot, 1)
         self.session.run_with_iobinding(binding)
-        logits = binding.get_outputs()[0].numpy()[0, -1].astype(np.float32)
+        sequence.prefilled = end
         seconds = time.perf_counter() - started
-        self.stats.prefills += 1
-        self.stats.prefill_tokens += length
+        self.stats.prefill_chunks += 1
+        self.stats.prefill_tokens += count
         self.stats.prefill_s += seconds
         self.stats.busy_s += seconds
+        if end < sequence.prompt_length:
+            return
+        logits = binding.get_outputs()[0].numpy()[0, -1].astype(np.float32)
+        self.stats.prefills += 1
+        self._remember_prefix(sequence)
         self._accept(sequence, choose(logits, sequence.request.sampling, sequence._rng))
 
     def _decode(self, running: list[Sequence]) -> None:
         started = time.perf_counter()
+        with self._condition:
+            holders = [sequence for sequence in self._slots if sequence is not None]
         rows = max(sequence.slot for sequence in running) + 1
         ids = np.zeros((rows, 1), dtype=np.int64)
         positions = np.zeros((rows, 1), dtype=np.int64)
         mask = np.zeros((rows, self.context), dtype=np.int64)
         mask[:, 0] = 1  # free rows: a one-token dummy written at position 0 of a slot nobody holds
+        for sequence in holders:
+            # A prompt still entering: the dummy goes where its next piece will write.
+            if not sequence.token_ids and sequence.slot < rows and sequence.finish_reason is None:
+                positions[sequence.slot, 0] = sequence.prefilled
+                mask[sequence.slot, :sequence.prefilled + 1] = 1
         for sequence in running:
             position = sequence.cache_length  # where the last generated token goes
             ids[sequence.slot, 0] = sequence.token_ids[-1]
@@ -495,6 +612,33 @@ def require_batchable(model_dir: str | os.PathLike) -> ModelDir:
         raise GraphoptError(f"{directory.path}: batched decoding needs attention fused into GroupQueryAttention "
                             f"(graphopt fuse {directory.path} -o FUSED --target cpu)")
     return directory
+
+
+def _common_prefix(first: SequenceType[int], second: SequenceType[int], limit: int) -> int:
+    """How many leading tokens ``first`` and ``second`` share, at most ``limit``."""
+    count = 0
+    for a, b in zip(first[:limit], second[:limit]):
+        if a != b:
+            break
+        count += 1
+    return count
+
+
+def _last_token_graph(model_path: os.PathLike) -> bytes | None:
+    """The decoder graph with logits for the last position only (weights stay in their files), or None
+    where the LM head is not a plain MatMul."""
+    import onnx_ir as ir
+
+    from graphopt.passes.last_token_logits import LastTokenLogitsPass
+
+    model = ir.load(os.fspath(model_path))
+    if not LastTokenLogitsPass()(model).modified:
+        return None
+    try:
+        return ir.to_proto(model).SerializeToString()
+    except ValueError as error:  # weights inside the file past protobuf's 2 GB: run the file as it is
+        logger.warning("%s: logits for every position (%s)", model_path, error)
+        return None
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:

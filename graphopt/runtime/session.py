@@ -90,8 +90,12 @@ def resolve_providers(ep: str, available: list[str] | None = None, model_dir: st
 
 
 def make_session(model_path: str | os.PathLike, ep: str = "cpu", threads: int | None = None,
-                 optimization: str = "all", spinning: bool = True, cuda_graph: bool = False):
+                 optimization: str = "all", spinning: bool = True, cuda_graph: bool = False,
+                 model_bytes: bytes | None = None):
     """An InferenceSession on the requested provider; ``session.get_providers()[0]`` is what ran.
+
+    ``model_bytes``: a graph derived from ``model_path`` in memory, run instead of the file; its
+    external weights are read from ``model_path``'s directory.
 
     ``spinning=False`` lets ORT's worker threads sleep between runs instead of busy-waiting: what
     two sessions taking turns on the same cores (speculative decoding) need, so the idle one does
@@ -112,8 +116,11 @@ def make_session(model_path: str | os.PathLike, ep: str = "cpu", threads: int | 
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     model_path = pathlib.Path(model_path)
     providers = resolve_providers(ep, model_dir=model_path.parent, cuda_graph=cuda_graph)
+    if model_bytes is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_path.parent))
     try:
-        return ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
+        return ort.InferenceSession(model_bytes if model_bytes is not None else str(model_path), sess_options=options,
+                                    providers=providers)
     except (RuntimeError, ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
             ort.capi.onnxruntime_pybind11_state.InvalidProtobuf, ort.capi.onnxruntime_pybind11_state.NoSuchFile) as error:
         # A damaged or foreign file: ONNX Runtime's message is long, its first line says what failed.

@@ -1,0 +1,67 @@
+"""Logits of the last input position only: a Slice before the LM head.
+
+A decoder graph computes logits for every input position, which perplexity and speculative
+verification need. A serving engine reads only the last position's (the next token after a
+prompt or a prompt chunk; a decode step has one position anyway), yet the LM head is about a fifth
+of SmolLM2's multiply-adds per token and prefill pays it for every prompt token, plus a
+``[prompt, vocab]`` float output. Slicing the hidden state to its last position before the LM
+head removes both; the rows that remain compute exactly what they computed before (each output
+row of a MatMul reads only its own input row).
+
+The LM head is the node that produces the ``logits`` graph output; the pass applies only when it
+is a MatMul or a MatMulNBits whose first input is ``[batch, sequence, hidden]``. Applied by
+:mod:`graphopt.runtime.batching` to the graph it loads in memory, never written into a model
+directory (graphopt's other tools need every position's logits).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+logger = logging.getLogger(__name__)
+
+LOGITS = "logits"
+HEAD_OPS = {("", "MatMul"), ("com.microsoft", "MatMulNBits")}
+
+
+def _unique(graph: ir.Graph, base: str) -> str:
+    taken = {value.name for node in graph for value in node.outputs} | set(graph.initializers)
+    taken |= {value.name for value in graph.inputs}
+    name, index = base, 1
+    while name in taken:
+        name, index = f"{base}_{index}", index + 1
+    return name
+
+
+class LastTokenLogitsPass(ir.passes.InPlacePass):
+    """Make ``logits`` ``[batch, 1, vocab]``: the LM head reads only the last position's hidden state."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        output = next((value for value in graph.outputs if value.name == LOGITS), None)
+        head = output.producer() if output is not None else None
+        if head is None or (head.domain or "", head.op_type) not in HEAD_OPS or head.inputs[0] is None:
+            logger.debug("no MatMul LM head produces %r: logits left for every position", LOGITS)
+            return ir.passes.PassResult(model, modified=False)
+        hidden = head.inputs[0]
+        if hidden.producer() is not None and hidden.producer().op_type == "Slice" and \
+                hidden.producer().name == "graphopt_last_token":
+            return ir.passes.PassResult(model, modified=False)  # already applied
+        if hidden.shape is not None and len(hidden.shape) != 3:
+            return ir.passes.PassResult(model, modified=False)
+        constants = []
+        for suffix, number in (("starts", -1), ("ends", np.iinfo(np.int64).max), ("axes", 1)):
+            value = ir.Value(name=_unique(graph, f"graphopt_last_token_{suffix}"),
+                             const_value=ir.tensor(np.array([number], dtype=np.int64)))
+            graph.register_initializer(value)
+            constants.append(value)
+        last = ir.Value(name=_unique(graph, "graphopt_last_token_hidden"))
+        node = ir.Node("", "Slice", [hidden, *constants], outputs=[last], name="graphopt_last_token")
+        graph.insert_before(head, node)
+        head.replace_input_with(0, last)
+        if output.shape is not None and len(output.shape) == 3:
+            output.shape = ir.Shape([output.shape[0], 1, output.shape[2]])
+        return ir.passes.PassResult(model, modified=True)
