@@ -122,6 +122,11 @@ class Manifest:
     def uses_gqa(self) -> bool:
         return bool(self.fusion) and (self.fusion.get("attention_op") or "").endswith("GroupQueryAttention")
 
+    def last_step(self, name: str | None = None) -> LineageStep | None:
+        """The newest lineage step (named ``name``, when given), or None."""
+        steps = [step for step in self.lineage if name is None or step.name == name]
+        return steps[-1] if steps else None
+
     def replace(self, **changes: Any) -> "Manifest":
         return dataclasses.replace(self, **changes)
 
