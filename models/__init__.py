@@ -19,7 +19,7 @@ from typing import Mapping
 
 from graphopt.errors import UnsupportedModelError
 
-FAMILY_MODULES = ("llama", "gpt2")
+FAMILY_MODULES = ("llama", "gpt2", "phi3", "gemma3")
 ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "down")
 
 
