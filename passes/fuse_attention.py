@@ -455,6 +455,11 @@ def rules(target: Target | str, max_positions: int | None = None, pack_qkv: bool
         gqa = [GroupQueryAttentionFusion.rule(f"GroupQueryAttention{suffix}", repeat_kv=repeat, max_positions=max_positions,
                                               pack_qkv=pack_qkv)
                for suffix, repeat in (("", True), ("NoRepeat", False))] if max_positions else []
+        if max_positions:
+            # gemma3_text / phi3: q/k norm, partial rotary, LongRoPE, sliding window, softcap.
+            from graphopt.passes import fuse_attention_families
+
+            gqa += fuse_attention_families.rules(max_positions)
         return [*gqa, MultiHeadAttentionFusion.rule("MultiHeadAttention")]
     return [OnnxAttentionFusion.rule(f"Attention{suffix}", repeat_kv=repeat) for suffix, repeat in (("", True), ("NoRepeat", False))]
 
@@ -468,7 +473,8 @@ class FuseAttention(RulePass):
     """
 
     def __init__(self, target: Target | str, max_positions: int | None = None, pack_qkv: bool = False):
-        super().__init__([(rule.name.removesuffix("NoRepeat"), rule) for rule in rules(target, max_positions, pack_qkv)])
+        super().__init__([(rule.name.split(".")[0].removesuffix("NoRepeat"), rule)
+                          for rule in rules(target, max_positions, pack_qkv)])
         self.target = get_target(target)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
