@@ -11,8 +11,9 @@ with one constant frequency vector and a plain causal mask. These rules accept, 
 * LongRoPE: frequencies ``Where(cond, long, short)`` (``cond`` the graph's own ``max(position_ids) +
   1 > original_max``); the op gets ``Where(cond, long_cache, short_cache)`` as its caches;
 * a sliding-window mask (``sliding_causal_mask`` of ``models/_window.py``: the causal mask where
-  ``query - key < window``), which becomes ``local_window_size = window - 1`` (the op attends to
-  that many keys before the query, plus the query's own);
+  ``query - key < window``), which becomes ``local_window_size = window`` (ONNX Runtime 1.32's CPU
+  kernel attends to that many keys, the query's own included: checked against the written-out
+  mask past the window in tests/test_families_b.py);
 * attention-logit softcapping (``cap * tanh(scores * scale / cap)`` before the mask): ``softcap``.
 
 Each layer gets caches for its own frequencies (Gemma 3's local and global RoPE bases). The
@@ -225,7 +226,7 @@ class FamilyGroupQueryAttentionFusion(GroupQueryAttentionFusion):
         heads, kv_heads, head_dim = self._shape
         seqlens_k, total_length = self._lengths(op)
         cos_cache, sin_cache = self._rotary_caches(op)
-        attributes = {"local_window_size": self._window - 1} if self._window else {}
+        attributes = {"local_window_size": self._window} if self._window else {}
         if self._softcap:
             attributes["softcap"] = self._softcap
         output, present_key, present_value = op.GroupQueryAttention(
