@@ -4,7 +4,9 @@ Differences from Llama, all written out in the graph: embeddings scaled by sqrt(
 RMSNorm scaled by ``1 + weight``; per-head RMSNorm on query and key before RoPE; norms before and
 after both attention and MLP; GELU-tanh gated MLP; query scale ``query_pre_attn_scalar ** -0.5``;
 ``layer_types`` interleaving sliding-window layers (their own RoPE base, ``rope_local_base_freq``)
-and global layers; optional tanh softcapping of attention scores and final logits. The KV cache of
+and global layers; optional tanh softcapping of the final logits. ``attn_logit_softcapping`` is
+not applied, as in transformers (5.25's Gemma3Attention does not pass it to the attention; no
+Gemma 3 checkpoint sets it). The KV cache of
 a sliding layer keeps every position (the mask hides those outside the window), so all layers
 share the cache layout.
 """
@@ -50,7 +52,6 @@ class Gemma3Decoder(nn.Module):
         self.layer_types = list(config.layer_types)
         self.window = config.sliding_window
         self.scale = float(config.query_pre_attn_scalar) ** -0.5
-        self.attn_softcap = config.attn_logit_softcapping
         self.final_softcap = config.final_logit_softcapping
         rotary = hf_model.model.rotary_emb
         self.rope_scaling = {}
@@ -95,12 +96,7 @@ class Gemma3Decoder(nn.Module):
             key = torch.cat((past_key_values[2 * index], key), dim=2)
             value = torch.cat((past_key_values[2 * index + 1], value), dim=2)
             presents.extend((key, value))
-            key_all, value_all = repeat_kv(key, groups), repeat_kv(value, groups)
-            if self.attn_softcap:
-                scores = _softcap(torch.matmul(query, key_all.transpose(-1, -2)) * self.scale, self.attn_softcap)
-                context = torch.matmul(torch.softmax(scores + masks[layer_type], dim=-1), value_all)
-            else:
-                context = attend(query, key_all, value_all, masks[layer_type], self.scale)
+            context = attend(query, repeat_kv(key, groups), repeat_kv(value, groups), masks[layer_type], self.scale)
             context = context.transpose(1, 2).reshape(batch, seq_len, self.num_heads * self.head_dim)
             hidden = residual + _rms_norm(attn.o_proj(context), layer.post_attention_layernorm.weight, self.eps)
 

@@ -13,8 +13,7 @@ with one constant frequency vector and a plain causal mask. These rules accept, 
 * a sliding-window mask (``sliding_causal_mask`` of ``models/_window.py``: the causal mask where
   ``query - key < window``), which becomes ``local_window_size = window`` (ONNX Runtime 1.32's CPU
   kernel attends to that many keys, the query's own included: checked against the written-out
-  mask past the window in tests/test_families_b.py);
-* attention-logit softcapping (``cap * tanh(scores * scale / cap)`` before the mask): ``softcap``.
+  mask past the window in tests/test_families_b.py).
 
 Each layer gets caches for its own frequencies (Gemma 3's local and global RoPE bases). The
 contract is the Llama GQA graph's: right padding only, positions equal the cache positions.
@@ -27,6 +26,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import _basics, pattern
 
 from graphopt.passes.fuse_attention import (_BSNH_TO_BNSH, CONTRIB_DOMAIN, GroupQueryAttentionFusion, _ancestors,
+                                            _attend_on_cache,
                                             _check_causal_mask, _check_scale, _constant, _heads, _reshaped, _rotate,
                                             _scalar)
 
@@ -36,23 +36,6 @@ def _rope(op, x, cos, sin, partial: bool):
         return _rotate(op, x, cos, sin)
     rotated = _rotate(op, op.Slice(x, _allow_other_inputs=True), cos, sin)
     return op.Concat(rotated, op.Slice(x, _allow_other_inputs=True), axis=-1)
-
-
-def _attend(op, query, key, value, past_key, past_value, mask, scale, cap, repeat_kv: bool, softcap: bool):
-    """``_attend_on_cache`` of fuse_attention, optionally with ``cap * tanh(scores / cap)`` before the mask."""
-    present_key = op.Concat(past_key, key, axis=2, _outputs=["present_key"])
-    present_value = op.Concat(past_value, value, axis=2, _outputs=["present_value"])
-    key_all, value_all = present_key, present_value
-    if repeat_kv:
-        key_all = op.Reshape(op.Expand(op.Unsqueeze(present_key, pattern.ANY_VALUE), pattern.ANY_VALUE),
-                             pattern.ANY_VALUE, _outputs=["key_all"])
-        value_all = op.Reshape(op.Expand(op.Unsqueeze(present_value, pattern.ANY_VALUE), pattern.ANY_VALUE),
-                               pattern.ANY_VALUE)
-    scores = op.Mul(op.MatMul(query, op.Transpose(key_all, perm=[0, 1, 3, 2])), scale)
-    if softcap:
-        scores = op.Mul(op.Tanh(op.Div(scores, cap)), cap)
-    probs = op.Softmax(op.Add(scores, mask), axis=-1)
-    return op.MatMul(probs, value_all), present_key, present_value
 
 
 def _slice_bounds(node: ir.Node) -> tuple[int, int] | None:
@@ -124,25 +107,24 @@ def _trace_frequencies(check: _basics.MatchResult, trig_value: ir.Value, trig: s
 
 
 class FamilyGroupQueryAttentionFusion(GroupQueryAttentionFusion):
-    """norm? -> RoPE (full or partial, one or two frequency sets) -> cache -> attention (causal or sliding,
-    softcapped or not)  =>  GroupQueryAttention."""
+    """norm? -> RoPE (full or partial, one or two frequency sets) -> cache -> attention (causal or
+    sliding)  =>  GroupQueryAttention."""
 
-    def __init__(self, name: str, repeat_kv: bool, max_positions: int, partial: bool, softcap: bool):
+    def __init__(self, name: str, repeat_kv: bool, max_positions: int, partial: bool):
         super().__init__(name, repeat_kv, max_positions)
         self.partial = partial
-        self.softcap = softcap
 
     def pattern(self, op, query_bsnh, key_bsnh, value_3d, value_shape, cos, sin, past_key, past_value, mask, scale,
-                cap, output_shape):
+                output_shape):
         query = _rope(op, op.Transpose(query_bsnh, perm=_BSNH_TO_BNSH, _outputs=["query"]), cos, sin, self.partial)
         key = _rope(op, op.Transpose(key_bsnh, perm=_BSNH_TO_BNSH), cos, sin, self.partial)
         value = op.Transpose(op.Reshape(value_3d, value_shape), perm=_BSNH_TO_BNSH)
-        context, present_key, present_value = _attend(op, query, key, value, past_key, past_value, mask, scale, cap,
-                                                      self.repeat_kv, self.softcap)
+        context, present_key, present_value = _attend_on_cache(op, query, key, value, past_key, past_value, mask,
+                                                               scale, self.repeat_kv)
         output = op.Reshape(op.Transpose(context, perm=_BSNH_TO_BNSH), output_shape, _outputs=["attention_output"])
         return output, present_key, present_value
 
-    def check(self, context, query, present_key, cos, sin, mask, scale, cap=None, key_all=None, **_):
+    def check(self, context, query, present_key, cos, sin, mask, scale, key_all=None, **_):
         check = _basics.MatchResult()
         shape = _heads(check, query, present_key, key_all)
         if shape is None:
@@ -152,9 +134,8 @@ class FamilyGroupQueryAttentionFusion(GroupQueryAttentionFusion):
             return check
         self._shape, self._window = shape, window
         self._scale = _check_scale(check, scale)
-        self._softcap = _scalar(cap) if self.softcap else 0.0
-        if self._scale is None or self._softcap is None:
-            return check.fail("attention scale or softcap is not a constant scalar", [scale, cap])
+        if self._scale is None:
+            return check
         traced = [_trace_frequencies(check, cos, "Cos"), _trace_frequencies(check, sin, "Sin")]
         if None in traced:
             return check
@@ -227,8 +208,6 @@ class FamilyGroupQueryAttentionFusion(GroupQueryAttentionFusion):
         seqlens_k, total_length = self._lengths(op)
         cos_cache, sin_cache = self._rotary_caches(op)
         attributes = {"local_window_size": self._window} if self._window else {}
-        if self._softcap:
-            attributes["softcap"] = self._softcap
         output, present_key, present_value = op.GroupQueryAttention(
             self._flat(op, query_bsnh), self._flat(op, key_bsnh), value_3d, past_key, past_value, seqlens_k,
             total_length, cos_cache, sin_cache, num_heads=heads, kv_num_heads=kv_heads, scale=self._scale, do_rotary=1,
@@ -238,9 +217,8 @@ class FamilyGroupQueryAttentionFusion(GroupQueryAttentionFusion):
 
 
 def rules(max_positions: int) -> list[pattern.RewriteRule]:
-    """Every variant (KV repeat or not, full or partial rotary, softcap or not), counted as GroupQueryAttention."""
+    """Every variant (KV repeat or not, full or partial rotary), counted as GroupQueryAttention."""
     return [FamilyGroupQueryAttentionFusion.rule(
-                f"GroupQueryAttention.{'repeat' if repeat else 'norepeat'}{'.partial' if partial else ''}"
-                f"{'.softcap' if softcap else ''}", repeat_kv=repeat, max_positions=max_positions, partial=partial,
-                softcap=softcap)
-            for repeat in (True, False) for partial in (False, True) for softcap in (False, True)]
+                f"GroupQueryAttention.{'repeat' if repeat else 'norepeat'}{'.partial' if partial else ''}",
+                repeat_kv=repeat, max_positions=max_positions, partial=partial)
+            for repeat in (True, False) for partial in (False, True)]
