@@ -204,6 +204,10 @@ def residual_node(start: ir.Value) -> tuple[ir.Node, ir.Value]:
     value = start
     for _ in range(4):
         users = list(value.consumers())
+        normed = _written_out_rms_norm(value, users)
+        if normed is not None:  # Gemma 3's post-attention / post-MLP norm before the residual sum
+            value = normed
+            continue
         if len(users) != 1:
             break
         if users[0].op_type == "Add" or users[0].op_type in SKIP_NORMS:
@@ -212,6 +216,21 @@ def residual_node(start: ir.Value) -> tuple[ir.Node, ir.Value]:
             break
         value = users[0].outputs[0]
     raise PruneError(f"{start.name}: no residual Add after the projection")
+
+
+def _written_out_rms_norm(value: ir.Value, users: list[ir.Node]) -> ir.Value | None:
+    """``w * (x * Reciprocal(Sqrt(ReduceMean(Pow(x)) + eps)))`` of ``x = value`` as the export writes it: its output."""
+    if sorted(node.op_type for node in users) != ["Mul", "Pow"]:
+        return None
+    scaled = next(node for node in users if node.op_type == "Mul")
+    rsqrt = [v.producer() for v in scaled.inputs if v is not value and v is not None and v.producer() is not None]
+    if len(rsqrt) != 1 or rsqrt[0].op_type != "Reciprocal":
+        return None
+    weighted = list(scaled.outputs[0].consumers())
+    if len(weighted) != 1 or weighted[0].op_type != "Mul" \
+            or not any(v is not None and v.const_value is not None for v in weighted[0].inputs):
+        return None
+    return weighted[0].outputs[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,6 +346,8 @@ class Resizer:
             self._rotary(node)
         elif op in FUSED_ATTENTION:
             self._fused_attention(node)
+        elif op == "ReduceMean":
+            self._reduce_other_axis(node)
         else:
             raise PruneError(f"cannot prune through {op} node '{node.name}' (a pruned axis reaches it)")
 
@@ -453,6 +474,18 @@ class Resizer:
         axes = sorted(int(a) % rank for a in axes_value.const_value.numpy().reshape(-1))
         kept = [axis for axis in range(rank) if axis not in axes]
         self._set(node.outputs[0], {kept[local]: sizes for local, sizes in source.items()})
+
+    def _reduce_other_axis(self, node: ir.Node) -> None:
+        """A kept-dims reduction over axes the pruning leaves alone (Gemma 3's per-head q/k RMSNorm)."""
+        source = self.changes.get(node.inputs[0], {})
+        rank = _rank(node.inputs[0])
+        axes = node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] is not None else None
+        keepdims = node.attributes["keepdims"].value if "keepdims" in node.attributes else 1
+        if rank is None or axes is None or not keepdims:
+            raise PruneError(f"cannot prune through {node.op_type} node '{node.name}' (needs constant axes, keepdims)")
+        if {int(axis) % rank for axis in axes.numpy().reshape(-1)} & set(source):
+            raise PruneError(f"{node.op_type} node '{node.name}' reduces a pruned axis")
+        self._set(node.outputs[0], dict(source))
 
     def _along_axis(self, node: ir.Node) -> None:
         op = node.op_type

@@ -53,6 +53,9 @@ class PruneChannelsPass(common.PrunePass):
                                         f"0..{size - 1}")
             if kept.size == size:
                 continue
+            if not layer.mlp_in:
+                raise common.PruneError(f"layer {layer.index}: the MLP input projection is packed [gate | up] "
+                                        "(phi3's gate_up_proj); channel pruning does not split it")
             resizer = common.Resizer(graph, RULE)
             for linear in layer.mlp_in:
                 common.slice_initializer(graph, linear.weight, 1, kept)
@@ -72,6 +75,6 @@ class PruneChannelsPass(common.PrunePass):
 
 
 def intermediate_size(layer: common.Layer) -> int:
-    if layer.down is None or not layer.mlp_in:
+    if layer.down is None:
         raise common.PruneError(f"layer {layer.index}: no MLP projections found")
     return int(layer.down.weight.shape[0])

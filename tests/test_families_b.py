@@ -220,8 +220,10 @@ def test_int8_weight_only_runs_close_to_float(family_dirs, family, tmp_path):
 
 @pytest.fixture(scope="module")
 def pruned_dirs(family_dirs, tmp_path_factory):
-    """Heads (a quarter, packed qkv for phi3) and one layer removed, random importance (no calibration)."""
-    return {family: prune(path, tmp_path_factory.mktemp("pruned") / family, heads=0.25, layers=1,
+    """gemma3_text: a quarter of the heads (through the per-head q/k norms) and one layer removed; phi3:
+    one layer (its heads and channels are packed: refused below). Random importance, no calibration."""
+    heads = {"gemma3_text": 0.25, "phi3": None}
+    return {family: prune(path, tmp_path_factory.mktemp("pruned") / family, heads=heads[family], layers=1,
                           importance="random").path
             for family, (_, path) in family_dirs.items()}
 
@@ -230,6 +232,8 @@ def pruned_dirs(family_dirs, tmp_path_factory):
 def test_pruned_variant_runs(family_dirs, pruned_dirs, family):
     source, pruned = ModelDir.open(family_dirs[family][1]).manifest, ModelDir.open(pruned_dirs[family]).manifest
     assert pruned.layers == source.layers - 1
+    if family == "gemma3_text":
+        assert sum(pruned.heads_per_layer()) < sum(source.heads_per_layer()[:-1])
     ids = _ids(sum(CHUNKS), seed=5)
     logits = _ort_logits(pruned_dirs[family] / "model.onnx", ids, CHUNKS)
     assert logits.shape == (len(ids), source.vocab_size) and np.isfinite(logits).all()
@@ -261,3 +265,13 @@ def test_unsupported_model_type_names_the_supported_ones():
         adapter_for("gemma2")
     message = str(raised.value)
     assert "'gemma2'" in message and "gemma3_text" in message and "phi3" in message and "\n" not in message
+
+
+def test_phi3_head_and_channel_pruning_are_refused_on_the_packed_projections(family_dirs, tmp_path):
+    from graphopt.errors import GraphoptError
+
+    with pytest.raises(GraphoptError, match="packed"):
+        prune(family_dirs["phi3"][1], tmp_path / "channels", channels=0.25, importance="random")
+    with pytest.raises(GraphoptError, match="cuts along a pruned axis"):  # qkv_proj's q/k/v Slices
+        prune(family_dirs["phi3"][1], tmp_path / "heads", heads=0.25, importance="random")
+    assert not (tmp_path / "channels").exists() and not (tmp_path / "heads").exists()
