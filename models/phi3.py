@@ -105,8 +105,18 @@ class Phi3Decoder(nn.Module):
 
 
 def describe(config) -> dict:
-    """The shape facts graphopt.json records for this family."""
+    """The shape facts graphopt.json records for this family.
+
+    With LongRoPE, ``extra.longrope_recompute_at`` is the sequence length at which transformers'
+    generate drops the cache built on the short factors and recomputes it (graphopt's Generator
+    does the same).
+    """
+    rope = config.rope_parameters or {}
+    extra = {}
+    if rope.get("rope_type") == "longrope":
+        extra["longrope_recompute_at"] = int(rope["original_max_position_embeddings"]) + 1
     return {
+        "extra": extra,
         "family": "phi3",
         "model_type": config.model_type,
         "layers": config.num_hidden_layers,
