@@ -66,28 +66,33 @@ def sliding_window(check: _basics.MatchResult, mask: ir.Value) -> int | None:
     return 0
 
 
+def _fail(check: _basics.MatchResult, reason: str, where) -> None:
+    check.fail(reason, where)
+    return None
+
+
 def _trace_frequencies(check: _basics.MatchResult, trig_value: ir.Value, trig: str):
     """``Unsqueeze([Mul(] Cos|Sin(Concat(f, f)) [, s)])`` with ``f = positions * F`` and F a constant or
     ``Where(cond, long, short)`` of constants: ((short, long or None), scaling, cond or None), else None."""
     node = trig_value.producer()
     if node is None or node.op_type != "Unsqueeze":
-        return check.fail(f"rotary {trig.lower()} is not Unsqueeze({trig}(...))", trig_value) and None
+        return _fail(check, f"rotary {trig.lower()} is not Unsqueeze({trig}(...))", trig_value)
     node = node.inputs[0].producer()
     scaling = 1.0
     if node is not None and node.op_type == "Mul":
         factors = [_scalar(value) for value in node.inputs]
         if sum(factor is not None for factor in factors) != 1:
-            return check.fail(f"rotary {trig.lower()} is scaled by a non-constant", node) and None
+            return _fail(check, f"rotary {trig.lower()} is scaled by a non-constant", node)
         scaling = next(factor for factor in factors if factor is not None)
         node = node.inputs[factors.index(None)].producer()
     if node is None or node.op_type != trig:
-        return check.fail(f"rotary table is not computed by {trig}", trig_value) and None
+        return _fail(check, f"rotary table is not computed by {trig}", trig_value)
     concat = node.inputs[0].producer()
     if concat is None or concat.op_type != "Concat" or len(concat.inputs) != 2 or concat.inputs[0] is not concat.inputs[1]:
-        return check.fail("rotary angles are not Concat(freqs, freqs)", node) and None
+        return _fail(check, "rotary angles are not Concat(freqs, freqs)", node)
     freqs = concat.inputs[0].producer()
     if freqs is None or freqs.op_type != "Mul":
-        return check.fail("rotary angles are not positions * inv_freq", concat) and None
+        return _fail(check, "rotary angles are not positions * inv_freq", concat)
     for positions, frequencies in (freqs.inputs, reversed(freqs.inputs)):
         source = positions
         while source.producer() is not None and source.producer().op_type in ("Cast", "Unsqueeze"):
@@ -102,8 +107,8 @@ def _trace_frequencies(check: _basics.MatchResult, trig_value: ir.Value, trig: s
             long, short = _constant(where.inputs[1]), _constant(where.inputs[2])
             if long is not None and short is not None and long.size == short.size:
                 return (short.reshape(-1).astype(np.float32), long.reshape(-1).astype(np.float32)), scaling, where.inputs[0]
-        return check.fail("rotary frequencies are neither a constant nor Where(cond, long, short)", freqs) and None
-    return check.fail("rotary positions do not come from the position_ids input", freqs) and None
+        return _fail(check, "rotary frequencies are neither a constant nor Where(cond, long, short)", freqs)
+    return _fail(check, "rotary positions do not come from the position_ids input", freqs)
 
 
 class FamilyGroupQueryAttentionFusion(GroupQueryAttentionFusion):

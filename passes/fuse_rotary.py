@@ -23,9 +23,7 @@ class FuseRotaryEmbedding(RulePass):
     """RoPE on query and key  =>  ``RotaryEmbedding`` (opset 23); counts under ``RotaryEmbedding``."""
 
     def __init__(self):
-        super().__init__([("RotaryEmbedding", onnx_rotary.RotaryEmbedding23Fusion.rule()),
-                          # Partial rotary (phi3): sets rotary_embedding_dim on the op the rule above made.
-                          ("PartialRotaryEmbedding", onnx_rotary.PartialRotaryEmbedding23Fusion.rule())])
+        super().__init__([("RotaryEmbedding", onnx_rotary.RotaryEmbedding23Fusion.rule())])
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         result = super().call(model)
