@@ -456,7 +456,7 @@ def rules(target: Target | str, max_positions: int | None = None, pack_qkv: bool
                                               pack_qkv=pack_qkv)
                for suffix, repeat in (("", True), ("NoRepeat", False))] if max_positions else []
         if max_positions:
-            # gemma3_text / phi3: q/k norm, partial rotary, LongRoPE, sliding window, softcap.
+            # gemma3_text / phi3: q/k norm, partial rotary, LongRoPE, sliding window.
             from graphopt.passes import fuse_attention_families
 
             gqa += fuse_attention_families.rules(max_positions)
@@ -473,7 +473,7 @@ class FuseAttention(RulePass):
     """
 
     def __init__(self, target: Target | str, max_positions: int | None = None, pack_qkv: bool = False):
-        super().__init__([(rule.name.split(".")[0].removesuffix("NoRepeat"), rule)
+        super().__init__([(rule.name.split("/")[0].removesuffix("NoRepeat"), rule)
                           for rule in rules(target, max_positions, pack_qkv)])
         self.target = get_target(target)
 

@@ -224,6 +224,6 @@ class FamilyGroupQueryAttentionFusion(GroupQueryAttentionFusion):
 def rules(max_positions: int) -> list[pattern.RewriteRule]:
     """Every variant (KV repeat or not, full or partial rotary), counted as GroupQueryAttention."""
     return [FamilyGroupQueryAttentionFusion.rule(
-                f"GroupQueryAttention.{'repeat' if repeat else 'norepeat'}{'.partial' if partial else ''}",
+                f"GroupQueryAttention/family{'' if repeat else '_norepeat'}{'_partial' if partial else ''}",
                 repeat_kv=repeat, max_positions=max_positions, partial=partial)
             for repeat in (True, False) for partial in (False, True)]
