@@ -221,10 +221,11 @@ def test_int8_weight_only_runs_close_to_float(family_dirs, family, tmp_path):
 
 @pytest.fixture(scope="module")
 def pruned_dirs(family_dirs, tmp_path_factory):
-    """gemma3_text: a quarter of the heads (through the per-head q/k norms) and of the MLP channels, and one
-    layer removed; phi3: one layer (its heads and channels are packed: refused below). Random importance."""
+    """A quarter of the heads (gemma3_text: through the per-head q/k norms; phi3: from the packed qkv_proj)
+    and one layer removed, and for gemma3_text a quarter of the MLP channels (phi3's gate_up_proj is
+    packed: refused below). Random importance."""
     fractions = {"gemma3_text": 0.25, "phi3": None}
-    return {family: prune(path, tmp_path_factory.mktemp("pruned") / family, heads=fractions[family],
+    return {family: prune(path, tmp_path_factory.mktemp("pruned") / family, heads=0.25,
                           channels=fractions[family], layers=1, importance="random").path
             for family, (_, path) in family_dirs.items()}
 
@@ -233,8 +234,8 @@ def pruned_dirs(family_dirs, tmp_path_factory):
 def test_pruned_variant_runs(family_dirs, pruned_dirs, family):
     source, pruned = ModelDir.open(family_dirs[family][1]).manifest, ModelDir.open(pruned_dirs[family]).manifest
     assert pruned.layers == source.layers - 1
+    assert sum(pruned.heads_per_layer()) < sum(source.heads_per_layer()[:-1])
     if family == "gemma3_text":
-        assert sum(pruned.heads_per_layer()) < sum(source.heads_per_layer()[:-1])
         assert sum(pruned.intermediate_per_layer()) < sum(source.intermediate_per_layer()[:-1])
     ids = _ids(sum(CHUNKS), seed=5)
     logits = _ort_logits(pruned_dirs[family] / "model.onnx", ids, CHUNKS)
@@ -272,11 +273,37 @@ def test_unsupported_model_type_names_the_supported_ones():
     assert "'gemma2'" in message and "gemma3_text" in message and "phi3" in message and "\n" not in message
 
 
-def test_phi3_head_and_channel_pruning_are_refused_on_the_packed_projections(family_dirs, tmp_path):
+def test_phi3_channel_pruning_is_refused_on_the_packed_gate_up(family_dirs, tmp_path):
     from graphopt.errors import GraphoptError
 
     with pytest.raises(GraphoptError, match="packed"):
         prune(family_dirs["phi3"][1], tmp_path / "channels", channels=0.25, importance="random")
-    with pytest.raises(GraphoptError, match="cuts along a pruned axis"):  # qkv_proj's q/k/v Slices
-        prune(family_dirs["phi3"][1], tmp_path / "heads", heads=0.25, importance="random")
-    assert not (tmp_path / "channels").exists() and not (tmp_path / "heads").exists()
+    assert not (tmp_path / "channels").exists()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_head_pruning_equals_silencing_those_heads(family_dirs, family, tmp_path):
+    """Removing heads (phi3: from the packed qkv_proj and its three Slices) computes exactly what the
+    source computes with those heads' rows of o_proj zeroed. Layer 0 keeps one head per KV group
+    (both KV heads stay), layer 1 keeps one group (a KV head goes)."""
+    import onnx_ir as ir
+
+    from graphopt import ir as graph_io
+    from graphopt.pruning import Plan, apply_plan
+
+    source = ModelDir.open(family_dirs[family][1])
+    kept = {0: [0, 2], 1: [0, 1]}  # 4 heads in 2 KV groups of 2
+    pruned = apply_plan(source, Plan(heads=kept), tmp_path / "pruned")
+    assert pruned.manifest.heads_per_layer()[:2] == [2, 2] and pruned.manifest.kv_heads_per_layer()[:2] == [2, 1]
+    model = graph_io.load(source.model_path)
+    head_dim = source.manifest.head_dim
+    for layer, heads in kept.items():
+        weight = model.graph.initializers[f"model.layers.{layer}.self_attn.o_proj.weight"]
+        array = weight.const_value.numpy().copy()
+        for head in set(range(4)) - set(heads):
+            array[head * head_dim:(head + 1) * head_dim] = 0.0
+        weight.const_value = ir.tensor(array, name=weight.name)
+    graph_io.save(model, tmp_path / "silenced.onnx")
+    ids = _ids(sum(CHUNKS), seed=8)
+    expected = _ort_logits(tmp_path / "silenced.onnx", ids, CHUNKS)
+    assert np.abs(_ort_logits(pruned.model_path, ids, CHUNKS) - expected).max() < TOLERANCE
