@@ -41,7 +41,10 @@ TINY_CONFIGS = {
     "gemma3_text": dict(model_type="gemma3_text", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
                         sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-                        query_pre_attn_scalar=24, rms_norm_eps=1e-6, tie_word_embeddings=True, initializer_range=0.2,
+                        query_pre_attn_scalar=24, rms_norm_eps=1e-6, initializer_range=0.2,
+                        # Untied: with the sqrt(hidden)-scaled embedding as its own head, a random model
+                        # predicts its input token again and greedy decoding repeats one token.
+                        tie_word_embeddings=False,
                         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                          "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}),
 }

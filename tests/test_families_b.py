@@ -132,8 +132,9 @@ def test_phi3_longrope_switches_to_the_long_factors(family_dirs, references):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_32_greedy_tokens_equal_transformers(family_dirs, references, family):
     # phi3: 50 + 32 tokens cross the LongRoPE switch, where transformers' generate recomputes the cache.
-    prompt = _ids(50 if family == "phi3" else 20, seed=2)
+    prompt = _ids(50 if family == "phi3" else 20, seed=7)
     expected = checkpoint_lib.greedy_tokens(references[family], prompt, 32)
+    assert len(set(expected)) >= 8  # a varied sequence, not one token repeated
     result = Generator(family_dirs[family][1]).generate(prompt, max_new_tokens=32, stop_on_eos=False)
     assert result.token_ids == expected
     figures = ModelDir.open(family_dirs[family][1]).manifest.lineage[-1].figures
