@@ -20,9 +20,8 @@ from graphopt.models._common import attend, causal_mask, repeat_kv
 from graphopt.models._window import apply_rope, rope_tables, sliding_causal_mask
 
 MODEL_TYPES = ("phi3",)
-# gate_up_proj has no role: it is [gate | up] packed, which channel pruning does not split.
 WEIGHT_NAMES = WeightNames("model.layers", {"self_attn.qkv_proj": "qkv", "self_attn.o_proj": "o",
-                                            "mlp.down_proj": "down"})
+                                            "mlp.gate_up_proj": "gate_up", "mlp.down_proj": "down"})
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -114,6 +114,7 @@ class Layer:
     o: Linear | None = None
     gate: Linear | None = None
     up: Linear | None = None  # Llama up_proj, GPT-2 c_fc
+    gate_up: Linear | None = None  # phi3's gate_up_proj: [gate | up] columns
     down: Linear | None = None  # Llama down_proj, GPT-2 mlp.c_proj
 
     @property
@@ -122,7 +123,7 @@ class Layer:
 
     @property
     def mlp_in(self) -> list[Linear]:
-        return [linear for linear in (self.gate, self.up) if linear is not None]
+        return [linear for linear in (self.gate, self.up, self.gate_up) if linear is not None]
 
 
 def layer_of(name: str) -> int | None:

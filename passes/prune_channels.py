@@ -1,7 +1,7 @@
 """MLP channels: gate/up columns and the matching down rows  =>  a narrower intermediate layer.
 
 Per layer the plan names the intermediate channels to keep. Llama/Qwen2: ``gate_proj`` and
-``up_proj`` columns, ``down_proj`` rows; GPT-2: ``c_fc`` columns and bias, ``mlp.c_proj`` rows.
+``up_proj`` columns, ``down_proj`` rows; phi3: those channels in both halves of ``gate_up_proj``; GPT-2: ``c_fc`` columns and bias, ``mlp.c_proj`` rows.
 Constants that spell the intermediate size between them (GPT-2's Reshape targets around the Gemms)
 are rewritten through the axis tracking of ``_prune_common``.
 
@@ -53,15 +53,15 @@ class PruneChannelsPass(common.PrunePass):
                                         f"0..{size - 1}")
             if kept.size == size:
                 continue
-            if not layer.mlp_in:
-                raise common.PruneError(f"layer {layer.index}: the MLP input projection is packed [gate | up] "
-                                        "(phi3's gate_up_proj); channel pruning does not split it")
             resizer = common.Resizer(graph, RULE)
             for linear in layer.mlp_in:
-                common.slice_initializer(graph, linear.weight, 1, kept)
+                # phi3's packed [gate | up]: the same channels in both halves; its Split halves the new width.
+                packed = linear is layer.gate_up
+                columns = np.concatenate([kept, size + kept]) if packed else kept
+                common.slice_initializer(graph, linear.weight, 1, columns)
                 if linear.bias is not None:
-                    common.slice_initializer(graph, linear.bias, 0, kept)
-                resizer.seed(linear.node.outputs[0], {-1: (size, kept.size)})
+                    common.slice_initializer(graph, linear.bias, 0, columns)
+                resizer.seed(linear.node.outputs[0], {-1: (size * (1 + packed), columns.size)})
             common.slice_initializer(graph, layer.down.weight, 0, kept)
             resizer.stop_at(layer.down.node)
             resizer.run()
@@ -75,6 +75,6 @@ class PruneChannelsPass(common.PrunePass):
 
 
 def intermediate_size(layer: common.Layer) -> int:
-    if layer.down is None:
+    if layer.down is None or not layer.mlp_in:
         raise common.PruneError(f"layer {layer.index}: no MLP projections found")
     return int(layer.down.weight.shape[0])

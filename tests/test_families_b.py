@@ -223,11 +223,9 @@ def test_int8_weight_only_runs_close_to_float(family_dirs, family, tmp_path):
 @pytest.fixture(scope="module")
 def pruned_dirs(family_dirs, tmp_path_factory):
     """A quarter of the heads (gemma3_text: through the per-head q/k norms; phi3: from the packed qkv_proj)
-    and one layer removed, and for gemma3_text a quarter of the MLP channels (phi3's gate_up_proj is
-    packed: refused below). Random importance."""
-    fractions = {"gemma3_text": 0.25, "phi3": None}
-    return {family: prune(path, tmp_path_factory.mktemp("pruned") / family, heads=0.25,
-                          channels=fractions[family], layers=1, importance="random").path
+    and of the MLP channels (phi3: from the packed gate_up_proj), and one layer removed. Random importance."""
+    return {family: prune(path, tmp_path_factory.mktemp("pruned") / family, heads=0.25, channels=0.25, layers=1,
+                          importance="random").path
             for family, (_, path) in family_dirs.items()}
 
 
@@ -236,8 +234,7 @@ def test_pruned_variant_runs(family_dirs, pruned_dirs, family):
     source, pruned = ModelDir.open(family_dirs[family][1]).manifest, ModelDir.open(pruned_dirs[family]).manifest
     assert pruned.layers == source.layers - 1
     assert sum(pruned.heads_per_layer()) < sum(source.heads_per_layer()[:-1])
-    if family == "gemma3_text":
-        assert sum(pruned.intermediate_per_layer()) < sum(source.intermediate_per_layer()[:-1])
+    assert sum(pruned.intermediate_per_layer()) < sum(source.intermediate_per_layer()[:-1])
     ids = _ids(sum(CHUNKS), seed=5)
     logits = _ort_logits(pruned_dirs[family] / "model.onnx", ids, CHUNKS)
     assert logits.shape == (len(ids), source.vocab_size) and np.isfinite(logits).all()
@@ -274,12 +271,30 @@ def test_unsupported_model_type_names_the_supported_ones():
     assert "'gemma2'" in message and "gemma3_text" in message and "phi3" in message and "\n" not in message
 
 
-def test_phi3_channel_pruning_is_refused_on_the_packed_gate_up(family_dirs, tmp_path):
-    from graphopt.errors import GraphoptError
+@pytest.mark.parametrize("family", FAMILIES)
+def test_channel_pruning_equals_silencing_those_channels(family_dirs, family, tmp_path):
+    """Removing MLP channels (phi3: from both halves of the packed gate_up_proj, then its Split) computes
+    what the source computes with those channels' rows of down_proj zeroed."""
+    import onnx_ir as ir
 
-    with pytest.raises(GraphoptError, match="packed"):
-        prune(family_dirs["phi3"][1], tmp_path / "channels", channels=0.25, importance="random")
-    assert not (tmp_path / "channels").exists()
+    from graphopt import ir as graph_io
+    from graphopt.pruning import Plan, apply_plan
+
+    source = ModelDir.open(family_dirs[family][1])
+    size = source.manifest.intermediate_size
+    kept = {0: list(range(0, size, 3)), 1: list(range(size // 2))}
+    pruned = apply_plan(source, Plan(channels=kept), tmp_path / "pruned")
+    assert pruned.manifest.intermediate_per_layer()[:2] == [len(kept[0]), len(kept[1])]
+    model = graph_io.load(source.model_path)
+    for layer, channels in kept.items():
+        weight = model.graph.initializers[f"model.layers.{layer}.mlp.down_proj.weight"]
+        array = weight.const_value.numpy().copy()
+        array[sorted(set(range(size)) - set(channels))] = 0.0
+        weight.const_value = ir.tensor(array, name=weight.name)
+    graph_io.save(model, tmp_path / "silenced.onnx")
+    ids = _ids(sum(CHUNKS), seed=9)
+    expected = _ort_logits(tmp_path / "silenced.onnx", ids, CHUNKS)
+    assert np.abs(_ort_logits(pruned.model_path, ids, CHUNKS) - expected).max() < TOLERANCE
 
 
 @pytest.mark.parametrize("family", FAMILIES)
