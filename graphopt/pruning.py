@@ -91,8 +91,9 @@ def measure_shapes(model: ir.Model) -> Shapes:
         q_cost = q_in.weight.shape[0] + (q_in.bias is not None) + hidden
         kv_cost = kv_in.weight.shape[0] + (kv_in.bias is not None)
         group_cost.append(head_dim * (rep * q_cost + 2 * kv_cost))
-        channel_cost.append(sum(linear.weight.shape[0] + (linear.bias is not None) for linear in layer.mlp_in)
-                            + layer.down.weight.shape[1])
+        # A packed [gate | up] projection has two columns per channel.
+        channel_cost.append(sum((1 + (linear is layer.gate_up)) * (linear.weight.shape[0] + (linear.bias is not None))
+                                for linear in layer.mlp_in) + layer.down.weight.shape[1])
         layer_cost.append(sum(_size(value) for name, value in graph.initializers.items()
                               if common.layer_of(name) == layer.index))
     return Shapes(layouts, [intermediate_size(layer) for layer in layers], group_cost, channel_cost, layer_cost,

@@ -27,6 +27,26 @@ TINY_CONFIGS = {
                   num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256,
                   rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False, initializer_range=0.2),
     "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=256, initializer_range=0.2),
+    # Phi-4-mini's shape in small: packed qkv / gate_up, rotary on half of each 32-wide head (a
+    # multiple of 16, as GroupQueryAttention's rotary needs) and LongRoPE switching past 64 tokens.
+    "phi3": dict(model_type="phi3", hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                 original_max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                 initializer_range=0.2, rope_parameters={
+                     "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                     "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 3.5],
+                     "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 13.0, 18.0]}),
+    # Gemma 3 in small: sliding (window 8) and global layers with their own RoPE bases, q/k norms,
+    # pre/post norms, scaled embeddings, GELU-tanh MLP, query_pre_attn_scalar != head_dim.
+    "gemma3_text": dict(model_type="gemma3_text", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+                        sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                        query_pre_attn_scalar=24, rms_norm_eps=1e-6, initializer_range=0.2,
+                        # Untied: with the sqrt(hidden)-scaled embedding as its own head, a random model
+                        # predicts its input token again and greedy decoding repeats one token.
+                        tie_word_embeddings=False,
+                        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                         "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}),
 }
 
 
@@ -46,7 +66,7 @@ def tiny_tokenizer(vocab_size: int = 320):
 
 
 def tiny_model(family: str, seed: int = 0, **overrides):
-    """A seeded random ``*ForCausalLM`` of the given family (``llama``, ``qwen2``, ``gpt2``)."""
+    """A seeded random ``*ForCausalLM`` of the given family (a key of ``TINY_CONFIGS``)."""
     import torch
     import transformers
 

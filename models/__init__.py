@@ -19,8 +19,8 @@ from typing import Mapping
 
 from graphopt.errors import UnsupportedModelError
 
-FAMILY_MODULES = ("llama", "gpt2", "qwen3", "smollm3")
-ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "down")
+FAMILY_MODULES = ("llama", "gpt2", "qwen3", "smollm3", "phi3", "gemma3")
+ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +29,7 @@ class WeightNames:
 
     ``roles`` maps a module inside a layer to its role (one of ``ROLES``): the query, key and
     value projections (or ``qkv`` packed), the attention output ``o``, and the MLP's ``gate``,
-    ``up`` and ``down`` projections. ``lm_head`` is the module name of the output projection.
+    ``up`` (or ``gate_up`` packed, [gate | up] columns) and ``down`` projections. ``lm_head`` is the module name of the output projection.
     """
 
     layers: str

@@ -116,6 +116,7 @@ class Layer:
     o: Linear | None = None
     gate: Linear | None = None
     up: Linear | None = None  # Llama up_proj, GPT-2 c_fc
+    gate_up: Linear | None = None  # phi3's gate_up_proj: [gate | up] columns
     down: Linear | None = None  # Llama down_proj, GPT-2 mlp.c_proj
 
     @property
@@ -124,7 +125,7 @@ class Layer:
 
     @property
     def mlp_in(self) -> list[Linear]:
-        return [linear for linear in (self.gate, self.up) if linear is not None]
+        return [linear for linear in (self.gate, self.up, self.gate_up) if linear is not None]
 
 
 def layer_of(name: str) -> int | None:
@@ -206,6 +207,10 @@ def residual_node(start: ir.Value) -> tuple[ir.Node, ir.Value]:
     value = start
     for _ in range(4):
         users = list(value.consumers())
+        normed = _written_out_rms_norm(value, users)
+        if normed is not None:  # Gemma 3's post-attention / post-MLP norm before the residual sum
+            value = normed
+            continue
         if len(users) != 1:
             break
         if users[0].op_type == "Add" or users[0].op_type in SKIP_NORMS:
@@ -214,6 +219,21 @@ def residual_node(start: ir.Value) -> tuple[ir.Node, ir.Value]:
             break
         value = users[0].outputs[0]
     raise PruneError(f"{start.name}: no residual Add after the projection")
+
+
+def _written_out_rms_norm(value: ir.Value, users: list[ir.Node]) -> ir.Value | None:
+    """``w * (x * Reciprocal(Sqrt(ReduceMean(Pow(x)) + eps)))`` of ``x = value`` as the export writes it: its output."""
+    if sorted(node.op_type for node in users) != ["Mul", "Pow"]:
+        return None
+    scaled = next(node for node in users if node.op_type == "Mul")
+    rsqrt = [v.producer() for v in scaled.inputs if v is not value and v is not None and v.producer() is not None]
+    if len(rsqrt) != 1 or rsqrt[0].op_type != "Reciprocal":
+        return None
+    weighted = list(scaled.outputs[0].consumers())
+    if len(weighted) != 1 or weighted[0].op_type != "Mul" \
+            or not any(v is not None and v.const_value is not None for v in weighted[0].inputs):
+        return None
+    return weighted[0].outputs[0]
 
 
 # ---------------------------------------------------------------------------------------------

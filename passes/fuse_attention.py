@@ -538,11 +538,15 @@ def rules(target: Target | str, max_positions: int | None = None, pack_qkv: bool
         normed = [GroupQueryAttentionNormedQKFusion.rule(f"GroupQueryAttention{suffix}/normed_qk", repeat_kv=repeat,
                                                          max_positions=max_positions, pack_qkv=False)
                   for suffix, repeat in (("", True), ("NoRepeat", False))] if max_positions else []
+        # gemma3_text / phi3: q/k norm, partial rotary, LongRoPE, sliding window (that module builds on this one).
+        from graphopt.passes import fuse_attention_families
+
+        family = fuse_attention_families.rules(max_positions) if max_positions else []
         # Layers without RoPE (SmolLM3) last: the GPT-2 layout (no RoPE, no KV repeat) is MultiHeadAttention's,
         # which honours any mask; a position-free layer with as many KV heads as heads fuses to it as well.
         no_rotary = [GroupQueryAttentionNoRotaryFusion.rule(f"GroupQueryAttention{suffix}/no_rotary", repeat_kv=repeat)
                      for suffix, repeat in (("", True), ("NoRepeat", False))]
-        return [*gqa, *normed, MultiHeadAttentionFusion.rule("MultiHeadAttention"), *no_rotary]
+        return [*gqa, *normed, *family, MultiHeadAttentionFusion.rule("MultiHeadAttention"), *no_rotary]
     return [OnnxAttentionFusion.rule(f"Attention{suffix}", repeat_kv=repeat) for suffix, repeat in (("", True), ("NoRepeat", False))]
 
 

@@ -1,7 +1,7 @@
 """MLP channels: gate/up columns and the matching down rows  =>  a narrower intermediate layer.
 
 Per layer the plan names the intermediate channels to keep. Llama/Qwen2: ``gate_proj`` and
-``up_proj`` columns, ``down_proj`` rows; GPT-2: ``c_fc`` columns and bias, ``mlp.c_proj`` rows.
+``up_proj`` columns, ``down_proj`` rows; phi3: those channels in both halves of ``gate_up_proj``; GPT-2: ``c_fc`` columns and bias, ``mlp.c_proj`` rows.
 Constants that spell the intermediate size between them (GPT-2's Reshape targets around the Gemms)
 are rewritten through the axis tracking of ``_prune_common``.
 
@@ -55,10 +55,13 @@ class PruneChannelsPass(common.PrunePass):
                 continue
             resizer = common.Resizer(graph, RULE)
             for linear in layer.mlp_in:
-                common.slice_initializer(graph, linear.weight, 1, kept)
+                # phi3's packed [gate | up]: the same channels in both halves; its Split halves the new width.
+                packed = linear is layer.gate_up
+                columns = np.concatenate([kept, size + kept]) if packed else kept
+                common.slice_initializer(graph, linear.weight, 1, columns)
                 if linear.bias is not None:
-                    common.slice_initializer(graph, linear.bias, 0, kept)
-                resizer.seed(linear.node.outputs[0], {-1: (size, kept.size)})
+                    common.slice_initializer(graph, linear.bias, 0, columns)
+                resizer.seed(linear.node.outputs[0], {-1: (size * (1 + packed), columns.size)})
             common.slice_initializer(graph, layer.down.weight, 0, kept)
             resizer.stop_at(layer.down.node)
             resizer.run()

@@ -72,7 +72,12 @@ class PruneHeadsPass(common.PrunePass):
             q_width, kv_width = heads * head_dim, kv_heads * head_dim
             columns = np.concatenate([q_columns, q_width + kv_columns, q_width + kv_width + kv_columns])
             _slice_linear(graph, layer.qkv, columns)
-            resizer.seed(layer.qkv.node.outputs[0], {-1: (q_width + 2 * kv_width, len(columns))})
+            parts = _packed_qkv_slices(graph, layer.qkv.output, (q_width, kv_width, kv_width),
+                                       (len(q_columns), len(kv_columns), len(kv_columns)))
+            if parts is None:
+                resizer.seed(layer.qkv.node.outputs[0], {-1: (q_width + 2 * kv_width, len(columns))})
+            for value, old, new in parts or ():
+                resizer.seed(value, {-1: (old, new)})
         else:
             for linear, columns, count in ((layer.q, q_columns, heads), (layer.k, kv_columns, kv_heads),
                                            (layer.v, kv_columns, kv_heads)):
@@ -86,6 +91,44 @@ class PruneHeadsPass(common.PrunePass):
         self.counts["constants_rewritten"] += resizer.rewritten
         for value in common.cache_outputs(graph, layer.index).values():
             common.set_cache_dims(value, len(kept_kv))
+
+
+def _packed_qkv_slices(graph: ir.Graph, packed: ir.Value, old: tuple[int, ...], new: tuple[int, ...]):
+    """phi3: ``packed`` read by three constant Slices of its last axis, [q | k | v] in order.
+
+    Their bounds become the pruned widths (fresh constants: the old ones may be shared), and the
+    three outputs are returned with their (old, new) widths for the resizer; None when ``packed`` is
+    read otherwise (GPT-2's Split, which the resizer handles itself).
+    """
+    users = list(packed.consumers())
+    if len(users) != 3 or any(node.op_type != "Slice" or node.inputs[0] is not packed for node in users):
+        return None
+    bounds = []
+    for node in users:
+        arrays = [node.inputs[i].const_value.numpy().reshape(-1) if len(node.inputs) > i and node.inputs[i] is not None
+                  and node.inputs[i].const_value is not None else None for i in (1, 2, 3)]
+        steps = node.inputs[4].const_value.numpy().reshape(-1).tolist() if len(node.inputs) > 4 \
+            and node.inputs[4] is not None and node.inputs[4].const_value is not None else [1]
+        if any(array is None or array.size != 1 for array in arrays) or steps != [1] \
+                or arrays[2][0] not in (-1, packed.shape.rank() - 1 if packed.shape is not None else -1):
+            raise common.PruneError(f"Slice '{node.name}' of the packed q/k/v projection is not a constant slice "
+                                    "of its last axis")
+        bounds.append((int(arrays[0][0]), int(arrays[1][0]), node))
+    bounds.sort(key=lambda entry: entry[0])
+    starts = np.cumsum((0, *old))
+    if [start for start, _, _ in bounds] != starts[:3].tolist() \
+            or [end for _, end, _ in bounds[:2]] != starts[1:3].tolist() or bounds[2][1] < starts[3]:
+        raise common.PruneError("the packed q/k/v projection is not read as [q | k | v] by three Slices")
+    new_starts = np.cumsum((0, *new))
+    parts = []
+    for index, (_start, _end, node) in enumerate(bounds):
+        for position, bound in ((1, new_starts[index]), (2, new_starts[index + 1])):
+            node.replace_input_with(position, common._constant(graph, np.array([bound], dtype=np.int64),
+                                                               f"{node.name}.pruned_bounds"))
+        parts.append((node.outputs[0], old[index], new[index]))
+    if packed.shape is not None:
+        common._set_dims(packed, {packed.shape.rank() - 1: (sum(old), sum(new))})
+    return parts
 
 
 def head_layout(graph: ir.Graph, layer: common.Layer) -> tuple[int, int, int]:

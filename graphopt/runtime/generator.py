@@ -86,6 +86,9 @@ class Generator:
         self.tokenizer = Tokenizer(self.model_dir.path)
         self.eos_token_ids = set(self.manifest.eos_token_ids)
         self.max_positions = self.manifest.max_positions
+        # LongRoPE (phi3): at this sequence length transformers' generate recomputes the cache with the
+        # long factors (Phi3ForCausalLM.prepare_inputs_for_generation); so does generate() here.
+        self.recompute_at = self.manifest.extra.get("longrope_recompute_at")
 
     @property
     def provider(self) -> str:
@@ -121,7 +124,11 @@ class Generator:
                 break
             if len(generated) >= max_new_tokens:
                 break
-            logits = self.decoder.forward([token])[-1]
+            if len(prompt_ids) + len(generated) == self.recompute_at:
+                self.decoder.reset()
+                logits = self.decoder.forward(prompt_ids + generated)[-1]
+            else:
+                logits = self.decoder.forward([token])[-1]
             token = choose(logits, sampling, rng)
             generated.append(token)
         decode_s = time.perf_counter() - decode_started

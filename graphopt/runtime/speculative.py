@@ -261,6 +261,10 @@ class SpeculativeGenerator:
         if len(prompt_ids) + max_new_tokens > self.draft.max_positions:
             raise GraphoptError(f"prompt plus {max_new_tokens} new tokens exceeds the draft's context of "
                                 f"{self.draft.max_positions}")
+        recompute_at = getattr(self.target, "recompute_at", None)
+        if recompute_at and len(prompt_ids) < recompute_at <= len(prompt_ids) + max_new_tokens:
+            # LongRoPE (phi3): the target recomputes its cache at that length, which plain decoding does.
+            return self.target.generate(prompt_ids, max_new_tokens, sampling, on_token, stop_on_eos)
         rng = np.random.default_rng(sampling.seed)
         target, draft = self.target.decoder, self.draft.decoder
         target.reset()
