@@ -166,7 +166,8 @@ RECIPES: dict[str, Recipe] = {recipe.name: recipe for recipe in (
                Stage("validate", {"min_token_agreement": 0.95, "max_perplexity_increase": 1.0}),
                # no draft: the int4 draft (float MatMulNBits, no CUDA graph) decoded 66 tokens/s beside
                # this target's 800 on an H200 and its own pair measurement lost (576 tokens/s); a
-               # CUDA-graphed half-layer fp16 draft loses too (tools/results/gpu_check_h200.json).
+               # half-layer fp16 draft with CUDA graphs (verify graphed too) has ~1-3% acceptance and
+               # runs at 0.30-0.61x plain (tools/results/gpu_check_h200.json).
            )),
     Recipe("tensorrt-int8", "TensorRT, opset-23 Attention, symmetric int8 QDQ on weights and activations",
            ep="tensorrt", stages=(

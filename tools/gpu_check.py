@@ -204,6 +204,9 @@ def start_genai_build(src: str, work: pathlib.Path, errors: dict[str, str]):
         from graphopt.checkpoint import load
 
         checkpoint = load(src)
+        # A GGUF loads dequantized to float32, but transformers keeps its GGUF quantizer and then
+        # refuses to save; the weights saved are the float32 ones graphopt exported.
+        checkpoint.model.hf_quantizer = None
         checkpoint.model.save_pretrained(hf_dir)
         checkpoint.tokenizer.save_pretrained(hf_dir)
     log("onnxruntime-genai builder started (fp16 and int4, CUDA) in the background")
