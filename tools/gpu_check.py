@@ -59,8 +59,13 @@ class _LogHandler:
         peers.addHandler(Handler())
 
 
-def build_variants(src: str, work: pathlib.Path, skip_export: bool, errors: dict[str, str]) -> dict[str, pathlib.Path]:
-    """Build every variant that can be built; a failed one is logged in ``errors`` and left out."""
+def build_variants(src: str, work: pathlib.Path, skip_export: bool, errors: dict[str, str],
+                   draft: pathlib.Path | None = None) -> dict[str, pathlib.Path]:
+    """Build every variant that can be built; a failed one is logged in ``errors`` and left out.
+
+    The draft is the half-layer cut of the export unless ``draft`` names a float32 model directory
+    (e.g. a distilled draft), which then takes the target's fusion and precision the same way.
+    """
     from graphopt.drafting import build_draft
     from graphopt.export import export
     from graphopt.fusion import fuse
@@ -69,6 +74,8 @@ def build_variants(src: str, work: pathlib.Path, skip_export: bool, errors: dict
     paths = {name: work / name for name in ("fp32", "fp32-fused", "fp16", "fp16-fused", "fp32-fused-packed",
                                             "fp16-fused-packed", "draft-fp32", "draft-fp32-fused",
                                             "draft-fp16-fused", "draft-fp32-fused-packed", "draft-fp16-fused-packed")}
+    if draft is not None:
+        paths["draft-fp32"] = draft
     if not (skip_export and (paths["fp32"] / "model.onnx").is_file()):
         started = time.perf_counter()
         export(src, paths["fp32"], force=True)
@@ -82,7 +89,8 @@ def build_variants(src: str, work: pathlib.Path, skip_export: bool, errors: dict
         ("fp16-fused-packed", lambda: convert(paths["fp32-fused-packed"], paths["fp16-fused-packed"], dtype="fp16",
                                               force=True)),
         # The draft drops layers from the unfused graph, then takes the target's fusion and precision.
-        ("draft-fp32", lambda: build_draft(paths["fp32"], paths["draft-fp32"], recipe="half-layers", force=True)),
+        ("draft-fp32", lambda: build_draft(paths["fp32"], paths["draft-fp32"], recipe="half-layers", force=True)
+         if draft is None else None),
         ("draft-fp32-fused", lambda: fuse(paths["draft-fp32"], paths["draft-fp32-fused"], "cuda", require=True,
                                           force=True)),
         ("draft-fp16-fused", lambda: convert(paths["draft-fp32-fused"], paths["draft-fp16-fused"], dtype="fp16",
@@ -123,6 +131,8 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-export", action="store_true", help="reuse WORK/fp32 if present")
+    parser.add_argument("--draft", type=pathlib.Path, default=None,
+                        help="a float32 draft model directory (e.g. distilled) instead of the half-layer cut")
     parser.add_argument("--stages", default=",".join(STAGES),
                         help=f"comma-separated parts to run, of {', '.join(STAGES)} (default: all)")
     parser.add_argument("--plot", type=pathlib.Path, default=None, metavar="JSON",
@@ -153,7 +163,7 @@ def main() -> None:
     genai_build = None
     reference_file = args.work / "reference.json"
     if "graphopt" in stages or not reference_file.is_file():
-        paths = build_variants(args.src, args.work, args.skip_export, errors)
+        paths = build_variants(args.src, args.work, args.skip_export, errors, args.draft)
         if "genai" in stages:
             genai_build = start_genai_build(args.src, args.work, errors)
         from graphopt.runtime import Generator
