@@ -239,3 +239,26 @@ def test_speculative_builds_verify_bindings_on_static_caches(fused_llama_dir):
     assert generator.draft.decoder.graphed_lengths == [1, 2]
     plain = Generator(fused_llama_dir).generate([5, 6, 7], max_new_tokens=20, stop_on_eos=False)
     assert generator.generate([5, 6, 7], max_new_tokens=20, stop_on_eos=False).token_ids == plain.token_ids
+
+
+def test_greedy_head_gives_the_argmax_without_the_logits(fused_llama_dir, tmp_path):
+    """next_token = ArgMax(logits) in the graph; the static cache's forward_greedy reads it, on every path."""
+    from graphopt.passes.greedy_head import AddGreedyHead, write_with_greedy_head
+    import onnx_ir as ir
+
+    headed = tmp_path / "headed"
+    write_with_greedy_head(fused_llama_dir, headed)
+    model = ir.load(headed / "model.onnx")
+    assert [value.name for value in model.graph.outputs][-1] == "next_token"
+    assert not AddGreedyHead()(model).modified  # already there
+    plain = StaticCacheDecoder(ModelDir.open(fused_llama_dir).model_path, ep="cpu", graph_tokens=3)
+    greedy = StaticCacheDecoder(ModelDir.open(headed).model_path, ep="cpu", graph_tokens=3)
+    assert greedy.greedy_output and not plain.greedy_output
+    ids = np.random.default_rng(2).integers(0, 300, size=12).tolist()
+    for start, stop in ((0, 4), (4, 5), (5, 7), (7, 10), (10, 11)):  # eager prompt, step, 2, 3 (bindings), step
+        expected = plain.forward(ids[start:stop]).argmax(-1)
+        np.testing.assert_array_equal(greedy.forward_greedy(ids[start:stop]), expected)
+    reference = Generator(fused_llama_dir).generate([5, 6, 7], max_new_tokens=16, stop_on_eos=False)
+    assert Generator(headed).generate([5, 6, 7], max_new_tokens=16, stop_on_eos=False).token_ids == reference.token_ids
+    speculative = SpeculativeGenerator(headed, headed, gamma=2, cache="static")
+    assert speculative.generate([5, 6, 7], max_new_tokens=16, stop_on_eos=False).token_ids == reference.token_ids

@@ -73,7 +73,8 @@ def build_variants(src: str, work: pathlib.Path, skip_export: bool, errors: dict
 
     paths = {name: work / name for name in ("fp32", "fp32-fused", "fp16", "fp16-fused", "fp32-fused-packed",
                                             "fp16-fused-packed", "draft-fp32", "draft-fp32-fused",
-                                            "draft-fp16-fused", "draft-fp32-fused-packed", "draft-fp16-fused-packed")}
+                                            "draft-fp16-fused", "draft-fp32-fused-packed", "draft-fp16-fused-packed",
+                                            "fp16-fused-packed-argmax")}
     if draft is not None:
         paths["draft-fp32"] = draft
     if not (skip_export and (paths["fp32"] / "model.onnx").is_file()):
@@ -95,6 +96,9 @@ def build_variants(src: str, work: pathlib.Path, skip_export: bool, errors: dict
                                           force=True)),
         ("draft-fp16-fused", lambda: convert(paths["draft-fp32-fused"], paths["draft-fp16-fused"], dtype="fp16",
                                              force=True)),
+        # The packed fp16 graph plus an on-device ArgMax output (passes/greedy_head.py).
+        ("fp16-fused-packed-argmax", lambda: _with_greedy_head(paths["fp16-fused-packed"],
+                                                               paths["fp16-fused-packed-argmax"])),
         ("draft-fp32-fused-packed", lambda: fuse(paths["draft-fp32"], paths["draft-fp32-fused-packed"], "cuda",
                                                  require=True, force=True, pack_qkv=True)),
         ("draft-fp16-fused-packed", lambda: convert(paths["draft-fp32-fused-packed"], paths["draft-fp16-fused-packed"],
@@ -107,6 +111,15 @@ def build_variants(src: str, work: pathlib.Path, skip_export: bool, errors: dict
             errors[name] = f"{type(error).__name__}: {error}"
             log(f"FAILED to build {name}: {errors[name]}")
     return {name: path for name, path in paths.items() if (path / "model.onnx").is_file()}
+
+
+def _with_greedy_head(source: pathlib.Path, output: pathlib.Path) -> None:
+    import shutil
+
+    from graphopt.passes.greedy_head import write_with_greedy_head
+
+    shutil.rmtree(output, ignore_errors=True)
+    write_with_greedy_head(source, output)
 
 
 def agreeing_prefix(tokens: list[int], reference: list[int]) -> int:
@@ -239,7 +252,8 @@ def graphopt_rows(paths, reference, prompt_ids, reference_tokens, errors, args) 
              ("fp16 fused", "fp16-fused", "device", False),
              ("fp16 fused, static cache", "fp16-fused", "static", False),
              ("fp16 fused, static + CUDA graph", "fp16-fused", "static", True),
-             ("fp16 fused qkv, static + graph", "fp16-fused-packed", "static", True)]
+             ("fp16 fused qkv, static + graph", "fp16-fused-packed", "static", True),
+             ("fp16 fused qkv + device argmax, static + graph", "fp16-fused-packed-argmax", "static", True)]
     for label, name, cache, cuda_graph in plans:
         if name not in paths:
             continue

@@ -109,8 +109,7 @@ class Generator:
         self.decoder.reset()
         self.decoder.reserve(len(prompt_ids) + max_new_tokens)
         started = time.perf_counter()
-        logits = self.decoder.forward(prompt_ids)[-1]
-        token = choose(logits, sampling, rng)
+        token = self._next(prompt_ids, sampling, rng)
         prefill_ms = (time.perf_counter() - started) * 1e3
         generated = [token]
         decode_started = time.perf_counter()
@@ -123,8 +122,7 @@ class Generator:
                 break
             if len(generated) >= max_new_tokens:
                 break
-            logits = self.decoder.forward([token])[-1]
-            token = choose(logits, sampling, rng)
+            token = self._next([token], sampling, rng)
             generated.append(token)
         decode_s = time.perf_counter() - decode_started
         return GenerationResult(prompt_ids=prompt_ids, token_ids=generated,
@@ -133,3 +131,9 @@ class Generator:
 
     def generate_text(self, prompt: str, chat: bool = False, **options) -> GenerationResult:
         return self.generate(self.encode_prompt(prompt, chat=chat), **options)
+
+    def _next(self, ids: Sequence[int], sampling: Sampling, rng: np.random.Generator) -> int:
+        """The token after ``ids`` (run on the cache): greedy asks the decoder for the argmax alone."""
+        if sampling.greedy:
+            return int(self.decoder.forward_greedy(ids)[-1])
+        return choose(self.decoder.forward(ids)[-1], sampling, rng)

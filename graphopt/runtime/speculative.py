@@ -359,24 +359,25 @@ class SpeculativeGenerator:
         for index in range(gamma):
             # The first call also feeds whatever the draft has not seen yet (the prompt, a bonus token).
             fed = sequence[draft.length:] if index == 0 else proposals[-1:]
-            logits = draft.forward(fed)[-1]
             stats["draft_calls"] += 1
             if sampling.greedy:
-                proposals.append(int(np.argmax(logits)))
+                # The argmax alone: a graph with a next_token output keeps the logits on the device.
+                proposals.append(int(draft.forward_greedy(fed)[-1]))
             else:
-                distribution = probabilities(logits, sampling)
+                distribution = probabilities(draft.forward(fed)[-1], sampling)
                 draft_distributions.append(distribution)
                 proposals.append(sample(distribution, rng))
 
         drafted = time.perf_counter()
-        target_logits = target.forward([sequence[-1], *proposals])
+        fed = [sequence[-1], *proposals]
+        target_logits = target.forward_greedy(fed) if sampling.greedy else target.forward(fed)
         verified = time.perf_counter()
         stats["target_calls"] += 1
         if gamma == 0:
             stats["plain_steps"] += 1
         accepted = 0
         if sampling.greedy:
-            choices = np.argmax(target_logits, axis=-1)
+            choices = target_logits  # token ids already
             while accepted < gamma and int(choices[accepted]) == proposals[accepted]:
                 accepted += 1
             next_token = int(choices[accepted])

@@ -48,6 +48,7 @@ FIRST_GRAPH_ID = 1
 # One-token runs before a graph is surely captured: ORT runs a graph id normally first (to settle
 # its memory allocations), captures on the next run, and replays from then on.
 WARM_UP_STEPS = 3
+GREEDY_OUTPUT = "next_token"
 # A captured multi-token graph must reproduce the eager forward's logits to within this fraction of
 # their largest magnitude (the same kernels run either way; only a broken capture differs more).
 GRAPH_CHECK_TOLERANCE = 1e-2
@@ -114,6 +115,8 @@ class StaticCacheDecoder(Decoder):
         outputs = {meta.name: meta for meta in self.session.get_outputs()}
         self._logits_dtype = {"tensor(float16)": np.float16}.get(outputs["logits"].type, np.float32)
         self._vocab = outputs["logits"].shape[2]
+        # A graph with passes/greedy_head.py's output gives greedy tokens without the logits on the host.
+        self.greedy_output = GREEDY_OUTPUT in outputs
         self._eager = ort.RunOptions()
         self._eager.add_run_config_entry("gpu_graph_id", "-1")
         self._graph_id = FIRST_GRAPH_ID - 1
@@ -178,13 +181,18 @@ class StaticCacheDecoder(Decoder):
         if "position_ids" in self.input_names:
             binding.bind_ortvalue_input("position_ids", positions)
         binding.bind_ortvalue_output("logits", logits)
+        tokens = None
+        if self.greedy_output:
+            tokens = self._fixed((1, count), np.int64)
+            binding.bind_ortvalue_output(GREEDY_OUTPUT, tokens)
         self._bind_cache(binding)
         # New addresses need a new graph: a fresh id, captured now (warm_up) rather than in the
         # middle of someone's first request (that first capture costs more than a hundred plain steps).
         self._graph_id += 1
         options = self._ort.RunOptions()
         options.add_run_config_entry("gpu_graph_id", str(self._graph_id) if self.cuda_graph else "-1")
-        return {"ids": ids, "positions": positions, "logits": logits, "binding": binding, "options": options}
+        return {"ids": ids, "positions": positions, "logits": logits, "tokens": tokens, "binding": binding,
+                "options": options}
 
     @property
     def graphed_lengths(self) -> list[int]:
@@ -245,6 +253,19 @@ class StaticCacheDecoder(Decoder):
             binding.bind_ortvalue_output(present, value)  # the same buffer: written in place
 
     def forward(self, token_ids) -> np.ndarray:
+        return self._forward(token_ids, greedy=False).astype(np.float32, copy=False)
+
+    def forward_greedy(self, token_ids) -> np.ndarray:
+        """Like :meth:`forward`, but only each position's argmax token id comes back (int64, ``(n,)``).
+
+        With the graph's ``next_token`` output the argmax is taken on the device and the logits
+        stay there; without it, this is the argmax of :meth:`forward`.
+        """
+        if not self.greedy_output:
+            return super().forward_greedy(token_ids)
+        return self._forward(token_ids, greedy=True)
+
+    def _forward(self, token_ids, greedy: bool) -> np.ndarray:
         ids = np.asarray(token_ids, dtype=np.int64).reshape(1, -1)
         start, total = self._length, self._length + ids.shape[1]
         if total > self.max_positions:
@@ -255,13 +276,13 @@ class StaticCacheDecoder(Decoder):
         # The first prompt takes GroupQueryAttention's first-prompt path (a mask as wide as the
         # prompt); one token runs the step binding even then, as it always has.
         if fixed is not None and (start > 0 or ids.shape[1] == 1):
-            logits = self._run_fixed(fixed, ids, start)
+            result = self._run_fixed(fixed, ids, start, greedy)
         else:
-            logits = self._forward_eager(ids, start)
+            result = self._forward_eager(ids, start, greedy)
         self._length = total
-        return logits.astype(np.float32, copy=False)
+        return result
 
-    def _forward_eager(self, ids: np.ndarray, start: int) -> np.ndarray:
+    def _forward_eager(self, ids: np.ndarray, start: int, greedy: bool = False) -> np.ndarray:
         """Run ``ids`` at ``start`` with fresh bindings and no graph; the mask must already cover them."""
         total = start + ids.shape[1]
         self._mask[0, start:total] = 1
@@ -274,20 +295,20 @@ class StaticCacheDecoder(Decoder):
         binding.bind_cpu_input("attention_mask", self._mask[:, :total] if start == 0 else self._mask)
         if "position_ids" in self.input_names:
             binding.bind_cpu_input("position_ids", np.arange(start, total, dtype=np.int64).reshape(1, -1))
-        binding.bind_output("logits", "cpu")
+        binding.bind_output(GREEDY_OUTPUT if greedy else "logits", "cpu")
         self._bind_cache(binding)
         self.session.run_with_iobinding(binding, self._eager)
         return binding.get_outputs()[0].numpy()[0]
 
-    def _run_fixed(self, fixed: dict, ids: np.ndarray, start: int) -> np.ndarray:
+    def _run_fixed(self, fixed: dict, ids: np.ndarray, start: int, greedy: bool = False) -> np.ndarray:
         """``ids`` through a fixed binding: inputs updated in place, then run (or replay its graph)."""
         fixed["ids"].update_inplace(ids)
         fixed["positions"].update_inplace(np.arange(start, start + ids.shape[1], dtype=np.int64).reshape(1, -1))
         self._step_mask.update_inplace(self._mask)
         self.session.run_with_iobinding(fixed["binding"], fixed["options"])
-        logits = fixed["logits"].numpy()[0]
+        result = fixed["tokens" if greedy else "logits"].numpy()[0]
         # On the CPU that array is a view of the bound buffer, which the next run overwrites.
-        return logits.copy() if self.device == "cpu" else logits
+        return result.copy() if self.device == "cpu" else result
 
     def truncate(self, length: int) -> None:
         if not 0 <= length <= self._length:
