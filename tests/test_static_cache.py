@@ -212,8 +212,8 @@ def test_warm_up_drops_a_multi_token_graph_that_disagrees(fused_llama_dir):
     decoder = StaticCacheDecoder(path, ep="cpu", graph_tokens=3)
     honest = decoder._run_fixed
 
-    def broken(fixed, ids, start):
-        logits = honest(fixed, ids, start)
+    def broken(fixed, ids, start, greedy=False):
+        logits = honest(fixed, ids, start, greedy)
         return logits + 5.0 * (ids.shape[1] == 3) * np.eye(1, logits.shape[-1], 7)
 
     decoder._run_fixed = broken
