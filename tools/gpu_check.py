@@ -7,7 +7,8 @@ Run on a machine with onnxruntime-gpu (see ../shared/device/README.md for a regi
 Variants: fp32 and fp16, unfused and fused (``--target cuda``), with the KV cache on the host
 (numpy feeds, the naive path), on the device (IOBinding, growing each step) or in static buffers
 written in place (GroupQueryAttention's shared past/present), with and without CUDA graphs, and
-fused with the q/k/v projections packed into one MatMul. Numerics: prefill and decode logits vs
+fused with the q/k/v projections packed into one MatMul (and that graph with an on-device ArgMax
+output, passes/greedy_head.py). Numerics: prefill and decode logits vs
 the CPU fp32 model, and greedy tokens vs CPU fp32 greedy. Speed: 512-token prefill ms and 128-token
 greedy decode tokens/s, plain and speculative (a layer-truncated fp16 fused draft; ungraphed
 verify as before, and with the verify forward over gamma + 1 tokens and the draft's catch-up
