@@ -23,6 +23,9 @@ SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 
 
+GREEDY_OUTPUT = "next_token"
+
+
 def io_names(layers: int) -> tuple[list[str], list[str]]:
     """The decoder contract's input and output names for ``layers`` layers."""
     cache = [f"{index}.{kind}" for index in range(layers) for kind in ("key", "value")]
@@ -157,7 +160,9 @@ class Manifest:
             raise GraphoptError(f"{where}: 'dtype' must be one of {', '.join(_DTYPES)}, found {data['dtype']!r}")
         layers = data["layers"]
         expected_inputs, expected_outputs = io_names(layers)
-        if data["inputs"] != expected_inputs or data["outputs"] != expected_outputs:
+        # One optional output after the contract's: passes/greedy_head.py's on-device argmax.
+        if data["inputs"] != expected_inputs or data["outputs"] not in (expected_outputs,
+                                                                         expected_outputs + [GREEDY_OUTPUT]):
             raise GraphoptError(f"{where}: 'inputs'/'outputs' do not follow the decoder contract for {layers} layers")
         for key in ("layer_heads", "layer_kv_heads", "layer_intermediate_sizes"):
             values = data.get(key)

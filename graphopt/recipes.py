@@ -165,7 +165,10 @@ RECIPES: dict[str, Recipe] = {recipe.name: recipe for recipe in (
                Stage("fuse", {"target": "cuda", "pack_qkv": True, **_FUSE}),
                Stage("convert", {"dtype": "fp16"}),
                Stage("validate", {"min_token_agreement": 0.95, "max_perplexity_increase": 1.0}),
-               Stage("draft", {"recipe": "int4", "source": "export"}),  # from the float export
+               # no draft: the int4 draft (float MatMulNBits, no CUDA graph) decoded 66 tokens/s beside
+               # this target's 800 on an H200 and its own pair measurement lost (576 tokens/s); a
+               # half-layer fp16 draft with CUDA graphs (verify graphed too) has ~1-3% acceptance and
+               # runs at 0.30-0.61x plain (tools/results/gpu_check_h200.json).
            )),
     Recipe("tensorrt-int8", "TensorRT, opset-23 Attention, symmetric int8 QDQ on weights and activations",
            ep="tensorrt", stages=(

@@ -186,3 +186,10 @@ def test_bad_value_in_a_recipe_fails_before_any_work(tmp_path, monkeypatch, stag
     result = run("optimize", tmp_path / "nowhere", "-o", tmp_path / "out", "--recipe", "bad")
     assert_one_line_error(result, message)
     assert not (tmp_path / "out").exists()
+
+
+def test_cuda_recipe_ships_no_draft_its_measurement_rejected():
+    """The cuda-fp16 draft (int4, no CUDA graph) lost to its own target on an H200: the recipe builds none."""
+    from graphopt.recipes import get_recipe
+
+    assert "draft" not in [stage.kind for stage in get_recipe("cuda-fp16").stages]

@@ -186,3 +186,79 @@ def test_pack_qkv_fuses_one_projection_per_layer_and_is_recorded(packed_qwen2_di
                                        "--pack-qkv"])
     assert result.exit_code == 0, result.output
     assert "GroupQueryAttention: " in result.output
+
+
+def test_multi_token_bindings_match_the_eager_forward(fused_llama_dir):
+    """Forwards of 2..graph_tokens tokens on a non-empty cache run through fixed bindings (the CUDA-graph
+    layout of speculative verify) and give the growing cache's logits, across growth and rollback."""
+    path = ModelDir.open(fused_llama_dir).model_path
+    growing, static = Decoder(path), StaticCacheDecoder(path, ep="cpu", capacity=8, graph_tokens=4)
+    assert static.graphed_lengths == [1, 2, 3, 4]
+    ids = np.random.default_rng(1).integers(0, 300, size=40).tolist()
+    _close(growing.forward(ids[:3]), static.forward(ids[:3]))  # first prompt: eager path
+    for start, stop in ((3, 7), (7, 9), (9, 12), (12, 13), (13, 17)):  # 4 tokens at 13 grows past 8
+        _close(growing.forward(ids[start:stop]), static.forward(ids[start:stop]))
+    assert static.capacity > 8
+    growing.truncate(14)
+    static.truncate(14)
+    _close(growing.forward(ids[14:17]), static.forward(ids[14:17]))
+    _close(growing.forward(ids[17:22]), static.forward(ids[17:22]))  # 5 tokens: eager, past graph_tokens
+
+
+def test_warm_up_drops_a_multi_token_graph_that_disagrees(fused_llama_dir):
+    """A captured graph is checked against the eager forward; a wrong one is dropped, that length runs eagerly."""
+    path = ModelDir.open(fused_llama_dir).model_path
+    reference = Decoder(path)
+    decoder = StaticCacheDecoder(path, ep="cpu", graph_tokens=3)
+    honest = decoder._run_fixed
+
+    def broken(fixed, ids, start, greedy=False):
+        logits = honest(fixed, ids, start, greedy)
+        return logits + 5.0 * (ids.shape[1] == 3) * np.eye(1, logits.shape[-1], 7)
+
+    decoder._run_fixed = broken
+    with pytest.warns(UserWarning, match="3-token graph"):
+        decoder.warm_up()
+    assert decoder.graphed_lengths == [1, 2] and decoder.length == 0
+    decoder._run_fixed = honest
+    ids = [5, 6, 7, 8, 9, 10]
+    _close(reference.forward(ids[:3]), decoder.forward(ids[:3]))
+    _close(reference.forward(ids[3:6]), decoder.forward(ids[3:6]))
+    decoder.reserve(2 * CAPACITY_STEP)  # the refusal outlives a regrowth
+    assert decoder.graphed_lengths == [1, 2]
+
+
+def test_graph_tokens_must_be_positive(fused_llama_dir):
+    with pytest.raises(ValueError, match="graph_tokens"):
+        StaticCacheDecoder(ModelDir.open(fused_llama_dir).model_path, ep="cpu", graph_tokens=0)
+
+
+def test_speculative_builds_verify_bindings_on_static_caches(fused_llama_dir):
+    generator = SpeculativeGenerator(fused_llama_dir, fused_llama_dir, gamma=3, cache="static")
+    assert generator.target.decoder.graphed_lengths == [1, 2, 3, 4]
+    assert generator.draft.decoder.graphed_lengths == [1, 2]
+    plain = Generator(fused_llama_dir).generate([5, 6, 7], max_new_tokens=20, stop_on_eos=False)
+    assert generator.generate([5, 6, 7], max_new_tokens=20, stop_on_eos=False).token_ids == plain.token_ids
+
+
+def test_greedy_head_gives_the_argmax_without_the_logits(fused_llama_dir, tmp_path):
+    """next_token = ArgMax(logits) in the graph; the static cache's forward_greedy reads it, on every path."""
+    from graphopt.passes.greedy_head import AddGreedyHead, write_with_greedy_head
+    import onnx_ir as ir
+
+    headed = tmp_path / "headed"
+    write_with_greedy_head(fused_llama_dir, headed)
+    model = ir.load(headed / "model.onnx")
+    assert [value.name for value in model.graph.outputs][-1] == "next_token"
+    assert not AddGreedyHead()(model).modified  # already there
+    plain = StaticCacheDecoder(ModelDir.open(fused_llama_dir).model_path, ep="cpu", graph_tokens=3)
+    greedy = StaticCacheDecoder(ModelDir.open(headed).model_path, ep="cpu", graph_tokens=3)
+    assert greedy.greedy_output and not plain.greedy_output
+    ids = np.random.default_rng(2).integers(0, 300, size=12).tolist()
+    for start, stop in ((0, 4), (4, 5), (5, 7), (7, 10), (10, 11)):  # eager prompt, step, 2, 3 (bindings), step
+        expected = plain.forward(ids[start:stop]).argmax(-1)
+        np.testing.assert_array_equal(greedy.forward_greedy(ids[start:stop]), expected)
+    reference = Generator(fused_llama_dir).generate([5, 6, 7], max_new_tokens=16, stop_on_eos=False)
+    assert Generator(headed).generate([5, 6, 7], max_new_tokens=16, stop_on_eos=False).token_ids == reference.token_ids
+    speculative = SpeculativeGenerator(headed, headed, gamma=2, cache="static")
+    assert speculative.generate([5, 6, 7], max_new_tokens=16, stop_on_eos=False).token_ids == reference.token_ids

@@ -7,11 +7,18 @@ Run on a machine with onnxruntime-gpu (see ../shared/device/README.md for a regi
 Variants: fp32 and fp16, unfused and fused (``--target cuda``), with the KV cache on the host
 (numpy feeds, the naive path), on the device (IOBinding, growing each step) or in static buffers
 written in place (GroupQueryAttention's shared past/present), with and without CUDA graphs, and
-fused with the q/k/v projections packed into one MatMul. Numerics: prefill and decode logits vs
+fused with the q/k/v projections packed into one MatMul (and that graph with an on-device ArgMax
+output, passes/greedy_head.py). Numerics: prefill and decode logits vs
 the CPU fp32 model, and greedy tokens vs CPU fp32 greedy. Speed: 512-token prefill ms and 128-token
-greedy decode tokens/s, plain and speculative (a layer-truncated fp16 fused draft), and
-transformers' own ``generate`` on the same GPU. The table is printed last; ``--out`` gets JSON.
-Also runs on CPU (``--ep cpu``) with any checkpoint, to check the script itself.
+greedy decode tokens/s, plain and speculative (a layer-truncated fp16 fused draft; ungraphed
+verify as before, and with the verify forward over gamma + 1 tokens and the draft's catch-up
+captured as CUDA graphs too), batched decode through the continuous-batching engine (aggregate
+tokens/s at batch 1, 8, 32), and the peers of tools/gpu_peers.py in the same process on the same
+card: transformers' eager ``generate``, its static cache + torch.compile (fp16, bf16) and
+onnxruntime-genai's CUDA build on its own builder's fp16 and int4 models. ``--stages`` picks parts
+(the device allows 10 minutes a command: transformers' compile runs best in a second call, its
+JSON joined with ``--merge``). The table is printed last; ``--out`` gets JSON and a PNG. Also runs
+on CPU (``--ep cpu``) with any checkpoint, to check the script itself.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 
 PROMPT = "Write a short paragraph about the history of Paris."
 
@@ -36,8 +44,29 @@ def log(message: str) -> None:
     print(f"[gpu_check {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def build_variants(src: str, work: pathlib.Path, skip_export: bool, errors: dict[str, str]) -> dict[str, pathlib.Path]:
-    """Build every variant that can be built; a failed one is logged in ``errors`` and left out."""
+class _LogHandler:
+    """Routes tools/gpu_peers.py's logger through :func:`log`."""
+
+    @staticmethod
+    def install() -> None:
+        import logging
+
+        class Handler(logging.Handler):
+            def emit(self, record):
+                log(record.getMessage())
+
+        peers = logging.getLogger("gpu_check")
+        peers.setLevel(logging.INFO)
+        peers.addHandler(Handler())
+
+
+def build_variants(src: str, work: pathlib.Path, skip_export: bool, errors: dict[str, str],
+                   draft: pathlib.Path | None = None) -> dict[str, pathlib.Path]:
+    """Build every variant that can be built; a failed one is logged in ``errors`` and left out.
+
+    The draft is the half-layer cut of the export unless ``draft`` names a float32 model directory
+    (e.g. a distilled draft), which then takes the target's fusion and precision the same way.
+    """
     from graphopt.drafting import build_draft
     from graphopt.export import export
     from graphopt.fusion import fuse
@@ -45,7 +74,10 @@ def build_variants(src: str, work: pathlib.Path, skip_export: bool, errors: dict
 
     paths = {name: work / name for name in ("fp32", "fp32-fused", "fp16", "fp16-fused", "fp32-fused-packed",
                                             "fp16-fused-packed", "draft-fp32", "draft-fp32-fused",
-                                            "draft-fp16-fused")}
+                                            "draft-fp16-fused", "draft-fp32-fused-packed", "draft-fp16-fused-packed",
+                                            "fp16-fused-packed-argmax")}
+    if draft is not None:
+        paths["draft-fp32"] = draft
     if not (skip_export and (paths["fp32"] / "model.onnx").is_file()):
         started = time.perf_counter()
         export(src, paths["fp32"], force=True)
@@ -59,11 +91,19 @@ def build_variants(src: str, work: pathlib.Path, skip_export: bool, errors: dict
         ("fp16-fused-packed", lambda: convert(paths["fp32-fused-packed"], paths["fp16-fused-packed"], dtype="fp16",
                                               force=True)),
         # The draft drops layers from the unfused graph, then takes the target's fusion and precision.
-        ("draft-fp32", lambda: build_draft(paths["fp32"], paths["draft-fp32"], recipe="half-layers", force=True)),
+        ("draft-fp32", lambda: build_draft(paths["fp32"], paths["draft-fp32"], recipe="half-layers", force=True)
+         if draft is None else None),
         ("draft-fp32-fused", lambda: fuse(paths["draft-fp32"], paths["draft-fp32-fused"], "cuda", require=True,
                                           force=True)),
         ("draft-fp16-fused", lambda: convert(paths["draft-fp32-fused"], paths["draft-fp16-fused"], dtype="fp16",
                                              force=True)),
+        # The packed fp16 graph plus an on-device ArgMax output (passes/greedy_head.py).
+        ("fp16-fused-packed-argmax", lambda: _with_greedy_head(paths["fp16-fused-packed"],
+                                                               paths["fp16-fused-packed-argmax"])),
+        ("draft-fp32-fused-packed", lambda: fuse(paths["draft-fp32"], paths["draft-fp32-fused-packed"], "cuda",
+                                                 require=True, force=True, pack_qkv=True)),
+        ("draft-fp16-fused-packed", lambda: convert(paths["draft-fp32-fused-packed"], paths["draft-fp16-fused-packed"],
+                                                    dtype="fp16", force=True)),
     ]
     for name, build in steps:
         try:
@@ -74,6 +114,15 @@ def build_variants(src: str, work: pathlib.Path, skip_export: bool, errors: dict
     return {name: path for name, path in paths.items() if (path / "model.onnx").is_file()}
 
 
+def _with_greedy_head(source: pathlib.Path, output: pathlib.Path) -> None:
+    import shutil
+
+    from graphopt.passes.greedy_head import write_with_greedy_head
+
+    shutil.rmtree(output, ignore_errors=True)
+    write_with_greedy_head(source, output)
+
+
 def agreeing_prefix(tokens: list[int], reference: list[int]) -> int:
     """How many leading tokens equal the reference's (greedy streams diverge for good at the first miss)."""
     return next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), len(tokens))
@@ -81,6 +130,9 @@ def agreeing_prefix(tokens: list[int], reference: list[int]) -> int:
 
 def greedy(generator, prompt_ids: list[int], tokens: int):
     return generator.generate(prompt_ids, max_new_tokens=tokens, stop_on_eos=False)
+
+
+STAGES = ("graphopt", "genai", "transformers")
 
 
 def main() -> None:
@@ -93,27 +145,100 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-export", action="store_true", help="reuse WORK/fp32 if present")
+    parser.add_argument("--draft", type=pathlib.Path, default=None,
+                        help="a float32 draft model directory (e.g. distilled) instead of the half-layer cut")
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help=f"comma-separated parts to run, of {', '.join(STAGES)} (default: all)")
     parser.add_argument("--plot", type=pathlib.Path, default=None, metavar="JSON",
                         help="only draw the PNG of an earlier run's gpu_check.json, beside it")
+    parser.add_argument("--merge", type=pathlib.Path, nargs="+", default=None, metavar="JSON",
+                        help="only join the rows of several runs' gpu_check.json (in order) into --out")
     args = parser.parse_args()
     if args.plot is not None:
         plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
         return
+    if args.merge is not None:
+        merge(args.merge, args.out)
+        return
+    stages = [stage for stage in args.stages.split(",") if stage]
+    unknown = [stage for stage in stages if stage not in STAGES]
+    if unknown:
+        sys.exit(f"error: unknown stage {unknown[0]!r}; choose from {', '.join(STAGES)}")
+    _LogHandler.install()
 
     import onnxruntime as ort
-
-    from graphopt.runtime import Generator
 
     log(f"onnxruntime {ort.__version__}, providers {ort.get_available_providers()}, python {platform.python_version()}")
     if args.ep == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
         sys.exit("CUDAExecutionProvider is not available in this onnxruntime")
     args.work.mkdir(parents=True, exist_ok=True)
     errors: dict[str, str] = {}
-    paths = build_variants(args.src, args.work, args.skip_export, errors)
+    rows: list[dict] = []
+    genai_build = None
+    reference_file = args.work / "reference.json"
+    if "graphopt" in stages or not reference_file.is_file():
+        paths = build_variants(args.src, args.work, args.skip_export, errors, args.draft)
+        if "genai" in stages:
+            genai_build = start_genai_build(args.src, args.work, errors)
+        from graphopt.runtime import Generator
 
-    reference = Generator(paths["fp32"], ep="cpu")
-    prompt_ids = reference.encode_prompt(PROMPT, chat=True)
-    reference_tokens = greedy(reference, prompt_ids, args.tokens).token_ids
+        reference = Generator(paths["fp32"], ep="cpu")
+        prompt_ids = reference.encode_prompt(PROMPT, chat=True)
+        reference_tokens = greedy(reference, prompt_ids, args.tokens).token_ids
+        reference_file.write_text(json.dumps({"prompt_ids": prompt_ids, "tokens": reference_tokens}))
+    else:
+        paths = {}
+        saved = json.loads(reference_file.read_text())
+        prompt_ids, reference_tokens = saved["prompt_ids"], saved["tokens"]
+        if "genai" in stages:
+            genai_build = start_genai_build(args.src, args.work, errors)
+    if "graphopt" in stages:
+        rows += graphopt_rows(paths, reference, prompt_ids, reference_tokens, errors, args)
+    if "genai" in stages and genai_build is not None:
+        code = genai_build.wait()
+        log(f"onnxruntime-genai builder exited with {code}")
+        try:
+            from gpu_peers import genai_rows
+
+            rows += genai_rows(args.work, prompt_ids, reference_tokens, args.tokens, args.repeats)
+        except Exception as error:
+            errors["onnxruntime-genai"] = f"{type(error).__name__}: {error}"
+            log(f"FAILED onnxruntime-genai: {traceback.format_exc()}")
+    if "transformers" in stages and args.ep == "cuda":
+        try:
+            rows += transformers_rows(args.src, prompt_ids, reference_tokens, args)
+        except Exception as error:
+            errors["transformers"] = f"{type(error).__name__}: {error}"
+            log(f"FAILED transformers: {traceback.format_exc()}")
+    report(rows, errors, args, ort)
+
+
+def start_genai_build(src: str, work: pathlib.Path, errors: dict[str, str]):
+    """Save the checkpoint as a Hugging Face directory and start onnxruntime-genai's builder on it (background)."""
+    try:
+        import onnxruntime_genai  # noqa: F401
+
+        from gpu_peers import build_genai_models
+    except ImportError as error:
+        errors["onnxruntime-genai"] = f"not importable here: {error}"
+        log(errors["onnxruntime-genai"])
+        return None
+    hf_dir = work / "hf"
+    if not (hf_dir / "config.json").is_file():
+        from graphopt.checkpoint import load
+
+        checkpoint = load(src)
+        # A GGUF loads dequantized to float32, but transformers keeps its GGUF quantizer and then
+        # refuses to save; the weights saved are the float32 ones graphopt exported.
+        checkpoint.model.hf_quantizer = None
+        checkpoint.model.save_pretrained(hf_dir)
+        checkpoint.tokenizer.save_pretrained(hf_dir)
+    log("onnxruntime-genai builder started (fp16 and int4, CUDA) in the background")
+    return build_genai_models(hf_dir, work)
+
+
+def graphopt_rows(paths, reference, prompt_ids, reference_tokens, errors, args) -> list[dict]:
+    """Every graphopt variant at batch 1, speculative (ungraphed and graphed verify), and batched decode."""
     reference.decoder.reset()
     reference_prefill = reference.decoder.forward(prompt_ids)
     reference_decode = reference.decoder.forward(reference_tokens[:4])
@@ -128,7 +253,8 @@ def main() -> None:
              ("fp16 fused", "fp16-fused", "device", False),
              ("fp16 fused, static cache", "fp16-fused", "static", False),
              ("fp16 fused, static + CUDA graph", "fp16-fused", "static", True),
-             ("fp16 fused qkv, static + graph", "fp16-fused-packed", "static", True)]
+             ("fp16 fused qkv, static + graph", "fp16-fused-packed", "static", True),
+             ("fp16 fused qkv + device argmax, static + graph", "fp16-fused-packed-argmax", "static", True)]
     for label, name, cache, cuda_graph in plans:
         if name not in paths:
             continue
@@ -147,13 +273,90 @@ def main() -> None:
         except Exception as error:
             errors["speculative"] = f"{type(error).__name__}: {error}"
             log(f"FAILED speculative: {errors['speculative']}")
-    if args.ep == "cuda":
+    if all(name in paths for name in ("fp16-fused-packed", "draft-fp16-fused-packed")):
         try:
-            rows += transformers_rows(args.src, prompt_ids, reference_tokens, args)
+            rows += graphed_speculative_rows(paths["fp16-fused-packed"], paths["draft-fp16-fused-packed"], prompt_ids,
+                                             reference_tokens, args)
         except Exception as error:
-            errors["transformers"] = f"{type(error).__name__}: {error}"
-            log(f"FAILED transformers: {errors['transformers']}")
-    report(rows, errors, args, ort)
+            errors["speculative, graphed verify"] = f"{type(error).__name__}: {error}"
+            log(f"FAILED speculative, graphed verify: {traceback.format_exc()}")
+    batched = "fp16-fused-packed" if args.ep == "cuda" else "fp32-fused"
+    if batched in paths:
+        try:
+            rows += batched_rows(paths[batched], prompt_ids, reference_tokens, args)
+        except Exception as error:
+            errors["batched"] = f"{type(error).__name__}: {error}"
+            log(f"FAILED batched: {traceback.format_exc()}")
+    return rows
+
+
+def graphed_speculative_rows(target_path, draft_path, prompt_ids, reference_tokens, args) -> list[dict]:
+    """Speculative decoding with the target's verify and the draft's catch-up as CUDA graphs, per gamma.
+
+    Plain decoding of the same target (its one-token graph) is timed here too, so the ratio is
+    within one stretch of the run. Fixed gammas run without the fallback (the raw speed of
+    speculation); ``auto`` adapts gamma and falls back to plain decoding when that is faster.
+    """
+    from graphopt.runtime import Generator
+    from graphopt.runtime.speculative import SpeculativeGenerator
+
+    plain_generator = Generator(target_path, ep=args.ep)
+    plain_runs = [greedy(plain_generator, prompt_ids, args.tokens) for _ in range(args.repeats)]
+    plain = max(run.decode_tokens_per_s for run in plain_runs)
+    plain_tokens = plain_runs[0].token_ids
+    del plain_generator
+    rows = []
+    for gamma in (1, 2, 3, 4, "auto"):
+        label = f"fp16 qkv + speculative, graphed verify, gamma {gamma}"
+        log(f"timing {label}")
+        speculative = SpeculativeGenerator(target_path, draft_path, gamma=gamma, ep=args.ep, cache="static",
+                                           fallback=gamma == "auto")
+        log(f"  target graphs for {speculative.target.decoder.graphed_lengths} tokens, draft for "
+            f"{speculative.draft.decoder.graphed_lengths}")
+        runs = [speculative.generate(prompt_ids, max_new_tokens=args.tokens, stop_on_eos=False)
+                for _ in range(args.repeats)]
+        best = max(runs, key=lambda run: run.decode_tokens_per_s)
+        rows.append({"variant": label, "provider": speculative.provider, "decoder": "SpeculativeGenerator",
+                     "gamma": gamma, "graphed_target_lengths": speculative.target.decoder.graphed_lengths,
+                     "identical_to_plain_greedy": all(run.token_ids == plain_tokens for run in runs),
+                     "greedy_tokens_agreeing": agreeing_prefix(best.token_ids, reference_tokens),
+                     "acceptance_rate": best.extra.get("acceptance_rate"),
+                     "tokens_per_target_call": best.extra.get("tokens_per_target_call"),
+                     "plain_steps": best.extra.get("plain_steps"),
+                     "decode_tokens_per_s": best.decode_tokens_per_s, "plain_decode_tokens_per_s": plain,
+                     "x_plain": best.decode_tokens_per_s / plain})
+        del speculative
+    return rows
+
+
+def batched_rows(path, prompt_ids, reference_tokens, args) -> list[dict]:
+    """The continuous-batching engine: ``b`` copies of the prompt decoded together, aggregate tokens/s.
+
+    Wall time from submit to the last token, prefills included (each request's prefill runs alone,
+    between decode steps); the engine's own decode-only rate is reported beside it.
+    """
+    from graphopt.runtime.batching import BatchEngine, BatchRequest
+
+    engine = BatchEngine(path, ep=args.ep, max_batch=32, context=len(prompt_ids) + args.tokens + 8)
+    request = BatchRequest(tuple(prompt_ids), max_new_tokens=args.tokens, stop_on_eos=False)
+    rows = []
+    for batch in (1, 8, 32):
+        log(f"timing batching engine, batch {batch}")
+        engine.generate([request] * batch)  # warm-up: the shapes of this batch
+        best = None
+        for _ in range(2):
+            engine.stats.decode_s = engine.stats.decode_tokens = 0
+            started = time.perf_counter()
+            sequences = engine.generate([request] * batch)
+            seconds = time.perf_counter() - started
+            produced = sum(len(sequence.token_ids) for sequence in sequences)
+            figures = (produced / seconds, engine.stats.decode_tokens / max(engine.stats.decode_s, 1e-9), sequences)
+            best = figures if best is None or figures[0] > best[0] else best
+        agree = min(agreeing_prefix(sequence.token_ids, reference_tokens) for sequence in best[2])
+        rows.append({"variant": f"graphopt batching engine fp16 qkv, batch {batch}", "provider": engine.provider,
+                     "batch": batch, "greedy_tokens_agreeing": agree, "aggregate_tokens_per_s": best[0],
+                     "decode_only_tokens_per_s": best[1], "includes_prefill": True})
+    return rows
 
 
 def timed_row(label, path, cache, cuda_graph, prompt_ids, reference_tokens, reference_prefill, reference_decode,
@@ -192,12 +395,13 @@ def timed_row(label, path, cache, cuda_graph, prompt_ids, reference_tokens, refe
 
 
 def transformers_rows(src, prompt_ids, reference_tokens, args) -> list[dict]:
-    """transformers' own eager ``generate`` on the same GPU, float32 and float16: what people would otherwise run.
+    """transformers on the same GPU: eager ``generate`` (fp32, fp16), then the peers of tools/gpu_peers.py.
 
-    Prefill is timed as a one-token generate, decode as the rest of a ``--tokens`` generate.
+    Eager prefill is timed as a one-token generate, decode as the rest of a ``--tokens`` generate.
     """
     import torch
 
+    from gpu_peers import transformers_rows as static_rows
     from graphopt.checkpoint import greedy_tokens, load
 
     model = load(src).model.to("cuda")
@@ -221,9 +425,9 @@ def transformers_rows(src, prompt_ids, reference_tokens, args) -> list[dict]:
                 decode.append((args.tokens - 1) / max(total_s - prefill_s, 1e-9))
         agree = agreeing_prefix(tokens, reference_tokens)
         rows.append({"variant": f"transformers generate, {str(dtype).removeprefix('torch.')}",
-                     "provider": f"torch {torch.__version__} cuda", "greedy_tokens_agreeing": agree,
+                     "provider": f"torch {torch.__version__} cuda", "peer": True, "greedy_tokens_agreeing": agree,
                      "prompt_prefill_ms": min(prefill), "decode_tokens_per_s": max(decode)})
-    return rows
+    return rows + static_rows(model, prompt_ids, reference_tokens, args.tokens, args.repeats)
 
 
 def speculative_row(paths, pair, prompt_ids, reference_tokens, args) -> dict:
@@ -243,6 +447,31 @@ def speculative_row(paths, pair, prompt_ids, reference_tokens, args) -> dict:
             "acceptance_rate": best.extra.get("acceptance_rate"), "decode_tokens_per_s": best.decode_tokens_per_s}
 
 
+def summarize(rows: list[dict]) -> dict:
+    """The issue's figures: best graphopt and best peer at batch 1, their ratio, speculative vs plain, batch 32."""
+    single = [row for row in rows if "decode_tokens_per_s" in row and not row.get("batch")]
+    ours = [row for row in single if not row.get("peer") and row.get("decoder") != "SpeculativeGenerator"]
+    peers = [row for row in single if row.get("peer")]
+    summary: dict = {}
+    if ours:
+        best = max(ours, key=lambda row: row["decode_tokens_per_s"])
+        summary["graphopt_best"] = {key: best[key] for key in ("variant", "decode_tokens_per_s", "greedy_tokens_agreeing")}
+    if peers:
+        best_peer = max(peers, key=lambda row: row["decode_tokens_per_s"])
+        summary["peer_best"] = {key: best_peer[key] for key in ("variant", "decode_tokens_per_s", "greedy_tokens_agreeing")}
+    if ours and peers:
+        summary["graphopt_over_best_peer"] = summary["graphopt_best"]["decode_tokens_per_s"] / \
+            summary["peer_best"]["decode_tokens_per_s"]
+    graphed = [row for row in rows if "x_plain" in row]
+    if graphed:
+        best = max(graphed, key=lambda row: row["x_plain"])
+        summary["speculative_best"] = {key: best.get(key) for key in ("variant", "decode_tokens_per_s", "x_plain",
+                                                                      "identical_to_plain_greedy", "acceptance_rate")}
+    summary["batch_32"] = {row["variant"]: row["aggregate_tokens_per_s"] for row in rows if row.get("batch") == 32
+                           and "aggregate_tokens_per_s" in row}
+    return summary
+
+
 def report(rows, errors, args, ort) -> None:
     import subprocess
 
@@ -253,26 +482,60 @@ def report(rows, errors, args, ort) -> None:
         device = ""
     device = device or f"{platform.machine()} {platform.processor()}".strip()
     result = {"device": device, "onnxruntime": ort.__version__, "tokens": args.tokens, "prefill_tokens": args.prefill,
-              "rows": rows, "errors": errors}
+              "stages": args.stages, "rows": rows, "errors": errors, "summary": summarize(rows)}
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "gpu_check.json").write_text(json.dumps(result, indent=2))
         plot(result, args.out / "gpu_check.png")
+    print_table(result)
+
+
+def print_table(result: dict) -> None:
+    rows, prefill_key = result["rows"], f"prefill_{result['prefill_tokens']}_ms"
     naive = next((row["decode_tokens_per_s"] for row in rows if row.get("cache") == "host"), None)
-    print(f"\ndevice: {device}; onnxruntime {ort.__version__}; {args.tokens} greedy tokens, batch 1; "
+    print(f"\ndevice: {result['device']}; onnxruntime {result['onnxruntime']}; {result['tokens']} greedy tokens; "
           f"CPU fp32 greedy as the token reference")
-    print(f"{'variant':<36}{'decode tok/s':>13}{'x naive':>9}{f'prefill {args.prefill} ms':>17}{'load s':>8}"
+    print(f"{'variant (batch 1)':<58}{'decode tok/s':>13}{'x naive':>9}{'prefill ms':>11}{'load s':>8}"
           f"{'max|dlogit|':>13}{'greedy agree':>14}")
     for row in rows:
-        prefill = row.get(f"prefill_{args.prefill}_ms")
+        if "decode_tokens_per_s" not in row or row.get("batch"):
+            continue
+        prefill = row.get(prefill_key)
         diff = row.get("max_abs_diff_prefill")
         speedup = f"{row['decode_tokens_per_s'] / naive:.2f}" if naive else "-"
         load = f"{row['load_s']:.1f}" if "load_s" in row else "-"
-        print(f"{row['variant']:<36}{row['decode_tokens_per_s']:>13.1f}{speedup:>9}"
-              f"{(f'{prefill:.1f}' if prefill is not None else '-'):>17}{load:>8}"
+        print(f"{row['variant']:<58}{row['decode_tokens_per_s']:>13.1f}{speedup:>9}"
+              f"{(f'{prefill:.1f}' if prefill is not None else '-'):>11}{load:>8}"
               f"{(f'{diff:.2e}' if diff is not None else '-'):>13}{row['greedy_tokens_agreeing']:>14}")
-    for name, error in errors.items():
+    batched = [row for row in rows if row.get("batch")]
+    if batched:
+        print(f"\n{'batched (aggregate, prefill included)':<58}{'batch':>6}{'tokens/s':>10}{'greedy agree':>14}")
+        for row in batched:
+            if "aggregate_tokens_per_s" in row:
+                print(f"{row['variant']:<58}{row['batch']:>6}{row['aggregate_tokens_per_s']:>10.0f}"
+                      f"{row['greedy_tokens_agreeing']:>14}")
+    for row in rows:
+        if "error" in row:
+            print(f"failed: {row['variant']}: {row['error'].splitlines()[0] if row['error'] else ''}")
+    for name, error in result["errors"].items():
         print(f"failed: {name}: {error}")
+    print("summary:", json.dumps(result.get("summary", {}), indent=1))
+
+
+def merge(paths: list[pathlib.Path], out: pathlib.Path | None) -> None:
+    """Join several runs' rows and errors (same device and settings) into one gpu_check.json and PNG."""
+    parts = [json.loads(path.read_text()) for path in paths]
+    result = dict(parts[0])
+    result["rows"] = [row for part in parts for row in part["rows"]]
+    result["errors"] = {name: error for part in parts for name, error in part["errors"].items()}
+    result["stages"] = ",".join(part.get("stages", "") for part in parts)
+    result["merged_from"] = [str(path) for path in paths]
+    result["summary"] = summarize(result["rows"])
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "gpu_check.json").write_text(json.dumps(result, indent=2))
+        plot(result, out / "gpu_check.png")
+    print_table(result)
 
 
 def plot(result: dict, path: pathlib.Path) -> None:
@@ -285,14 +548,16 @@ def plot(result: dict, path: pathlib.Path) -> None:
     except ImportError:
         log(f"no matplotlib here: plot later with python tools/gpu_check.py --plot {path.with_suffix('.json')}")
         return
-    rows = result["rows"]
-    figure, axis = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
-    axis.barh([row["variant"] for row in rows], [row["decode_tokens_per_s"] for row in rows], color="#4C72B0")
+    rows = [row for row in result["rows"] if "decode_tokens_per_s" in row and not row.get("batch")]
+    colors = ["#DD8452" if row.get("peer") else "#4C72B0" for row in rows]
+    figure, axis = plt.subplots(figsize=(9, 0.4 * len(rows) + 1.4))
+    axis.barh([row["variant"] for row in rows], [row["decode_tokens_per_s"] for row in rows], color=colors)
     axis.invert_yaxis()
-    axis.set_xlabel("decode tokens/s (batch 1, greedy)")
+    axis.tick_params(axis="y", labelsize=7)
+    axis.set_xlabel("decode tokens/s (batch 1, 128 greedy tokens); orange: other runtimes")
     axis.set_title(f"SmolLM2-135M on {result['device']}, onnxruntime {result['onnxruntime']}", fontsize=10)
     for index, row in enumerate(rows):
-        axis.text(row["decode_tokens_per_s"], index, f" {row['decode_tokens_per_s']:.0f}", va="center", fontsize=8)
+        axis.text(row["decode_tokens_per_s"], index, f" {row['decode_tokens_per_s']:.0f}", va="center", fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -79,6 +79,13 @@ class Decoder:
         self._length = total
         return outputs[0][0].astype(np.float32, copy=False)
 
+    def forward_greedy(self, token_ids) -> np.ndarray:
+        """Each new position's argmax token id (int64, ``(n,)``): :meth:`forward` without the logits.
+
+        Decoders that can take the argmax on the device (a graph with a ``next_token`` output) do.
+        """
+        return np.argmax(self.forward(token_ids), axis=-1)
+
     def truncate(self, length: int) -> None:
         """Keep only the first ``length`` cached tokens (rollback after rejected draft tokens)."""
         if not 0 <= length <= self._length:

@@ -110,7 +110,8 @@ CACHES = ("auto", "static", "device", "host")
 
 
 def open_decoder(model_path: str | os.PathLike, ep: str = "cpu", threads: int | None = None, cache: str = "auto",
-                 cuda_graph: bool = True, spinning: bool = True, manifest: Manifest | None = None) -> Decoder:
+                 cuda_graph: bool = True, spinning: bool = True, manifest: Manifest | None = None,
+                 graph_tokens: int = 1) -> Decoder:
     """The right decoder for where the session runs.
 
     ``cache`` picks where the KV cache lives: ``host`` (numpy, a round trip per step: the naive
@@ -120,6 +121,7 @@ def open_decoder(model_path: str | os.PathLike, ep: str = "cpu", threads: int | 
     and host on the CPU. A static cache on CUDA replays one-token steps as a CUDA graph unless
     ``cuda_graph`` is False; when ONNX Runtime refuses graph capture for the model (nodes left on
     the CPU) it runs without, with a warning. ``manifest``: the caller's, else read beside the model.
+    ``graph_tokens``: a static cache also graphs forwards of 2 .. this many tokens (speculative verify).
     """
     if cache not in CACHES:
         raise ValueError(f"unknown cache {cache!r}; choose from {', '.join(CACHES)}")
@@ -142,7 +144,8 @@ def open_decoder(model_path: str | os.PathLike, ep: str = "cpu", threads: int | 
         session = make_session(model_path, ep=ep, threads=threads, spinning=spinning)
     on_device = DEVICE_OF_PROVIDER.get(session.get_providers()[0], "cpu") != "cpu"
     if static:
-        return StaticCacheDecoder(model_path, session=session, cuda_graph=cuda_graph, manifest=manifest)
+        return StaticCacheDecoder(model_path, session=session, cuda_graph=cuda_graph, manifest=manifest,
+                                  graph_tokens=graph_tokens)
     if cache == "device" or (cache == "auto" and on_device):
         return DeviceDecoder(model_path, session=session)
     return Decoder(model_path, session=session)

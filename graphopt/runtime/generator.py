@@ -70,7 +70,8 @@ class Generator:
 
     ``cache`` (``auto|static|device|host``) and ``cuda_graph`` choose where the KV cache lives and
     whether CUDA replays one-token steps as a graph (see :func:`graphopt.runtime.device.open_decoder`);
-    ``spinning=False`` lets ORT's threads sleep between runs.
+    ``spinning=False`` lets ORT's threads sleep between runs. ``graph_tokens`` > 1 gives a static
+    cache fixed bindings (CUDA graphs) for forwards of up to that many tokens too: a speculative target's verify.
 
     Example:
         >>> generator = Generator("smollm2-onnx")
@@ -78,11 +79,12 @@ class Generator:
     """
 
     def __init__(self, model_dir: str | os.PathLike, ep: str = "cpu", threads: int | None = None,
-                 cache: str = "auto", cuda_graph: bool = True, spinning: bool = True):
+                 cache: str = "auto", cuda_graph: bool = True, spinning: bool = True, graph_tokens: int = 1):
         self.model_dir = ModelDir.open(model_dir)
         self.manifest = self.model_dir.manifest
         self.decoder = open_decoder(self.model_dir.model_path, ep=ep, threads=threads, cache=cache,
-                                    cuda_graph=cuda_graph, spinning=spinning, manifest=self.manifest)
+                                    cuda_graph=cuda_graph, spinning=spinning, manifest=self.manifest,
+                                    graph_tokens=graph_tokens)
         self.tokenizer = Tokenizer(self.model_dir.path)
         self.eos_token_ids = set(self.manifest.eos_token_ids)
         self.max_positions = self.manifest.max_positions
@@ -110,8 +112,7 @@ class Generator:
         self.decoder.reset()
         self.decoder.reserve(len(prompt_ids) + max_new_tokens)
         started = time.perf_counter()
-        logits = self.decoder.forward(prompt_ids)[-1]
-        token = choose(logits, sampling, rng)
+        token = self._next(prompt_ids, sampling, rng)
         prefill_ms = (time.perf_counter() - started) * 1e3
         generated = [token]
         decode_started = time.perf_counter()
@@ -125,11 +126,11 @@ class Generator:
             if len(generated) >= max_new_tokens:
                 break
             if len(prompt_ids) + len(generated) == self.recompute_at:
+                # LongRoPE switches to its long factors here: recompute the cache, as transformers does.
                 self.decoder.reset()
-                logits = self.decoder.forward(prompt_ids + generated)[-1]
+                token = self._next(prompt_ids + generated, sampling, rng)
             else:
-                logits = self.decoder.forward([token])[-1]
-            token = choose(logits, sampling, rng)
+                token = self._next([token], sampling, rng)
             generated.append(token)
         decode_s = time.perf_counter() - decode_started
         return GenerationResult(prompt_ids=prompt_ids, token_ids=generated,
@@ -138,3 +139,9 @@ class Generator:
 
     def generate_text(self, prompt: str, chat: bool = False, **options) -> GenerationResult:
         return self.generate(self.encode_prompt(prompt, chat=chat), **options)
+
+    def _next(self, ids: Sequence[int], sampling: Sampling, rng: np.random.Generator) -> int:
+        """The token after ``ids`` (run on the cache): greedy asks the decoder for the argmax alone."""
+        if sampling.greedy:
+            return int(self.decoder.forward_greedy(ids)[-1])
+        return choose(self.decoder.forward(ids)[-1], sampling, rng)

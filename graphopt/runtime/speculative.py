@@ -225,10 +225,13 @@ class SpeculativeGenerator:
         check_same_vocabulary(_model_dir(target), _model_dir(draft))
         # Two sessions take turns on the same cores: neither may spin while the other runs.
         options = {"spinning": False, "cache": cache, "cuda_graph": cuda_graph}
-        self.target = target if isinstance(target, Generator) else Generator(target, ep=ep, threads=threads, **options)
+        # A static target graphs its verify forwards (up to max_gamma + 1 tokens); a static draft
+        # graphs its two-token catch-up (the bonus token and the last proposal it has not seen).
+        self.target = target if isinstance(target, Generator) else Generator(
+            target, ep=ep, threads=threads, graph_tokens=_verify_tokens(gamma, max_gamma), **options)
         draft_ep = draft_ep or ep
         self.draft = draft if isinstance(draft, Generator) else Generator(draft, ep=draft_ep, threads=draft_threads,
-                                                                          **options)
+                                                                          graph_tokens=2, **options)
         if gamma == "auto":
             self.policy = GammaPolicy(DEFAULT_GAMMA, adaptive=True, max_gamma=max_gamma)
         elif isinstance(gamma, int) and gamma >= 1:
@@ -360,24 +363,25 @@ class SpeculativeGenerator:
         for index in range(gamma):
             # The first call also feeds whatever the draft has not seen yet (the prompt, a bonus token).
             fed = sequence[draft.length:] if index == 0 else proposals[-1:]
-            logits = draft.forward(fed)[-1]
             stats["draft_calls"] += 1
             if sampling.greedy:
-                proposals.append(int(np.argmax(logits)))
+                # The argmax alone: a graph with a next_token output keeps the logits on the device.
+                proposals.append(int(draft.forward_greedy(fed)[-1]))
             else:
-                distribution = probabilities(logits, sampling)
+                distribution = probabilities(draft.forward(fed)[-1], sampling)
                 draft_distributions.append(distribution)
                 proposals.append(sample(distribution, rng))
 
         drafted = time.perf_counter()
-        target_logits = target.forward([sequence[-1], *proposals])
+        fed = [sequence[-1], *proposals]
+        target_logits = target.forward_greedy(fed) if sampling.greedy else target.forward(fed)
         verified = time.perf_counter()
         stats["target_calls"] += 1
         if gamma == 0:
             stats["plain_steps"] += 1
         accepted = 0
         if sampling.greedy:
-            choices = np.argmax(target_logits, axis=-1)
+            choices = target_logits  # token ids already
             while accepted < gamma and int(choices[accepted]) == proposals[accepted]:
                 accepted += 1
             next_token = int(choices[accepted])
@@ -403,6 +407,11 @@ class SpeculativeGenerator:
         target.truncate(length + accepted)
         draft.truncate(min(draft.length, length + accepted))
         return [*proposals[:accepted], next_token], drafted - started, verified - drafted
+
+
+def _verify_tokens(gamma: int | str, max_gamma: int) -> int:
+    """The longest verify forward: gamma + 1 tokens (``max_gamma + 1`` when adaptive or invalid, refused later)."""
+    return gamma + 1 if isinstance(gamma, int) and gamma >= 1 else max(max_gamma, 1) + 1
 
 
 def _model_dir(source) -> ModelDir:
