@@ -81,8 +81,9 @@ def compatibility(manifest: Manifest, facts: dict[str, Any]) -> dict[str, dict[s
         optimum_refusals.append(f"{uneven} differ between layers; Optimum builds every layer's empty past from one "
                                 "num_key_value_heads")
     elif manifest.hidden_size and manifest.heads_per_layer()[0] * manifest.head_dim != manifest.hidden_size:
-        optimum_refusals.append(f"query heads were pruned ({manifest.heads_per_layer()[0]} x {manifest.head_dim} != "
-                                f"hidden {manifest.hidden_size}); Optimum sizes the past's head_dim as hidden_size // "
+        optimum_refusals.append(f"heads x head_dim ({manifest.heads_per_layer()[0]} x {manifest.head_dim}) != "
+                                f"hidden {manifest.hidden_size} (query heads pruned, or a family such as Gemma 3 "
+                                "with its own head_dim); Optimum sizes the past's head_dim as hidden_size // "
                                 "num_attention_heads, not config.head_dim")
     genai_note = ""
     if (manifest.fusion or {}).get("target") == "cuda":
