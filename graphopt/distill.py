@@ -745,7 +745,9 @@ def distill(student_dir: str | pathlib.Path, teacher_dir: str | pathlib.Path, ou
             progress = step / total_steps if total_steps else 0.0
             if deadline is not None:
                 progress = max(progress, (now - train_started) / max(1e-9, deadline - train_started))
-            done = (total_steps is not None and step >= total_steps) or (deadline is not None and now >= deadline)
+            # At least one step: a budget that sampling used up still trains (and says how little).
+            done = (total_steps is not None and step >= total_steps) or (deadline is not None and now >= deadline
+                                                                          and step > 0)
             checkpoint_due = now - last_checkpoint >= 60 * config.checkpoint_minutes
             control = torch.tensor([float(done), float(checkpoint_due), progress], device=env.device, dtype=torch.float64)
             if env.active:
