@@ -376,7 +376,8 @@ def module_from_transformers(model) -> StudentModel:
     config = model.config
     if config.model_type not in ("llama", "mistral", "qwen2"):
         raise StudentError(f"module_from_transformers supports llama, mistral and qwen2, not {config.model_type!r}")
-    rope_type = (getattr(config, "rope_scaling", None) or {}).get("rope_type", "default")
+    rope = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
+    rope_type = rope.get("rope_type", "default")
     if rope_type != "default":
         raise StudentError(f"rotary scaling {rope_type!r} is not supported here")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -398,8 +399,15 @@ def module_from_transformers(model) -> StudentModel:
     tied = getattr(config, "tie_word_embeddings", False) or "lm_head.weight" not in state
     if not tied:
         weights["lm_head.weight"] = state["lm_head.weight"].t().contiguous().numpy()
-    base = getattr(config, "rope_theta", 10000.0)
-    inv_freq = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    if rotary is not None and hasattr(rotary, "inv_freq"):
+        if float(getattr(rotary, "attention_scaling", 1.0)) != 1.0:
+            raise StudentError("rotary attention scaling is not supported here")
+        inv_freq = rotary.inv_freq.detach().float().cpu().numpy()
+    else:  # transformers 5 keeps the base in rope_parameters, 4 in rope_theta
+        parameters = getattr(config, "rope_parameters", None) or {}
+        base = parameters.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
+        inv_freq = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
     spec = GraphSpec(layers=layers, head_dim=head_dim, hidden=config.hidden_size, vocab=config.vocab_size,
                      eps=float(config.rms_norm_eps), embedding="model.embed_tokens.weight",
                      head=None if tied else "lm_head.weight", inv_freq=inv_freq.astype(np.float32))
