@@ -224,9 +224,18 @@ def find_gguf(given: str | None) -> pathlib.Path:
 
 
 def _site_for(gguf: pathlib.Path) -> str | None:
-    """The unpacked gpu-parts folder holding this GGUF (SITE/models/x.gguf), whose ``gguf`` package transformers needs."""
-    site = gguf.parent.parent
-    return str(site) if (site / "gguf").is_dir() else None
+    """The unpacked gpu-parts folder with the ``gguf`` package transformers needs: the GGUF's own
+    (SITE/models/x.gguf), else a usual place; None when ``gguf`` is importable already or nowhere."""
+    import importlib.util
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    for site in (gguf.parent.parent, pathlib.Path("/tmp/gsite"), pathlib.Path("/tmp/site"), pathlib.Path("/root/site"),
+                 repo.parent / ".gpusite", repo / ".gpusite"):
+        if (site / "gguf" / "__init__.py").is_file():
+            return str(site)
+    if importlib.util.find_spec("gguf") is None:
+        raise SystemExit("error: the gguf package is not importable and no unpacked gpu-parts folder has it")
+    return None
 
 
 def build(args) -> None:
