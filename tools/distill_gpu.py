@@ -415,7 +415,7 @@ def run_all(args) -> None:
             "int4 affine PTQ (all linears)": build_figures["int4 affine PTQ (all linears)"], **figures}
     summary["table"] = rows
     summary["wall_seconds"] = round(time.perf_counter() - started, 1)
-    print(f"\\nheal: {summary['heal']}\\nqat: {summary.get('qat')}\\nsampling: {summary['sampling']}")
+    print(f"\nheal: {summary['heal']}\nqat: {summary.get('qat')}\nsampling: {summary['sampling']}")
     _write(out, "summary", summary | rows)
     log(f"done in {summary['wall_seconds']} s")
 
