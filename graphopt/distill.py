@@ -20,9 +20,15 @@ quantize; fused or quantized students are refused.
   ``<output>.ckpt/``, written atomically; ``resume=True`` continues from the last one. With a
   token budget a resumed run ends with the same weights as an uninterrupted one (same seed).
 * QAT: ``quantize="int4"|"int8"`` trains through fake-quantized weights (straight-through
-  estimator) on the exact grid of ``passes/quantize_weights.py`` (same block size; asymmetric
-  4-bit, symmetric 8-bit), and snaps the written weights onto that grid, so ``graphopt quantize
-  --weights int4 --block-size B`` afterwards reproduces the trained weights exactly.
+  estimator) on the exact grid of ``passes/quantize_weights.py`` that ``graphopt quantize
+  --weights int4|int8`` will use: its default method (``affine`` for int4: ``min + scale x code``
+  per block, the offset rounded to float16 as the pass stores it; ``rtn`` selectable), its
+  default block sizes, and its LM head (``auto``: int8; ``float``, ``int4``). The written weights
+  are snapped onto that grid, so the weight-only pass afterwards reproduces them exactly.
+* GPU throughput: bf16 autocast over float32 master weights, TF32 for what stays in float32, a
+  bf16 teacher, and the KL computed over chunks of tokens from the final hidden states (the
+  49k-vocabulary logits of a chunk are recomputed in the backward instead of kept), so large
+  micro-batches fit.
 """
 
 from __future__ import annotations
@@ -50,6 +56,10 @@ from graphopt.steps import StepConfig
 logger = logging.getLogger(__name__)
 
 QUANTIZE_CHOICES = ("int4", "int8")
+QAT_METHODS = ("affine", "rtn")  # the weight-only pass's grids QAT can train on exactly
+HEAD_CHOICES = ("auto", "float", "int8", "int4")
+DEFAULT_MAX_MINUTES = 10.0  # the CLI's budget when neither --tokens nor --max-minutes is given
+TOP_K = 128  # sampling: top-p within the top-k (a full sort of 49k logits per step is the slow part)
 TEACHER_RUNTIMES = ("torch", "ort")
 CHAT_SEEDS = (
     "Explain how a rainbow forms.",
@@ -60,6 +70,47 @@ CHAT_SEEDS = (
     "What does a computer's CPU do?",
     "Summarize the plot of a fairy tale you like.",
     "Why is the sky blue?",
+    "What is the capital of Japan?",
+    "Explain the difference between a virus and a bacterium.",
+    "Write a Python function that reverses a string.",
+    "What are the main causes of climate change?",
+    "Translate 'good morning' into French and Spanish.",
+    "Describe the water cycle in simple terms.",
+    "Who wrote Romeo and Juliet, and what is it about?",
+    "What should I consider when buying a used car?",
+    "Explain what a software license is.",
+    "How many continents are there? Name them.",
+    "Give a recipe for a simple vegetable soup.",
+    "What is machine learning?",
+    "Write a short email asking for a meeting next week.",
+    "What is the boiling point of water at sea level?",
+    "Explain how a bill becomes a law.",
+    "What are the benefits of regular exercise?",
+)
+# Openings of other kinds of text than calibration's, so the pool is not a few topics' worth.
+TEXT_SEEDS = (
+    "The court held that the agreement",
+    "Terms and conditions. 1. Definitions.",
+    "Permission is hereby granted, free of charge, to any person",
+    "Abstract. We study the problem of",
+    "The patient was admitted to the hospital with",
+    "In 1848, revolutions broke out across Europe",
+    "Photosynthesis is the process by which",
+    "import numpy as np\n\n",
+    "The recipe calls for two cups of flour",
+    "Chapter 1\n\nThe morning the letter arrived,",
+    "Breaking news: officials confirmed on Tuesday that",
+    "How to change a flat tire: first,",
+    "The economy grew by",
+    "Dear Sir or Madam,",
+    "The following instructions describe how to install",
+    "In this tutorial, we will learn",
+    "The game ended in a draw after",
+    "User manual. Safety information:",
+    "The philosopher argued that",
+    "Table of contents\n1. Introduction",
+    "Q: How do vaccines work?\nA:",
+    "The mountain village of",
 )
 CHECKPOINT_FILE = "state.pt"
 POOL_FILE = "pool.npy"
@@ -85,14 +136,16 @@ class DistillConfig(StepConfig):
     data_tokens: int | None = None  # size of the self-sampled pool; None: by device
     teacher_runtime: str = "torch"
     quantize: str | None = None
-    block_size: int = 32
-    quantize_head: bool = True
+    quantize_method: str = "affine"  # int4 grid: affine (graphopt quantize's default) or rtn; int8 is symmetric
+    block_size: int | None = None  # None: graphopt quantize's default for the bits
+    head: str = "auto"  # the LM head's QAT grid, as graphopt quantize --head: auto (int8), float, int8, int4
     train_embeddings: bool = False
     checkpoint_minutes: float = 5.0
     checkpoint_dir: str | None = None
     resume: bool = False
     eval_windows: int = 4
     warmup_steps: int = 10
+    kl_chunk_tokens: int = 4096  # tokens whose logits are materialized at once in the loss
     stop_after_steps: int | None = None  # end as if interrupted after this step (a checkpoint is written)
 
     def __post_init__(self):
@@ -112,14 +165,40 @@ class DistillConfig(StepConfig):
             raise GraphoptError(f"--lr must be positive, got {self.lr}")
         if self.quantize is not None and self.quantize not in QUANTIZE_CHOICES:
             raise GraphoptError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {self.quantize!r}")
-        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+        if self.block_size is not None and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
             raise GraphoptError(f"--block-size must be a power of two of at least 16, got {self.block_size}")
+        if self.quantize_method not in QAT_METHODS:
+            raise GraphoptError(f"--quantize-method must be one of {', '.join(QAT_METHODS)}, got {self.quantize_method!r}")
+        if self.head not in HEAD_CHOICES:
+            raise GraphoptError(f"--head must be one of {', '.join(HEAD_CHOICES)}, got {self.head!r}")
+        if self.kl_chunk_tokens < 1:
+            raise GraphoptError(f"kl_chunk_tokens must be positive, got {self.kl_chunk_tokens}")
         if self.teacher_runtime not in TEACHER_RUNTIMES:
             raise GraphoptError(f"--teacher-runtime must be one of {', '.join(TEACHER_RUNTIMES)}")
 
     def describe(self) -> dict:
-        return {key: value for key, value in dataclasses.asdict(self).items()
-                if value is not None and key not in ("resume", "checkpoint_dir", "stop_after_steps")}
+        record = {key: value for key, value in dataclasses.asdict(self).items()
+                  if value is not None and key not in ("resume", "checkpoint_dir", "stop_after_steps")}
+        if not self.quantize:
+            for key in ("quantize_method", "block_size", "head"):
+                record.pop(key, None)
+        return record
+
+    def qat_grids(self, linear_names: list[str], head_name: str) -> dict[str, tuple[int, int, str]]:
+        """``name -> (bits, block_size, method)`` of every weight QAT fake-quantizes, as graphopt quantize
+        (with ``--weights {quantize} --method {quantize_method} --head {head}``) will quantize it."""
+        from graphopt.cpu_kernels import default_block_size
+
+        if not self.quantize:
+            return {}
+        bits = int(self.quantize[3:])
+        method = self.quantize_method if bits == 4 else "rtn"
+        grids = {name: (bits, self.block_size or default_block_size(bits), method) for name in linear_names}
+        head_bits = {"auto": 8, "float": None, "int8": 8, "int4": 4}[self.head]
+        if head_bits is not None:
+            grids[head_name] = (head_bits, self.block_size or default_block_size(head_bits, head=True),
+                                self.quantize_method if head_bits == 4 else "rtn")
+        return grids
 
 
 @dataclasses.dataclass
@@ -200,58 +279,72 @@ def data_sequences(model_dir: pathlib.Path, path: str, seq_len: int) -> np.ndarr
 
 
 def seed_prompts(model_dir: pathlib.Path) -> list[list[int]]:
-    """Token ids of the sampling prompts: calibration's seed texts and chat turns (when a template exists)."""
+    """Token ids of the sampling prompts: calibration's seed texts, more openings of many kinds of
+    text, and chat turns (when a template exists)."""
     from graphopt.calibration import SEED_PROMPTS
     from graphopt.runtime.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(model_dir)
     manifest = ModelDir.open(model_dir).manifest
-    prompts = [encode_prompt(tokenizer, manifest, text) for text in SEED_PROMPTS]
+    prompts = [encode_prompt(tokenizer, manifest, text) for text in (*SEED_PROMPTS, *TEXT_SEEDS)]
     if tokenizer.chat_template:
         prompts += [encode_prompt(tokenizer, manifest, text, chat=True) for text in CHAT_SEEDS]
-    return prompts
+    return [prompt for prompt in prompts if prompt]
 
 
-def _top_p_sample(logits, top_p: float, generator):
+def _top_p_sample(logits, top_p: float, generator, top_k: int = TOP_K):
+    """Nucleus sampling within the ``top_k`` most likely tokens (a partial sort, not one of the whole vocabulary)."""
     import torch
 
-    probs = torch.softmax(logits.float(), dim=-1)
-    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-    cumulative = sorted_probs.cumsum(-1)
-    sorted_probs = torch.where(cumulative - sorted_probs > top_p, torch.zeros_like(sorted_probs), sorted_probs)
-    choice = torch.multinomial(sorted_probs, 1, generator=generator)
-    return order.gather(-1, choice)
+    values, indices = torch.topk(logits.float(), min(top_k, logits.shape[-1]), dim=-1)
+    probs = torch.softmax(values, dim=-1)
+    cumulative = probs.cumsum(-1)
+    probs = torch.where(cumulative - probs > top_p, torch.zeros_like(probs), probs)
+    choice = torch.multinomial(probs, 1, generator=generator)
+    return indices.gather(-1, choice)
 
 
-def sample_chunk(teacher, prompt: list[int], count: int, seq_len: int, seed: int, device) -> np.ndarray:
-    """``count`` sequences of ``seq_len`` tokens: ``prompt`` and the teacher's sampled continuation."""
+def sample_chunk(teacher, prompts: list[list[int]], seq_len: int, seed: int, device) -> np.ndarray:
+    """One sequence of ``seq_len`` tokens per prompt: the prompt, then the teacher's sampled continuation.
+
+    Prompts of different lengths share one batch: every row starts from its prompt's first token and
+    a row's prompt tokens are forced (not sampled) until it runs out, so no padding or mask is needed.
+    """
     import torch
 
     generator = torch.Generator(device=device).manual_seed(seed)
-    prompt = prompt[:seq_len - 1]
-    ids = torch.tensor([prompt] * count, dtype=torch.int64, device=device)
+    count = len(prompts)
+    width = min(seq_len, max(len(prompt) for prompt in prompts))
+    forced = torch.full((count, width), -1, dtype=torch.int64)
+    for row, prompt in enumerate(prompts):
+        forced[row, :min(width, len(prompt))] = torch.tensor(prompt[:width])
+    forced = forced.to(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tokens = [forced[:, :1]]
+    past = None
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        logits, past = teacher(ids, dtype=dtype)
-        tokens = [ids]
-        for _ in range(seq_len - len(prompt)):
+        for position in range(1, seq_len):
+            logits, past = teacher(tokens[-1], past, dtype=dtype)
             token = _top_p_sample(logits[:, -1], 0.95, generator)
+            if position < width:
+                prompt_token = forced[:, position:position + 1]
+                token = torch.where(prompt_token >= 0, prompt_token, token)
             tokens.append(token)
-            if sum(piece.shape[1] for piece in tokens) >= seq_len:
-                break
-            logits, past = teacher(token, past, dtype=dtype)
-    return torch.cat(tokens, dim=1)[:, :seq_len].cpu().numpy().astype(np.int32)
+    return torch.cat(tokens, dim=1).cpu().numpy().astype(np.int32)
 
 
-def self_sampled_pool(teacher, teacher_dir: pathlib.Path, rows: int, seq_len: int, seed: int, device,
-                      rank: int, world: int, chunk: int, deadline: float | None = None) -> np.ndarray:
-    """``rows`` teacher-sampled sequences. Chunk ``c`` (one prompt, seed ``(seed, c)``) is sampled by
-    process ``c % world``, so the pool does not depend on the number of processes.
+def self_sampled_pool(teacher, teacher_dir: pathlib.Path | None, rows: int, seq_len: int, seed: int, device,
+                      rank: int, world: int, chunk: int, deadline: float | None = None,
+                      prompts: list[list[int]] | None = None) -> np.ndarray:
+    """``rows`` teacher-sampled sequences. Chunk ``c`` (its rows' prompts drawn from all seed prompts,
+    seed ``(seed, c)``) is sampled by process ``c % world``, so the pool does not depend on the
+    number of processes.
 
     Past ``deadline`` (a ``time.perf_counter()`` value) a process starts no new chunk once it has one:
     a time-bounded run then trains on fewer rows rather than spending its budget sampling.
+    ``prompts`` (token ids) replaces ``seed_prompts(teacher_dir)``.
     """
-    prompts = seed_prompts(teacher_dir)
+    prompts = prompts or seed_prompts(teacher_dir)
     chunks = -(-rows // chunk)
     mine = {}
     started = time.perf_counter()
@@ -259,8 +352,9 @@ def self_sampled_pool(teacher, teacher_dir: pathlib.Path, rows: int, seq_len: in
         if mine and deadline is not None and time.perf_counter() > deadline:
             logger.info("sampling stopped at its share of the time budget")
             break
-        mine[index] = sample_chunk(teacher, prompts[index % len(prompts)], chunk, seq_len, seed * 1_000_003 + index,
-                                   device)
+        order = np.random.default_rng([seed, index]).integers(0, len(prompts), size=chunk)
+        mine[index] = sample_chunk(teacher, [prompts[choice] for choice in order], seq_len,
+                                   seed * 1_000_003 + index, device)
         done = len(mine) * chunk * seq_len * world
         logger.info("sampled %d of %d sequences (%.0f tokens/s)", min(rows, (len(mine)) * chunk * world), rows,
                     done / max(1e-9, time.perf_counter() - started))
@@ -274,56 +368,85 @@ def self_sampled_pool(teacher, teacher_dir: pathlib.Path, rows: int, seq_len: in
     return np.concatenate([mine[index] for index in sorted(mine)])[:rows]
 
 
-def sample_data(teacher_dir: str | pathlib.Path, tokens: int, seq_len: int, seed: int = 0, device: str = "cpu",
-                chunk: int | None = None) -> np.ndarray:
-    """A self-sampled pool of about ``tokens`` tokens from ``teacher_dir`` on one device, as rows of ``seq_len``."""
+def sample_data(teacher_dir: str | pathlib.Path | None, tokens: int, seq_len: int, seed: int = 0, device: str = "cpu",
+                chunk: int | None = None, teacher=None, prompts: list[list[int]] | None = None,
+                max_seconds: float | None = None) -> np.ndarray:
+    """A self-sampled pool of about ``tokens`` tokens from ``teacher_dir`` on one device, as rows of ``seq_len``.
+
+    ``teacher`` (a module as :mod:`graphopt.student` builds) and ``prompts`` replace what would be
+    read from ``teacher_dir``; past ``max_seconds`` no new chunk is started.
+    """
     import torch
 
     from graphopt.student import load_student
 
     target = torch.device(device)
-    teacher = load_student(teacher_dir).module.to(target).eval()
+    if teacher is None:
+        teacher = load_student(teacher_dir).module
+    teacher = teacher.to(target).eval()
     rows = max(1, -(-tokens // seq_len))
     chunk = min(rows, chunk or (512 if target.type == "cuda" else 16))
     rows = -(-rows // chunk) * chunk
-    return self_sampled_pool(teacher, pathlib.Path(teacher_dir), rows, seq_len, seed, target, 0, 1, chunk)
+    deadline = None if max_seconds is None else time.perf_counter() + max_seconds
+    return self_sampled_pool(teacher, None if teacher_dir is None else pathlib.Path(teacher_dir), rows, seq_len, seed,
+                             target, 0, 1, chunk, deadline, prompts)
 
 
 # ---------------------------------------------------------------------------------------------
 # Quantization-aware training
 
 
-def fake_quantize(weight, bits: int, block_size: int):
-    """``weight`` (in, out) rounded onto quantize_weights' grid in the forward, identity in the backward."""
+def fake_quantize(weight, bits: int, block_size: int, method: str = "affine"):
+    """``weight`` (in, out) rounded onto quantize_weights' grid in the forward, identity in the backward.
+
+    ``method`` (4 bits): ``affine`` is the pass's affine form, ``w = offset + scale * (code - 8)`` with
+    ``offset = min + 8 * scale`` rounded to float16 (how the pass stores it; ``in`` must be whole
+    blocks); ``rtn`` the integer-zero-point grid. 8 bits is always symmetric (zero point 128).
+    """
     import torch
 
     weight_t = weight.t()
     rows, columns = weight_t.shape
     pad = (-columns) % block_size
     padded = torch.nn.functional.pad(weight_t, (0, pad)) if pad else weight_t
-    blocks = padded.reshape(rows, -1, block_size).detach()
-    if bits == 8:
-        amax = blocks.abs().amax(-1, keepdim=True)
-        scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-        zero = torch.full_like(scale, 128.0)
-        levels = 255
+    # float64 with float32 scales, as the pass computes: the same codes and float16 offsets, not 1 ulp off.
+    blocks = padded.reshape(rows, -1, block_size).detach().double()
+    if bits == 4 and method == "affine":
+        low, high = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
+        scale = torch.where(high > low, (high - low) / 15.0, torch.ones_like(high)).float().double()
+        codes = torch.clamp(torch.round((blocks - low) / scale), 0, 15)
+        offset = (low + 8.0 * scale).half().float()
+        dequantized = offset + scale * (codes - 8.0)
     else:
-        levels = 2**bits - 1
-        low = blocks.amin(-1, keepdim=True).clamp(max=0.0)
-        high = blocks.amax(-1, keepdim=True).clamp(min=0.0)
-        scale = torch.where(high > low, (high - low) / levels, torch.ones_like(high))
-        zero = torch.clamp(torch.round(-low / scale), 0, levels)
-    codes = torch.clamp(torch.round(blocks / scale) + zero, 0, levels)
-    dequantized = ((codes - zero) * scale).reshape(rows, -1)[:, :columns].t()
+        if bits == 8:
+            amax = blocks.abs().amax(-1, keepdim=True)
+            scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)).float().double()
+            zero = torch.full_like(scale, 128.0)
+            levels = 255
+        else:
+            levels = 2**bits - 1
+            low = blocks.amin(-1, keepdim=True).clamp(max=0.0)
+            high = blocks.amax(-1, keepdim=True).clamp(min=0.0)
+            scale = torch.where(high > low, (high - low) / levels, torch.ones_like(high)).float().double()
+            zero = torch.clamp(torch.round(-low / scale), 0, levels)
+        codes = torch.clamp(torch.round(blocks / scale) + zero, 0, levels)
+        dequantized = (codes - zero) * scale
+    dequantized = dequantized.reshape(rows, -1)[:, :columns].t().to(weight.dtype)
     return weight + (dequantized - weight).detach()
 
 
-def snap_to_grid(weight: np.ndarray, bits: int, block_size: int) -> np.ndarray:
-    """``weight`` (in, out) replaced by its dequantized round-to-nearest codes (the weight-only pass's own math)."""
-    from graphopt.passes.quantize_weights import quantize_rtn
+def snap_to_grid(weight: np.ndarray, bits: int, block_size: int, method: str = "affine") -> np.ndarray:
+    """``weight`` (in, out) replaced by its dequantized codes, with the weight-only pass's own math."""
+    from graphopt.passes.quantize_weights import quantize_affine, quantize_rtn
 
-    codes, scale, zero = quantize_rtn(weight.T.astype(np.float32), bits, block_size)
-    values = (codes.astype(np.float64) - zero[..., None]) * scale[..., None].astype(np.float64)
+    weight_t = weight.T.astype(np.float32)
+    if bits == 4 and method == "affine":
+        codes, scale, low = quantize_affine(weight_t, bits, block_size)
+        offset = (low.astype(np.float64) + 8.0 * scale.astype(np.float64)).astype(np.float16).astype(np.float64)
+        values = offset[..., None] + scale[..., None].astype(np.float64) * (codes.astype(np.float64) - 8.0)
+    else:
+        codes, scale, zero = quantize_rtn(weight_t, bits, block_size)
+        values = (codes.astype(np.float64) - zero[..., None]) * scale[..., None].astype(np.float64)
     return np.ascontiguousarray(values.reshape(values.shape[0], -1)[:, :weight.shape[0]].T.astype(np.float32))
 
 
@@ -383,6 +506,87 @@ def _kl_loss(student_logits, teacher_logits, temperature: float):
     student_log = torch.log_softmax(student_logits.float() / temperature, dim=-1)
     kl = (teacher_log.exp() * (teacher_log - student_log)).sum(-1).mean()
     return kl * temperature * temperature
+
+
+def _chunk_sums(student_hidden, student_head, teacher_hidden, teacher_head, labels, temperature: float):
+    """[sum of KL(teacher || student) * T^2, sum of cross-entropy] over one chunk of tokens."""
+    import torch
+    from torch.nn import functional
+
+    student_logits = (student_hidden @ student_head).float()
+    teacher_log = torch.log_softmax((teacher_hidden @ teacher_head).float() / temperature, dim=-1)
+    student_log = torch.log_softmax(student_logits / temperature, dim=-1)
+    kl = (teacher_log.exp() * (teacher_log - student_log)).sum() * temperature * temperature
+    if labels is None:
+        return torch.stack([kl, torch.zeros_like(kl)])
+    ce = functional.cross_entropy(student_logits, labels, ignore_index=-100, reduction="sum")
+    return torch.stack([kl, ce])
+
+
+def chunked_distill_loss(student_hidden, student_head, teacher_hidden, teacher_head, temperature: float,
+                         chunk_tokens: int, input_ids=None, ce_weight: float = 0.0):
+    """The distillation loss from final hidden states, ``chunk_tokens`` tokens' logits at a time.
+
+    Equals ``_kl_loss`` on the full logits (mean over tokens of the KL, times T^2), mixed as
+    ``(1 - ce_weight) * KL + ce_weight * CE(next token of input_ids)``. Each chunk's logits
+    (tokens x vocabulary, the largest tensors of a small model's step) are recomputed in the
+    backward (activation checkpointing) rather than kept, so memory does not grow with the batch.
+    """
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    hidden_size = student_hidden.shape[-1]
+    student_flat = student_hidden.reshape(-1, hidden_size)
+    teacher_flat = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    labels = None
+    if ce_weight:
+        labels = torch.full_like(input_ids, -100)
+        labels[:, :-1] = input_ids[:, 1:]
+        labels = labels.reshape(-1)
+    total = student_flat.shape[0]
+    sums = None
+    grad = torch.is_grad_enabled() and student_flat.requires_grad
+    for start in range(0, total, chunk_tokens):
+        piece = slice(start, start + chunk_tokens)
+        args = (student_flat[piece], student_head, teacher_flat[piece], teacher_head,
+                None if labels is None else labels[piece], temperature)
+        part = checkpoint(_chunk_sums, *args, use_reentrant=False) if grad else _chunk_sums(*args)
+        sums = part if sums is None else sums + part
+    kl = sums[0] / total
+    if not ce_weight:
+        return kl
+    valid = max(1, int((labels != -100).sum()))
+    return (1 - ce_weight) * kl + ce_weight * sums[1] / valid
+
+
+def _objective(student, config: DistillConfig):
+    """The student and its loss as one module (what DDP wraps): ``forward(ids, teacher) -> loss``.
+
+    ``teacher`` is ``("hidden", hidden_states, head_matrix)`` (chunked loss) or ``("logits", logits)``
+    (an ONNX Runtime teacher's full logits).
+    """
+    import torch
+
+    class Objective(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.student = student
+
+        def forward(self, ids, teacher, dtype, autocast: bool):
+            with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+                if teacher[0] == "logits":
+                    logits = self.student(ids, dtype=dtype)[0]
+                    loss = _kl_loss(logits, teacher[1], config.temperature)
+                    if config.ce_weight:
+                        ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                                               ids[:, 1:].reshape(-1))
+                        loss = (1 - config.ce_weight) * loss + config.ce_weight * ce
+                    return loss
+                hidden = self.student(ids, dtype=dtype, head=False)[0]
+                return chunked_distill_loss(hidden, self.student.head_matrix(dtype), teacher[1], teacher[2],
+                                            config.temperature, config.kl_chunk_tokens, ids, config.ce_weight)
+
+    return Objective()
 
 
 def _save_atomic(payload, path: pathlib.Path) -> None:
@@ -445,10 +649,22 @@ def distill(student_dir: str | pathlib.Path, teacher_dir: str | pathlib.Path, ou
         frozen = set() if config.train_embeddings else {loaded.spec.embedding}
         for name, parameter in student.named_parameters():
             parameter.requires_grad_(name not in frozen)
-        bits = int(config.quantize[3:]) if config.quantize else None
-        if bits:
-            student.fake_quant = lambda weight: fake_quantize(weight, bits, config.block_size)
-            student.quantized_names = set(student.linear_names(head=config.quantize_head))
+        grids = config.qat_grids(student.linear_names(head=False), loaded.spec.head or loaded.spec.embedding)
+        for name, (bits, block_size, method) in grids.items():
+            rows = student.get_parameter(name).shape[0 if name != loaded.spec.embedding else 1]
+            if method == "affine" and rows % block_size:
+                raise GraphoptError(f"{name}: {rows} input features are not whole blocks of {block_size}; the affine "
+                                    "grid needs whole blocks (--quantize-method rtn, or another --block-size)")
+        if grids:
+            student.fake_quant = lambda weight, name: fake_quantize(weight, *grids[name])
+            student.quantized_names = set(grids)
+        if env.device.type == "cuda":
+            # TF32 for what autocast leaves in float32; the frozen teacher runs in bf16 outright
+            # (its rotary frequencies, a buffer, stay float32).
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            for parameter in teacher.parameters():
+                parameter.data = parameter.data.to(torch.bfloat16)
 
         before = None
         if env.rank == 0 and config.eval_windows:
@@ -493,10 +709,10 @@ def distill(student_dir: str | pathlib.Path, teacher_dir: str | pathlib.Path, ou
                                                        providers=["CPUExecutionProvider"])
             teacher.to("cpu")
 
-        model = student
+        model = _objective(student, config)
         if env.active:
             model = torch.nn.parallel.DistributedDataParallel(
-                student, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+                model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
         trainable = [parameter for parameter in student.parameters() if parameter.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=(0.9, 0.95), weight_decay=0.0)
         tokens_per_step = config.batch_size * config.seq_len
@@ -529,7 +745,9 @@ def distill(student_dir: str | pathlib.Path, teacher_dir: str | pathlib.Path, ou
             progress = step / total_steps if total_steps else 0.0
             if deadline is not None:
                 progress = max(progress, (now - train_started) / max(1e-9, deadline - train_started))
-            done = (total_steps is not None and step >= total_steps) or (deadline is not None and now >= deadline)
+            # At least one step: a budget that sampling used up still trains (and says how little).
+            done = (total_steps is not None and step >= total_steps) or (deadline is not None and now >= deadline
+                                                                          and step > 0)
             checkpoint_due = now - last_checkpoint >= 60 * config.checkpoint_minutes
             control = torch.tensor([float(done), float(checkpoint_due), progress], device=env.device, dtype=torch.float64)
             if env.active:
@@ -561,19 +779,14 @@ def distill(student_dir: str | pathlib.Path, teacher_dir: str | pathlib.Path, ou
                     if ort_session is not None:
                         from graphopt.student import run_session
 
-                        teacher_logits = torch.from_numpy(run_session(ort_session, pool[piece])).to(env.device)
+                        teacher_out = ("logits", torch.from_numpy(run_session(ort_session, pool[piece])).to(env.device))
                     else:
                         with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=autocast):
-                            teacher_logits = teacher(ids, dtype=compute_dtype)[0]
+                            teacher_out = ("hidden", teacher(ids, dtype=compute_dtype, head=False)[0],
+                                           teacher.head_matrix(compute_dtype))
                 sync = contextlib.nullcontext() if (not env.active or index == len(pieces) - 1) else model.no_sync()
                 with sync:
-                    with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=autocast):
-                        student_logits = model(ids, dtype=compute_dtype)[0]
-                    loss = _kl_loss(student_logits, teacher_logits, config.temperature)
-                    if config.ce_weight:
-                        ce = torch.nn.functional.cross_entropy(student_logits[:, :-1].float().reshape(-1, student_logits.shape[-1]),
-                                                               ids[:, 1:].reshape(-1))
-                        loss = (1 - config.ce_weight) * loss + config.ce_weight * ce
+                    loss = model(ids, teacher_out, compute_dtype, autocast)
                     (loss * len(piece) / len(rows)).backward()
                 loss_sum += loss.detach().double() * len(piece) / len(rows)
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -609,8 +822,8 @@ def distill(student_dir: str | pathlib.Path, teacher_dir: str | pathlib.Path, ou
                 if not parameter.requires_grad:
                     continue
                 array = parameter.detach().float().cpu().numpy()
-                if bits and name in student.quantized_names:
-                    array = snap_to_grid(array, bits, config.block_size)
+                if name in grids:
+                    array = snap_to_grid(array, *grids[name])
                 weights[name] = array
             result = _write_output(loaded, output, force, weights, config, {
                 "tokens": step * tokens_per_step, "steps": step, "world_size": env.world,

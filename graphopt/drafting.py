@@ -18,13 +18,14 @@ from typing import Any
 
 from graphopt.errors import GraphoptError
 from graphopt.modeldir import ModelDir, atomic_output, check_output
-from graphopt.recipes import DRAFT_RECIPES, run_stages
+from graphopt.recipes import DRAFT_RECIPES, Stage, run_stage
 
 logger = logging.getLogger(__name__)
 
 # What ``--recipe auto`` builds and measures. Dropping half the layers of SmolLM2-135M without
-# retraining leaves ~6% greedy agreement, so layer recipes are offered but not tried by default.
-AUTO_CANDIDATES = ("int8", "int4")
+# retraining leaves ~6% greedy agreement, so untrained layer recipes are offered but not tried by
+# default; ``distilled`` trains its quarter of the layers (``distill_minutes``; 0 leaves it out).
+AUTO_CANDIDATES = ("int8", "int4", "distilled")
 
 CALIBRATION_PROMPTS = (
     "The capital of France is",
@@ -34,13 +35,35 @@ CALIBRATION_PROMPTS = (
 )
 
 
-def build_recipe(target: ModelDir, output: pathlib.Path, recipe: str, force: bool = False) -> ModelDir:
+def _run_draft_stages(stages: tuple[Stage, ...], target: ModelDir, work: pathlib.Path, label: str,
+                      distill_minutes: float | None) -> ModelDir:
+    """The recipe's stages; a ``distill`` stage trains on the target as its teacher (``distill_minutes``
+    replaces the recipe's budget)."""
+    current = target
+    for index, stage in enumerate(stages, start=1):
+        logger.info("%s: [%d/%d] %s", label, index, len(stages), stage.describe())
+        destination = work / f"{index:02d}-{stage.kind}"
+        if stage.kind == "distill":
+            from graphopt.distill import DistillConfig, recipe_stage
+
+            parameters = dict(stage.parameters)
+            if distill_minutes is not None:
+                parameters["max_minutes"] = distill_minutes
+            config = DistillConfig.from_parameters(parameters, where=f"draft recipe {label}: ")
+            current, _ = recipe_stage(current.path, target.path, destination, config)
+        else:
+            current = run_stage(stage, current, destination).output
+    return current
+
+
+def build_recipe(target: ModelDir, output: pathlib.Path, recipe: str, force: bool = False,
+                 distill_minutes: float | None = None) -> ModelDir:
     """Run ``DRAFT_RECIPES[recipe]`` on ``target`` into ``output`` (atomically)."""
     if recipe not in DRAFT_RECIPES:
         raise GraphoptError(f"unknown recipe {recipe!r}; choose from auto, {', '.join(DRAFT_RECIPES)}")
     with atomic_output(output, force=force, sources=[target.path]) as scratch, \
             tempfile.TemporaryDirectory(prefix=f".{scratch.name}.", dir=scratch.parent) as work:
-        built = run_stages(DRAFT_RECIPES[recipe].stages, target, pathlib.Path(work), label=recipe)
+        built = _run_draft_stages(DRAFT_RECIPES[recipe].stages, target, pathlib.Path(work), recipe, distill_minutes)
         scratch.rmdir()
         os.rename(built.path, scratch)
         draft = ModelDir(scratch)
@@ -68,8 +91,12 @@ def measure(target: ModelDir, draft: ModelDir | None, prompts=CALIBRATION_PROMPT
 
 
 def build_draft(target: str | os.PathLike, output: str | os.PathLike, recipe: str = "auto", force: bool = False,
-                ep: str = "cpu") -> tuple[ModelDir, dict]:
+                ep: str = "cpu", distill_minutes: float | None = None) -> tuple[ModelDir, dict]:
     """Build a draft of ``target`` at ``output``; ``recipe="auto"`` keeps the fastest candidate.
+
+    ``distill_minutes`` replaces the ``distilled`` recipe's training budget; 0 leaves that
+    candidate out of ``auto``, which also skips it (with a log line) when the target cannot be
+    trained (fused or quantized: distillation needs the float export).
 
     Returns:
         The draft directory and a report ``{"recipe": ..., "candidates": {name: figures}, "plain": ...}``.
@@ -78,7 +105,7 @@ def build_draft(target: str | os.PathLike, output: str | os.PathLike, recipe: st
     output = pathlib.Path(output)
     check_output(output, force, sources=[target_dir.path])
     if recipe != "auto":
-        return build_recipe(target_dir, output, recipe, force=force), {"recipe": recipe}
+        return build_recipe(target_dir, output, recipe, force=force, distill_minutes=distill_minutes), {"recipe": recipe}
     started = time.perf_counter()
     report: dict[str, Any] = {"candidates": {}}
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +114,18 @@ def build_draft(target: str | os.PathLike, output: str | os.PathLike, recipe: st
         report["plain"] = measure(target_dir, None, ep=ep)
         best, best_speed = None, 0.0
         for name in AUTO_CANDIDATES:
-            candidate = build_recipe(target_dir, pathlib.Path(work) / name, name)
+            if name == "distilled":
+                if distill_minutes == 0:
+                    continue
+                from graphopt.student import StudentError
+
+                try:
+                    candidate = build_recipe(target_dir, pathlib.Path(work) / name, name, distill_minutes=distill_minutes)
+                except StudentError as error:
+                    logger.info(f"distilled: not a candidate here ({error})")
+                    continue
+            else:
+                candidate = build_recipe(target_dir, pathlib.Path(work) / name, name)
             figures = measure(target_dir, candidate, ep=ep)
             report["candidates"][name] = figures
             logger.info(f"{name}: {figures['decode_tokens_per_s']:.1f} tokens/s, acceptance "

@@ -210,6 +210,13 @@ DRAFT_RECIPES: dict[str, Recipe] = {recipe.name: recipe for recipe in (
     Recipe("early-exit-int4", "the bottom half of the layers, int4", ep="cpu",
            stages=(Stage("prune", {"keep_layers": 0.5, "keep_where": "first"}),
                    Stage("quantize", {"weights": "int4", **_DRAFT_QUANTIZE}))),
+    # DistillSpec-style: a quarter of the layers, trained to imitate the target (teacher = the
+    # draft's source), then int8. Needs a float, unfused source (graphopt optimize's export).
+    Recipe("distilled", "a quarter of the layers (ends), distilled from the target, int8", ep="cpu",
+           stages=(Stage("prune", {"keep_layers": 0.25, "keep_where": "ends"}),
+                   Stage("distill", {"max_minutes": 10.0, "device": "cpu", "batch_size": 4, "seq_len": 128,
+                                     "lr": 1e-3, "warmup_steps": 2, "eval_windows": 0}),
+                   Stage("quantize", {"weights": "int8", **_DRAFT_QUANTIZE}))),
 )}
 
 # The recipe that passes its own validation on SmolLM2-135M with the widest margin (int8 weights:

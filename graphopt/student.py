@@ -210,7 +210,7 @@ class StudentModel(nn.Module):
 
     Parameters are named exactly like the graph's initializers and have their shapes (MatMul weights
     ``(in, out)``), so ``state_dict()`` maps one to one onto the graph. ``fake_quant`` (set by QAT)
-    is applied to every projection weight when it is read.
+    is applied to the weights named in ``quantized_names`` when they are read.
     """
 
     def __init__(self, spec: GraphSpec, weights: dict[str, np.ndarray]):
@@ -221,13 +221,13 @@ class StudentModel(nn.Module):
             _register(self, name, nn.Parameter(torch.from_numpy(np.array(array, dtype=np.float32))))
             self.names.append(name)
         self.register_buffer("inv_freq", torch.from_numpy(spec.inv_freq.copy()), persistent=False)
-        self.fake_quant = None  # callable(weight) -> weight, set for quantization-aware training
+        self.fake_quant = None  # callable(weight, name) -> weight, set for quantization-aware training
         self.quantized_names: set[str] = set()
 
     def parameter(self, name: str) -> torch.Tensor:
         value = self.get_parameter(name)
         if self.fake_quant is not None and name in self.quantized_names:
-            return self.fake_quant(value)
+            return self.fake_quant(value, name)
         return value
 
     def linear_names(self, head: bool) -> list[str]:
@@ -245,8 +245,15 @@ class StudentModel(nn.Module):
             out = out + self.get_parameter(bias_name).to(x.dtype)
         return out
 
+    def head_matrix(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The LM head as a ``(hidden, vocab)`` matrix (the transposed embedding when tied), fake-quantized under QAT."""
+        head = self.parameter(self.spec.head or self.spec.embedding).to(dtype)
+        return head if self.spec.head else head.t()
+
     def forward(self, input_ids: torch.Tensor, past: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                dtype: torch.dtype = torch.float32):
+                dtype: torch.dtype = torch.float32, head: bool = True):
+        """``(logits, present)``; with ``head=False`` the final normalized hidden states instead of logits
+        (the distillation loss applies the head chunk by chunk)."""
         spec = self.spec
         batch, seq_len = input_ids.shape
         past_len = past[0][0].shape[2] if past else 0
@@ -287,10 +294,9 @@ class StudentModel(nn.Module):
             up = self._linear(normed, f"{prefix}.mlp.up_proj")
             hidden = residual + self._linear(functional.silu(gate) * up, f"{prefix}.mlp.down_proj")
         hidden = _rms_norm(hidden, self.get_parameter("model.norm.weight").to(dtype), spec.eps)
-        head_name = spec.head or spec.embedding
-        head = self.parameter(head_name).to(dtype)
-        logits = hidden @ (head if spec.head else head.t())
-        return logits, presents
+        if not head:
+            return hidden, presents
+        return hidden @ self.head_matrix(dtype), presents
 
 
 @dataclasses.dataclass
@@ -391,3 +397,51 @@ def check_round_trip(loaded: LoadedStudent, input_ids: np.ndarray, tolerance: fl
         raise ValidationError(f"the torch form of {loaded.directory.path} differs from its graph: max |logits diff| "
                               f"{difference:.3g} of the logits' scale > {tolerance:g}")
     return difference
+
+
+def module_from_transformers(model) -> StudentModel:
+    """The :class:`StudentModel` of a transformers Llama-family causal LM (weights copied, named as an
+    export of it names them), without exporting: a teacher to sample from while the export runs.
+
+    Raises:
+        StudentError: not a Llama-family model this module can compute.
+    """
+    config = model.config
+    if config.model_type not in ("llama", "mistral", "qwen2"):
+        raise StudentError(f"module_from_transformers supports llama, mistral and qwen2, not {config.model_type!r}")
+    rope = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
+    rope_type = rope.get("rope_type", "default")
+    if rope_type != "default":
+        raise StudentError(f"rotary scaling {rope_type!r} is not supported here")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    state = {name: tensor.detach().float().cpu() for name, tensor in model.state_dict().items()}
+    layers, weights = [], {}
+    for index in range(config.num_hidden_layers):
+        prefix = f"model.layers.{index}."
+        for name in ("input_layernorm.weight", "post_attention_layernorm.weight"):
+            weights[prefix + name] = state[prefix + name].numpy()
+        for projection in _PROJECTIONS:
+            weights[f"{prefix}{projection}.weight"] = state[f"{prefix}{projection}.weight"].t().contiguous().numpy()
+            if f"{prefix}{projection}.bias" in state:
+                weights[f"{prefix}{projection}.bias"] = state[f"{prefix}{projection}.bias"].numpy()
+        layers.append(LayerShape(heads=config.num_attention_heads, kv_heads=config.num_key_value_heads,
+                                 intermediate=config.intermediate_size,
+                                 bias=f"{prefix}self_attn.q_proj.bias" in state))
+    weights["model.norm.weight"] = state["model.norm.weight"].numpy()
+    weights["model.embed_tokens.weight"] = state["model.embed_tokens.weight"].numpy()
+    tied = getattr(config, "tie_word_embeddings", False) or "lm_head.weight" not in state
+    if not tied:
+        weights["lm_head.weight"] = state["lm_head.weight"].t().contiguous().numpy()
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    if rotary is not None and hasattr(rotary, "inv_freq"):
+        if float(getattr(rotary, "attention_scaling", 1.0)) != 1.0:
+            raise StudentError("rotary attention scaling is not supported here")
+        inv_freq = rotary.inv_freq.detach().float().cpu().numpy()
+    else:  # transformers 5 keeps the base in rope_parameters, 4 in rope_theta
+        parameters = getattr(config, "rope_parameters", None) or {}
+        base = parameters.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
+        inv_freq = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    spec = GraphSpec(layers=layers, head_dim=head_dim, hidden=config.hidden_size, vocab=config.vocab_size,
+                     eps=float(config.rms_norm_eps), embedding="model.embed_tokens.weight",
+                     head=None if tied else "lm_head.weight", inv_freq=inv_freq.astype(np.float32))
+    return StudentModel(spec, weights)

@@ -13,7 +13,9 @@ import torch
 from click.testing import CliRunner
 
 from graphopt.cli import main
-from graphopt.distill import DistillConfig, _kl_loss, distill, fake_quantize, self_sampled_pool, snap_to_grid
+from graphopt.distill import (DistillConfig, _kl_loss, chunked_distill_loss, distill, fake_quantize, self_sampled_pool,
+                              snap_to_grid)
+from graphopt.errors import GraphoptError
 from graphopt.evaluate import DEFAULT_TEXT
 from graphopt.export import export
 from graphopt.pruning import prune
@@ -170,38 +172,143 @@ def test_two_process_ddp_matches_one_process(student_dir, teacher_dir, tmp_path)
         assert np.linalg.norm(actual[name] - expected[name]) <= 1e-3 * max(trained, 1e-3), name
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_fake_quantize_is_the_weight_only_grid(bits):
+@pytest.mark.parametrize("bits,method", [(4, "affine"), (4, "rtn"), (8, "rtn")])
+def test_fake_quantize_is_the_weight_only_grid(bits, method):
     weight = np.random.default_rng(bits).normal(size=(96, 40)).astype(np.float32)
     weight[:, 3] = np.abs(weight[:, 3])  # a block of one sign: zero point at the edge
-    ours = fake_quantize(torch.from_numpy(weight), bits, 32).numpy()
-    np.testing.assert_allclose(ours, snap_to_grid(weight, bits, 32), rtol=0, atol=1e-6)
+    weight[32:64, 5] = 0.3  # a constant block (affine: scale 1, the offset rounded to float16)
+    ours = fake_quantize(torch.from_numpy(weight), bits, 32, method).numpy()
+    snapped = snap_to_grid(weight, bits, 32, method)
+    np.testing.assert_allclose(ours, snapped, rtol=0, atol=1e-6)
+    assert not np.allclose(snapped, weight, atol=1e-3)  # it did round
+    # Snapping is idempotent: snapped weights are on the grid their own blocks give.
+    # (to float32 rounding: a few ulps of the block's offset)
+    np.testing.assert_allclose(snap_to_grid(snapped, bits, 32, method), snapped, rtol=1e-5, atol=1e-6)
     parameter = torch.from_numpy(weight).requires_grad_()
-    fake_quantize(parameter, bits, 32).sum().backward()
+    fake_quantize(parameter, bits, 32, method).sum().backward()
     np.testing.assert_array_equal(parameter.grad.numpy(), np.ones_like(weight))  # straight through
 
 
-def test_qat_weights_quantize_exactly_onto_the_trained_grid(student_dir, teacher_dir, tmp_path):
+def _affine_weights(model: ir.Model) -> dict[str, np.ndarray]:
+    """Each affine MatMulNBits' weight as the graph computes it: scale * (code - 8) + its block's offset."""
+    from graphopt.passes.quantize_weights import dequantize
+
+    nodes = {node.name: node for node in model.graph}
+    weights = {}
+    for node in model.graph:
+        if node.op_type != "MatMulNBits" or f"{node.name}_offset" not in nodes:
+            continue
+        packed, scales = (value.const_value.numpy() for value in node.inputs[1:3])
+        in_features, block = node.attributes["K"].as_int(), node.attributes["block_size"].as_int()
+        weight = dequantize(packed, scales, None, 4, in_features).astype(np.float64)
+        offsets = nodes[f"{node.name}_offset"].inputs[1]
+        if offsets.const_value is None:  # float16 offsets behind a Cast
+            offsets = offsets.producer().inputs[0]
+        offsets = offsets.const_value.numpy().astype(np.float64)
+        weights[node.metadata_props["graphopt.weight_source"]] = weight + np.repeat(offsets, block, axis=0)
+    return weights
+
+
+def test_qat_weights_quantize_exactly_onto_the_default_grid(teacher_dir, tmp_path):
+    """QAT with graphopt quantize's defaults (int4: affine, block 32) leaves weights the default
+    weight-only pass reproduces exactly (float32 rounding), so what was trained is what runs."""
+    from graphopt.quantization import QuantizeConfig, quantize
+
+    config = _config(quantize="int4")
+    assert config.qat_grids(["model.layers.0.mlp.up_proj.weight"], "lm_head.weight") == {
+        "model.layers.0.mlp.up_proj.weight": (4, 32, "affine"), "lm_head.weight": (8, 64, "rtn")}
+    trained = distill(teacher_dir, teacher_dir, tmp_path / "qat", config)
+    float_weights = _weights(trained.model_dir.path)
+    original = _weights(teacher_dir)
+    assert not np.array_equal(float_weights["model.layers.0.mlp.up_proj.weight"],
+                              original["model.layers.0.mlp.up_proj.weight"])
+    quantize(trained.model_dir.path, tmp_path / "int4", QuantizeConfig(weights="int4", pack=False))
+    quantized = _affine_weights(ir.load(str(tmp_path / "int4" / "model.onnx")))
+    layer_names = [name for name in float_weights if name.startswith("model.layers.") and name.endswith("proj.weight")]
+    assert sorted(quantized) == sorted(layer_names) and len(layer_names) == 7 * 4
+    for name in layer_names:
+        np.testing.assert_allclose(quantized[name], float_weights[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    # The same weights before QAT are not on that grid (the check above can fail).
+    quantize(teacher_dir, tmp_path / "ptq", QuantizeConfig(weights="int4", pack=False))
+    untrained = _affine_weights(ir.load(str(tmp_path / "ptq" / "model.onnx")))
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert np.abs(untrained[name] - original[name]).max() > 1e-3
+
+
+def test_qat_rtn_grid_stays_selectable(student_dir, teacher_dir, tmp_path):
     from graphopt.passes.quantize_weights import dequantize
     from graphopt.quantization import QuantizeConfig, quantize
 
-    trained = distill(student_dir, teacher_dir, tmp_path / "qat", _config(quantize="int4", block_size=16))
+    trained = distill(student_dir, teacher_dir, tmp_path / "qat", _config(quantize="int4", quantize_method="rtn",
+                                                                          block_size=16, head="float"))
     float_weights = _weights(trained.model_dir.path)
-    # QAT's grid is round-to-nearest's (integer zero points); unpacked, to find each weight by name.
-    quantize(trained.model_dir.path, tmp_path / "int4", QuantizeConfig(weights="int4", activations="none", method="rtn",
-                                                                         block_size=16, head="int4", pack=False))
-    model = ir.load(str(tmp_path / "int4" / "model.onnx"))
+    quantize(trained.model_dir.path, tmp_path / "int4", QuantizeConfig(weights="int4", method="rtn", block_size=16,
+                                                                         head="float", pack=False))
     checked = 0
-    for node in model.graph:
-        if node.op_type != "MatMulNBits" or node.inputs[1].name.startswith("lm_head"):
+    for node in ir.load(str(tmp_path / "int4" / "model.onnx")).graph:
+        if node.op_type != "MatMulNBits":
             continue
         packed, scales, zeros = (value.const_value.numpy() for value in node.inputs[1:4])
-        attributes = node.attributes
-        weight = dequantize(packed, scales, zeros, 4, attributes["K"].as_int())
-        source = node.inputs[1].name.removesuffix("_q4")  # model.layers.0.mlp.up_proj.weight_q4
+        weight = dequantize(packed, scales, zeros, 4, node.attributes["K"].as_int())
+        source = node.metadata_props["graphopt.weight_source"]
         np.testing.assert_allclose(weight, float_weights[source], rtol=1e-6, atol=1e-7, err_msg=source)
         checked += 1
     assert checked == 7 * 3
+
+
+def test_affine_qat_refuses_partial_blocks(student_dir, teacher_dir, tmp_path):
+    with pytest.raises(GraphoptError, match="whole blocks"):
+        distill(student_dir, teacher_dir, tmp_path / "qat", _config(quantize="int4", block_size=16))
+
+
+def test_chunked_loss_equals_the_full_logits_loss():
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 7, 16, generator=generator, requires_grad=True)
+    head = torch.randn(16, 50, generator=generator, requires_grad=True)
+    teacher_hidden, teacher_head = torch.randn(2, 7, 16, generator=generator), torch.randn(16, 50, generator=generator)
+    ids = torch.randint(0, 50, (2, 7), generator=generator)
+    for ce_weight in (0.0, 0.3):
+        full = _kl_loss(hidden @ head, teacher_hidden @ teacher_head, 2.0)
+        if ce_weight:
+            ce = torch.nn.functional.cross_entropy((hidden @ head)[:, :-1].reshape(-1, 50), ids[:, 1:].reshape(-1))
+            full = (1 - ce_weight) * full + ce_weight * ce
+        expected = torch.autograd.grad(full, (hidden, head))
+        chunked = chunked_distill_loss(hidden, head, teacher_hidden, teacher_head, 2.0, 3, ids, ce_weight)
+        actual = torch.autograd.grad(chunked, (hidden, head))
+        torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-6)
+        for got, want in zip(actual, expected):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_sampling_mixes_prompts_in_a_chunk(teacher_dir):
+    """Rows of one chunk start with different prompts (forced), the rest is sampled; same seed, same pool."""
+    from graphopt.distill import sample_chunk
+
+    teacher = load_student(teacher_dir).module.eval()
+    prompts = [[5, 6, 7, 8], [9], [10, 11]]
+    first = sample_chunk(teacher, prompts, 12, 3, torch.device("cpu"))
+    assert first.shape == (3, 12)
+    for row, prompt in enumerate(prompts):
+        assert first[row, :len(prompt)].tolist() == prompt
+    np.testing.assert_array_equal(first, sample_chunk(teacher, prompts, 12, 3, torch.device("cpu")))
+    assert not np.array_equal(first, sample_chunk(teacher, prompts, 12, 4, torch.device("cpu")))
+
+
+def test_teacher_module_from_transformers_matches_its_export(teacher_dir, tmp_path):
+    """The module built from a transformers model (no export) computes what the exported graph computes."""
+    from transformers import AutoModelForCausalLM
+
+    from graphopt.student import module_from_transformers
+
+    checkpoint = tiny_checkpoint("llama", tmp_path / "ckpt", num_hidden_layers=4, num_attention_heads=4,
+                                 num_key_value_heads=2, intermediate_size=128)
+    hf_model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    module = module_from_transformers(hf_model)
+    ids = np.random.default_rng(0).integers(0, module.spec.vocab, size=(2, 16))
+    with torch.no_grad():
+        ours = module(torch.from_numpy(ids))[0].numpy()
+        theirs = hf_model(torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
 
 
 def test_refusals_are_one_line(student_dir, teacher_dir, tmp_path):
@@ -220,7 +327,6 @@ def test_refusals_are_one_line(student_dir, teacher_dir, tmp_path):
     copy.write_bytes(DEFAULT_TEXT.read_bytes())
     assert "evaluation text" in refused(student_dir, "--teacher", teacher_dir, "-o", tmp_path / "a", "--tokens", 64,
                                         "--data", copy)
-    assert "budget" in refused(student_dir, "--teacher", teacher_dir, "-o", tmp_path / "a")
     fused = tmp_path / "fused"
     assert runner.invoke(main, ["fuse", str(student_dir), "-o", str(fused), "--target", "cpu"]).exit_code == 0
     assert "fuse" in refused(fused, "--teacher", teacher_dir, "-o", tmp_path / "a", "--tokens", 64)
@@ -252,3 +358,23 @@ def test_smollm2_round_trip(smollm2_dir):
     prompt = np.asarray([Tokenizer(smollm2_dir).encode("The capital of France is Paris, and the capital of Italy is")])
     assert check_round_trip(loaded, random_ids) <= 1e-4
     assert check_round_trip(loaded, prompt) <= 1e-4
+
+
+def test_cli_budget_defaults_to_ten_minutes(student_dir, teacher_dir, tmp_path, monkeypatch):
+    import graphopt.distill as distill_module
+
+    seen = {}
+
+    def fake_distill(student, teacher, output, config, force=False):
+        seen["config"] = config
+
+    monkeypatch.setattr(distill_module, "distill", fake_distill)
+    runner = CliRunner()
+    result = runner.invoke(main, ["distill", str(student_dir), "--teacher", str(teacher_dir), "-o", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    assert seen["config"].max_minutes == 10.0 and seen["config"].tokens is None
+    assert "budget: 10 minutes" in result.output
+    result = runner.invoke(main, ["distill", str(student_dir), "--teacher", str(teacher_dir), "-o", str(tmp_path / "a"),
+                                  "--tokens", "64"])
+    assert seen["config"].max_minutes is None and seen["config"].tokens == 64
+    assert "10 minutes" in " ".join(runner.invoke(main, ["distill", "--help"]).output.split())

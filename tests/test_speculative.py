@@ -297,16 +297,33 @@ def test_cli_draft_builds_a_recipe(tiny_llama_dir, tmp_path):
 def test_cli_draft_auto_keeps_the_fastest_candidate(tiny_llama_dir, tmp_path):
     from graphopt.drafting import AUTO_CANDIDATES
 
-    run = CliRunner().invoke(main, ["draft", str(tiny_llama_dir), "-o", str(tmp_path / "draft"), "--json"])
+    run = CliRunner().invoke(main, ["draft", str(tiny_llama_dir), "-o", str(tmp_path / "draft"), "--json",
+                                    "--distill-minutes", "0.05"])
     assert run.exit_code == 0, run.output
     report = json.loads(run.stdout)
-    assert set(report["candidates"]) == set(AUTO_CANDIDATES)
+    assert set(report["candidates"]) == set(AUTO_CANDIDATES) and "distilled" in AUTO_CANDIDATES
     fastest = max(report["candidates"], key=lambda name: report["candidates"][name]["decode_tokens_per_s"])
     assert report["recipe"] == fastest
     assert isinstance(report["beats_plain"], bool)
     manifest = ModelDir.open(tmp_path / "draft").manifest
     assert manifest.extra["draft_recipe"] == fastest and "auto" in manifest.lineage[-1].figures
     assert not list(tmp_path.glob(".*"))  # candidates and scratch directories are gone
+
+
+def test_distilled_draft_recipe_trains_a_quarter_of_the_layers(tiny_llama_dir, tmp_path):
+    """The distilled recipe prunes to a quarter of the layers, distills from the target, quantizes;
+    a fused target (which cannot be trained) is left out of auto instead of failing it."""
+    from graphopt.drafting import build_draft
+
+    draft, report = build_draft(tiny_llama_dir, tmp_path / "draft", recipe="distilled", distill_minutes=0.05)
+    steps = [step.name for step in draft.manifest.lineage]
+    assert steps[-3:] == ["prune", "distill", "quantize"], steps
+    assert draft.manifest.layers == max(1, ModelDir.open(tiny_llama_dir).manifest.layers // 4)
+    assert draft.manifest.lineage[-2].figures["tokens"] > 0
+    fused = tmp_path / "fused"
+    assert CliRunner().invoke(main, ["fuse", str(tiny_llama_dir), "-o", str(fused), "--target", "cpu"]).exit_code == 0
+    _, report = build_draft(fused, tmp_path / "auto", distill_minutes=0.05)
+    assert "distilled" not in report["candidates"] and set(report["candidates"]) == {"int8", "int4"}
 
 
 @pytest.mark.slow

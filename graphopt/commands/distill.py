@@ -13,7 +13,8 @@ import click
 @click.option("-o", "--output", required=True, type=click.Path(), help="Model directory to create.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--tokens", type=int, default=None, metavar="N", help="Training budget in tokens (all processes).")
-@click.option("--max-minutes", type=float, default=None, metavar="M", help="Wall-clock budget of the whole run.")
+@click.option("--max-minutes", type=float, default=None, metavar="M",
+              help="Wall-clock budget of the whole run (default: 10 when --tokens is not given either).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--lr", type=float, default=3e-4, show_default=True, help="Peak learning rate (AdamW, cosine to 10%).")
 @click.option("--warmup-steps", type=int, default=10, show_default=True, help="Linear warm-up of the learning rate.")
@@ -33,20 +34,26 @@ import click
               help="Run the teacher as torch (on --device) or with ONNX Runtime on the CPU.")
 @click.option("--quantize", type=click.Choice(["int4", "int8"]), default=None,
               help="Quantization-aware training on the weight-only pass's grid; then run graphopt quantize.")
-@click.option("--block-size", type=int, default=32, show_default=True, help="QAT block size (as graphopt quantize).")
-@click.option("--float-head", is_flag=True, help="QAT: leave the LM head out (graphopt quantize --head float).")
+@click.option("--quantize-method", type=click.Choice(["affine", "rtn"]), default="affine", show_default=True,
+              help="QAT's int4 grid, as graphopt quantize --method (affine is its default).")
+@click.option("--block-size", type=int, default=None, help="QAT block size (default: graphopt quantize's for the bits).")
+@click.option("--head", "head", type=click.Choice(["auto", "float", "int8", "int4"]), default="auto", show_default=True,
+              help="QAT grid of the LM head, as graphopt quantize --head (auto: int8).")
 @click.option("--train-embeddings", is_flag=True, help="Also train the token embedding (and a tied head).")
 @click.option("--checkpoint-minutes", type=float, default=5.0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT.ckpt/ (written every --checkpoint-minutes).")
 @click.option("--eval-windows", type=int, default=4, show_default=True,
               help="Perplexity on eval-gpl3 before and after (windows of 512); 0 skips it.")
+@click.option("--kl-chunk-tokens", type=int, default=4096, show_default=True,
+              help="Tokens whose logits the loss holds at once (memory; recomputed in the backward).")
 @click.option("--plot", type=click.Path(), default=None, help="Write the loss curve to this PNG.")
 def command(student, teacher, output, force, tokens, max_minutes, device, lr, warmup_steps, batch_size, micro_batch, seq_len, seed,
-            temperature, ce_weight, data, data_tokens, teacher_runtime, quantize, block_size, float_head,
-            train_embeddings, checkpoint_minutes, resume, eval_windows, plot) -> None:
+            temperature, ce_weight, data, data_tokens, teacher_runtime, quantize, quantize_method, block_size, head,
+            train_embeddings, checkpoint_minutes, resume, eval_windows, kl_chunk_tokens, plot) -> None:
     """Train STUDENT's weights (its graph stays) on the KL to TEACHER's next-token distribution.
 
     Order: prune -> distill -> fuse -> quantize (fused or quantized students are refused).
+    Budget: --tokens and/or --max-minutes; with neither, 10 minutes.
     Several GPUs: torchrun --nproc-per-node N -m graphopt distill ... --device cuda
 
     Example: graphopt distill smollm2-pruned --teacher smollm2 -o smollm2-healed --max-minutes 10
@@ -56,17 +63,20 @@ def command(student, teacher, output, force, tokens, max_minutes, device, lr, wa
     import click as click_module
 
     from graphopt.commands import say
-    from graphopt.distill import DistillConfig, distill, plot_loss
+    from graphopt.distill import DEFAULT_MAX_MINUTES, DistillConfig, distill, plot_loss
 
     if int(os.environ.get("RANK", "0")) != 0:
         logging.getLogger("graphopt").setLevel(logging.WARNING)  # progress from process 0 only
+    if tokens is None and max_minutes is None:
+        max_minutes = DEFAULT_MAX_MINUTES
+        say(f"  budget: {max_minutes:g} minutes (give --tokens or --max-minutes to change it)")
     config = DistillConfig(tokens=tokens, max_minutes=max_minutes, device=device, lr=lr, warmup_steps=warmup_steps,
                            batch_size=batch_size,
                            micro_batch=micro_batch, seq_len=seq_len, seed=seed, temperature=temperature,
                            ce_weight=ce_weight, data=data, data_tokens=data_tokens, teacher_runtime=teacher_runtime,
-                           quantize=quantize, block_size=block_size, quantize_head=not float_head,
+                           quantize=quantize, quantize_method=quantize_method, block_size=block_size, head=head,
                            train_embeddings=train_embeddings, checkpoint_minutes=checkpoint_minutes, resume=resume,
-                           eval_windows=eval_windows)
+                           eval_windows=eval_windows, kl_chunk_tokens=kl_chunk_tokens)
     result = distill(student, teacher, output, config, force=force)
     if result is None:
         return
@@ -75,9 +85,9 @@ def command(student, teacher, output, force, tokens, max_minutes, device, lr, wa
         if figures.get(name) is not None:
             say(f"  {name}: {figures[name]}")
     if quantize:
-        head = "float" if float_head else quantize
-        say(f"  next: graphopt quantize {result.model_dir.path} -o OUT --weights {quantize} --method rtn "
-            f"--block-size {block_size} --head {head}")
+        method = f" --method {quantize_method}" if quantize == "int4" else ""
+        block = f" --block-size {block_size}" if block_size else ""
+        say(f"  next: graphopt quantize {result.model_dir.path} -o OUT --weights {quantize}{method}{block} --head {head}")
     if plot:
         plot_loss(figures["loss_curve"], plot)
     click_module.echo(str(result.model_dir.path))

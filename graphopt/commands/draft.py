@@ -22,13 +22,19 @@ def _recipe_names() -> list[str]:
               help="How to shrink the target; auto builds the candidates and keeps the fastest end to end.")
 @click.option("--ep", type=click.Choice(list(EXECUTION_PROVIDERS)), default="cpu", show_default=True,
               help="Execution provider on which auto measures the candidates.")
+@click.option("--distill-minutes", type=float, default=None, metavar="M",
+              help="Training budget of the distilled recipe (default 10; 0 leaves it out of auto).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
-def command(target, output, recipe, ep, force, as_json):
+def command(target, output, recipe, ep, distill_minutes, force, as_json):
     """Build a draft model for `graphopt generate TARGET --draft OUTPUT`."""
     from graphopt.drafting import build_draft
 
-    draft, report = build_draft(target, output, recipe=recipe, force=force, ep=ep)
+    if distill_minutes is not None and distill_minutes < 0:
+        from graphopt.errors import GraphoptError
+
+        raise GraphoptError(f"--distill-minutes must be at least 0, got {distill_minutes}")
+    draft, report = build_draft(target, output, recipe=recipe, force=force, ep=ep, distill_minutes=distill_minutes)
     report = {"draft": str(draft.path), **report, "size_bytes": draft.size_bytes(),
               "lineage": [step.name for step in draft.manifest.lineage]}
     if as_json:
