@@ -129,6 +129,22 @@ def test_tied_embedding_shares_the_head_codes(tiny_llama_dir, tmp_path):
     assert ModelDir(shared).size_bytes() < 0.8 * ModelDir(float_table).size_bytes()
 
 
+def test_affine_head_does_not_lend_its_codes(tiny_llama_dir, tmp_path):
+    """An affine int4 head's codes lack its offsets: the embedding gets its own codes, not a wrong table."""
+    model = graph_io.load(ModelDir.open(tiny_llama_dir).model_path)
+    table = model.graph.initializers["lm_head.weight"].const_value.numpy().copy()
+    WeightOnlyQuantizePass(bits=4, method="affine", head_bits=4, accuracy_level=0)(model)
+    embedding = EmbeddingQuantizePass(8, 32)
+    assert embedding(model).modified and embedding.counts == {"GatherBlockQuantized(bits=8)": 1}
+    quantized = save(model, tmp_path / "affine-head", tiny_llama_dir)
+    gathered = graph_io.load(quantized / "model.onnx")
+    node = next(node for node in gathered.graph if node.op_type == "GatherBlockQuantized")
+    codes = node.inputs[0].const_value.numpy()
+    scales = node.inputs[2].const_value.numpy().reshape(table.shape[0], -1)
+    rows = ((codes.reshape(table.shape[0], -1, 32).astype(np.float64) - 128) * scales[..., None]).reshape(table.shape)
+    assert np.abs(rows - table).max() <= 0.5 * scales.max() + 1e-7  # the table itself, to half an int8 step
+
+
 def test_table_read_by_a_float_head_stays_float(tiny_llama_dir):
     model = graph_io.load(ModelDir.open(tiny_llama_dir).model_path)
     WeightOnlyQuantizePass(bits=4, method="rtn", head_bits=None)(model)
