@@ -38,3 +38,13 @@ def parameter_count(model) -> int:
 def node_tag(node: ir.Node, rule: str) -> None:
     """Record on a new node which graphopt rule made it (in ``metadata_props``)."""
     node.metadata_props["graphopt.rule"] = rule
+
+
+def unique_value_name(graph: ir.Graph, base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``, ... : a value name no node output, initializer or input uses."""
+    taken = {value.name for node in graph for value in node.outputs} | set(graph.initializers)
+    taken |= {value.name for value in graph.inputs}
+    name, index = base, 1
+    while name in taken:
+        name, index = f"{base}_{index}", index + 1
+    return name

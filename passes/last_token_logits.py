@@ -21,19 +21,12 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from graphopt.ir import unique_value_name
+
 logger = logging.getLogger(__name__)
 
 LOGITS = "logits"
 HEAD_OPS = {("", "MatMul"), ("com.microsoft", "MatMulNBits")}
-
-
-def _unique(graph: ir.Graph, base: str) -> str:
-    taken = {value.name for node in graph for value in node.outputs} | set(graph.initializers)
-    taken |= {value.name for value in graph.inputs}
-    name, index = base, 1
-    while name in taken:
-        name, index = f"{base}_{index}", index + 1
-    return name
 
 
 class LastTokenLogitsPass(ir.passes.InPlacePass):
@@ -54,11 +47,11 @@ class LastTokenLogitsPass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, modified=False)
         constants = []
         for suffix, number in (("starts", -1), ("ends", np.iinfo(np.int64).max), ("axes", 1)):
-            value = ir.Value(name=_unique(graph, f"graphopt_last_token_{suffix}"),
+            value = ir.Value(name=unique_value_name(graph, f"graphopt_last_token_{suffix}"),
                              const_value=ir.tensor(np.array([number], dtype=np.int64)))
             graph.register_initializer(value)
             constants.append(value)
-        last = ir.Value(name=_unique(graph, "graphopt_last_token_hidden"))
+        last = ir.Value(name=unique_value_name(graph, "graphopt_last_token_hidden"))
         node = ir.Node("", "Slice", [hidden, *constants], outputs=[last], name="graphopt_last_token")
         graph.insert_before(head, node)
         head.replace_input_with(0, last)

@@ -31,7 +31,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.ir import node_tag
+from graphopt.ir import node_tag, unique_value_name
 from graphopt.passes.quantize_common import CONTRIB_DOMAIN, add_initializer
 
 logger = logging.getLogger(__name__)
@@ -130,15 +130,6 @@ def merged_name(names: list[str], separator: str) -> str:
     return separator.join([*split[0][:index], joined, *split[0][index + 1:]])
 
 
-def _unique_value_name(graph: ir.Graph, base: str) -> str:
-    taken = {value.name for node in graph for value in node.outputs} | set(graph.initializers)
-    taken |= {value.name for value in graph.inputs}
-    name, index = base, 1
-    while name in taken:
-        name, index = f"{base}_{index}", index + 1
-    return name
-
-
 class PackMatMulNBitsPass(ir.passes.InPlacePass):
     """Pack sibling MatMulNBits (see the module docstring); ``counts`` says what was packed."""
 
@@ -218,7 +209,7 @@ class PackMatMulNBitsPass(ir.passes.InPlacePass):
         graph.insert_before(first, packed)
         output = packed.outputs[0]
         old_outputs = [site.output for site in sites]
-        output.name = _unique_value_name(graph, f"{packed.name}/output_0")
+        output.name = unique_value_name(graph, f"{packed.name}/output_0")
         output.type = old_outputs[0].type
         if old_outputs[0].shape is not None:
             output.shape = ir.Shape([*list(old_outputs[0].shape.dims)[:-1], sum(widths)])
@@ -272,7 +263,7 @@ class PackMatMulNBitsPass(ir.passes.InPlacePass):
         for node in added[1:]:
             node_tag(node, RULE)
         graph.insert_after(packed, added[1:])
-        total.outputs[0].name = _unique_value_name(graph, f"{packed.name}/output_affine")
+        total.outputs[0].name = unique_value_name(graph, f"{packed.name}/output_affine")
         total.outputs[0].type = packed.outputs[0].type
         total.outputs[0].shape = packed.outputs[0].shape
         return total.outputs[0]
