@@ -139,7 +139,10 @@ class DistillConfig(StepConfig):
     quantize_method: str = "affine"  # int4 grid: affine (graphopt quantize's default) or rtn; int8 is symmetric
     block_size: int | None = None  # None: graphopt quantize's default for the bits
     head: str = "auto"  # the LM head's QAT grid, as graphopt quantize --head: auto (int8), float, int8, int4
-    train_embeddings: bool = False
+    # QAT also rounds each quantized linear's input to int8 per block, as ONNX Runtime's CPU kernel does
+    # (MatMulNBits at accuracy_level 4, graphopt quantize's default); False trains on float inputs.
+    int8_activations: bool = True
+    train_embeddings: bool = False  # QAT of a tied, quantized LM head trains the table anyway
     checkpoint_minutes: float = 5.0
     checkpoint_dir: str | None = None
     resume: bool = False
@@ -180,7 +183,7 @@ class DistillConfig(StepConfig):
         record = {key: value for key, value in dataclasses.asdict(self).items()
                   if value is not None and key not in ("resume", "checkpoint_dir", "stop_after_steps")}
         if not self.quantize:
-            for key in ("quantize_method", "block_size", "head"):
+            for key in ("quantize_method", "block_size", "head", "int8_activations"):
                 record.pop(key, None)
         return record
 
@@ -435,6 +438,23 @@ def fake_quantize(weight, bits: int, block_size: int, method: str = "affine"):
     return weight + (dequantized - weight).detach()
 
 
+def fake_quantize_activations(x, block_size: int):
+    """``x`` rounded as MatMulNBits' int8 path (accuracy_level 4) rounds its input: symmetric int8 per
+    block of ``block_size`` along the last axis (scale = block max |x| / 127), identity in the backward."""
+    import torch
+
+    columns = x.shape[-1]
+    pad = (-columns) % block_size
+    values = x.detach().float()
+    if pad:
+        values = torch.nn.functional.pad(values, (0, pad))
+    blocks = values.reshape(*values.shape[:-1], -1, block_size)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127.0
+    rounded = torch.round(blocks / torch.where(scale > 0, scale, torch.ones_like(scale))) * scale
+    rounded = rounded.reshape(values.shape)[..., :columns].to(x.dtype)
+    return x + (rounded - x).detach()
+
+
 def snap_to_grid(weight: np.ndarray, bits: int, block_size: int, method: str = "affine") -> np.ndarray:
     """``weight`` (in, out) replaced by its dequantized codes, with the weight-only pass's own math."""
     from graphopt.passes.quantize_weights import quantize_affine, quantize_rtn
@@ -646,18 +666,25 @@ def distill(student_dir: str | pathlib.Path, teacher_dir: str | pathlib.Path, ou
         student, teacher = loaded.module.to(env.device), teacher_loaded.module.to(env.device).eval()
         for parameter in teacher.parameters():
             parameter.requires_grad_(False)
-        frozen = set() if config.train_embeddings else {loaded.spec.embedding}
+        grids = config.qat_grids(student.linear_names(head=False), loaded.spec.head or loaded.spec.embedding)
+        # A tied head is the embedding table, stored (vocab, hidden) = (out, in): its blocks run along hidden.
+        transposed = {loaded.spec.embedding} if loaded.spec.head is None else set()
+        # The table trains when asked, or when QAT quantizes it as the tied LM head: the head's rounding
+        # is then learned away (SmolLM2, int4 head: frozen, QAT kept PTQ's +5%).
+        frozen = set() if config.train_embeddings or loaded.spec.embedding in grids else {loaded.spec.embedding}
         for name, parameter in student.named_parameters():
             parameter.requires_grad_(name not in frozen)
-        grids = config.qat_grids(student.linear_names(head=False), loaded.spec.head or loaded.spec.embedding)
         for name, (bits, block_size, method) in grids.items():
             rows = student.get_parameter(name).shape[0 if name != loaded.spec.embedding else 1]
             if method == "affine" and rows % block_size:
                 raise GraphoptError(f"{name}: {rows} input features are not whole blocks of {block_size}; the affine "
                                     "grid needs whole blocks (--quantize-method rtn, or another --block-size)")
         if grids:
-            student.fake_quant = lambda weight, name: fake_quantize(weight, *grids[name])
+            student.fake_quant = lambda weight, name: (
+                fake_quantize(weight.t(), *grids[name]).t() if name in transposed else fake_quantize(weight, *grids[name]))
             student.quantized_names = set(grids)
+            if config.int8_activations:
+                student.fake_quant_input = lambda x, name: fake_quantize_activations(x, grids[name][1])
         if env.device.type == "cuda":
             # TF32 for what autocast leaves in float32; the frozen teacher runs in bf16 outright
             # (its rotary frequencies, a buffer, stay float32).
@@ -822,7 +849,9 @@ def distill(student_dir: str | pathlib.Path, teacher_dir: str | pathlib.Path, ou
                 if not parameter.requires_grad:
                     continue
                 array = parameter.detach().float().cpu().numpy()
-                if name in grids:
+                if name in transposed and name in grids:
+                    array = snap_to_grid(array.T, *grids[name]).T
+                elif name in grids:
                     array = snap_to_grid(array, *grids[name])
                 weights[name] = array
             result = _write_output(loaded, output, force, weights, config, {

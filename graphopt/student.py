@@ -210,7 +210,8 @@ class StudentModel(nn.Module):
 
     Parameters are named exactly like the graph's initializers and have their shapes (MatMul weights
     ``(in, out)``), so ``state_dict()`` maps one to one onto the graph. ``fake_quant`` (set by QAT)
-    is applied to the weights named in ``quantized_names`` when they are read.
+    is applied to the weights named in ``quantized_names`` when they are read, ``fake_quant_input``
+    (QAT too, optional) to what those weights multiply.
     """
 
     def __init__(self, spec: GraphSpec, weights: dict[str, np.ndarray]):
@@ -223,6 +224,7 @@ class StudentModel(nn.Module):
         self.register_buffer("inv_freq", torch.from_numpy(spec.inv_freq.copy()), persistent=False)
         self.fake_quant = None  # callable(weight, name) -> weight, set for quantization-aware training
         self.quantized_names: set[str] = set()
+        self.fake_quant_input = None  # callable(x, weight name) -> x, the kernel's rounding of the input
 
     def parameter(self, name: str) -> torch.Tensor:
         value = self.get_parameter(name)
@@ -238,8 +240,13 @@ class StudentModel(nn.Module):
             names.append(self.spec.head or self.spec.embedding)
         return names
 
+    def _input(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        if self.fake_quant_input is not None and name in self.quantized_names:
+            return self.fake_quant_input(x, name)
+        return x
+
     def _linear(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
-        out = x @ self.parameter(f"{prefix}.weight").to(x.dtype)
+        out = self._input(x, f"{prefix}.weight") @ self.parameter(f"{prefix}.weight").to(x.dtype)
         bias_name = f"{prefix}.bias"
         if bias_name in self.names:
             out = out + self.get_parameter(bias_name).to(x.dtype)
@@ -294,6 +301,7 @@ class StudentModel(nn.Module):
             up = self._linear(normed, f"{prefix}.mlp.up_proj")
             hidden = residual + self._linear(functional.silu(gate) * up, f"{prefix}.mlp.down_proj")
         hidden = _rms_norm(hidden, self.get_parameter("model.norm.weight").to(dtype), spec.eps)
+        hidden = self._input(hidden, spec.head or spec.embedding)
         if not head:
             return hidden, presents
         return hidden @ self.head_matrix(dtype), presents

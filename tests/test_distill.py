@@ -13,8 +13,8 @@ import torch
 from click.testing import CliRunner
 
 from graphopt.cli import main
-from graphopt.distill import (DistillConfig, _kl_loss, chunked_distill_loss, distill, fake_quantize, self_sampled_pool,
-                              snap_to_grid)
+from graphopt.distill import (DistillConfig, _kl_loss, chunked_distill_loss, distill, fake_quantize,
+                              fake_quantize_activations, self_sampled_pool, snap_to_grid)
 from graphopt.errors import GraphoptError
 from graphopt.evaluate import DEFAULT_TEXT
 from graphopt.export import export
@@ -189,6 +189,47 @@ def test_fake_quantize_is_the_weight_only_grid(bits, method):
     np.testing.assert_array_equal(parameter.grad.numpy(), np.ones_like(weight))  # straight through
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fake_quantized_inputs_are_what_the_cpu_kernel_computes(bits):
+    """QAT's input rounding reproduces MatMulNBits at accuracy_level 4 (int8 inputs per block): the
+    ONNX Runtime output is within float rounding of x_rounded @ W, while x @ W is far off."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from graphopt.passes.quantize_weights import dequantize, pack, pack_zero_points, quantize_rtn
+
+    rng = np.random.default_rng(bits)
+    in_features, out_features, block = 96, 48, 32
+    weight_t = rng.normal(size=(out_features, in_features)).astype(np.float32)
+    codes, scales, zero_points = quantize_rtn(weight_t, bits, block)
+    packed = pack(codes, bits)
+    zero_input = pack_zero_points(zero_points) if bits == 4 else zero_points.astype(np.uint8).reshape(-1)
+    weight = dequantize(packed, scales, zero_input, bits, in_features)
+    x = rng.normal(size=(3, in_features)).astype(np.float32)
+    x[:, 7] *= 40.0  # an outlier: its block's other inputs round coarsely
+    node = helper.make_node("MatMulNBits", ["x", "B", "scales", "zero_points"], ["y"], domain="com.microsoft",
+                            K=in_features, N=out_features, bits=bits, block_size=block, accuracy_level=4)
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, in_features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, out_features])],
+        [onnx.numpy_helper.from_array(packed, "B"), onnx.numpy_helper.from_array(scales.reshape(-1), "scales"),
+         onnx.numpy_helper.from_array(zero_input, "zero_points")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    kernel = session.run(None, {"x": x})[0]
+    rounded = fake_quantize_activations(torch.from_numpy(x), block).double().numpy() @ weight.astype(np.float64)
+    plain = x.astype(np.float64) @ weight.astype(np.float64)
+    simulated_error = np.abs(kernel - rounded).max()
+    assert simulated_error < 1e-3 * np.abs(plain).max(), simulated_error
+    assert simulated_error < 0.05 * np.abs(kernel - plain).max()
+    parameter = torch.from_numpy(x).requires_grad_()
+    fake_quantize_activations(parameter, block).sum().backward()
+    np.testing.assert_array_equal(parameter.grad.numpy(), np.ones_like(x))  # straight through
+
+
 def _affine_weights(model: ir.Model) -> dict[str, np.ndarray]:
     """Each affine MatMulNBits' weight as the graph computes it: scale * (code - 8) + its block's offset."""
     from graphopt.passes.quantize_weights import dequantize
@@ -228,6 +269,10 @@ def test_qat_weights_quantize_exactly_onto_the_default_grid(teacher_dir, tmp_pat
     assert sorted(quantized) == sorted(layer_names) and len(layer_names) == 7 * 4
     for name in layer_names:
         np.testing.assert_allclose(quantized[name], float_weights[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    # The tied table is the int8 head: trained, and on the head's grid, blocks along the hidden axis.
+    table = float_weights["lm_head.weight"]  # the exporter's name for the tied table
+    assert not np.array_equal(table, original["lm_head.weight"])
+    np.testing.assert_allclose(snap_to_grid(table.T, 8, 64, "rtn"), table.T, rtol=1e-5, atol=1e-6)
     # The same weights before QAT are not on that grid (the check above can fail).
     quantize(teacher_dir, tmp_path / "ptq", QuantizeConfig(weights="int4", pack=False))
     untrained = _affine_weights(ir.load(str(tmp_path / "ptq" / "model.onnx")))

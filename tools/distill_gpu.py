@@ -142,36 +142,24 @@ def prepare(args) -> None:
     _write(out, "prepare", figures)
 
 
-def _distill(args, student: pathlib.Path, output: pathlib.Path, quantize: str | None) -> dict:
-    from graphopt.distill import DistillConfig, distill, plot_loss
-
-    work = pathlib.Path(args.work)
-    config = DistillConfig(max_minutes=args.minutes, device="cuda", lr=args.lr, batch_size=args.batch_size,
-                           micro_batch=args.micro_batch, seq_len=args.seq_len, data=str(work / "pool.npy"),
-                           quantize=quantize, block_size=32, warmup_steps=args.warmup_steps,
-                           checkpoint_minutes=100, eval_windows=WINDOWS)
-    result = distill(student, work / "fp32", output, config, force=True)
-    figures = dict(result.figures)
-    plot_loss(figures["loss_curve"], pathlib.Path(args.out) / f"{output.name}-loss.png", title=output.name)
-    return figures
-
-
 def heal(args) -> None:
     work, out = pathlib.Path(args.work), pathlib.Path(args.out)
-    figures = {"distill": _distill(args, work / "p25", work / "p25-distilled", None)}
-    _evaluate(work / "p25-distilled", "p25 distilled", figures)
+    figures = {"distill": _distill_stage(args, work / "p25", work / "fp32", work / "p25-healed", work / "pool.npy",
+                                         args.minutes, None, args.lr)}
+    _evaluate(work / "p25-healed", "p25 healed", figures)
     figures["fp32"] = {"perplexity": args.fp32_perplexity}
     _write(out, "heal", figures)
 
 
 def qat(args) -> None:
+    """int4 QAT of all linears on ``all``'s WORK (its fp32 export and data pool), then graphopt quantize."""
     from graphopt.quantization import QuantizeConfig, quantize
 
     work, out = pathlib.Path(args.work), pathlib.Path(args.out)
-    figures = {"distill": _distill(args, work / "fp32", work / "qat", "int4")}
-    quantize(work / "qat", work / "qat-int4", QuantizeConfig(weights="int4", activations="none", block_size=32,
-                                                             head="int4"), force=True)
-    _evaluate(work / "qat-int4", "int4 after QAT (all linears)", figures)
+    figures = {"distill": _distill_stage(args, work / "fp32", work / "fp32", work / "qat", work / "pool.npy",
+                                         args.minutes, "int4", args.lr)}
+    quantize(work / "qat", work / "qat-int4", QuantizeConfig(**INT4_ALL_LINEARS), force=True)
+    _evaluate(work / "qat-int4", "int4 affine after QAT (all linears)", figures)
     figures["fp32"] = {"perplexity": args.fp32_perplexity}
     _write(out, "qat", figures)
 
@@ -378,16 +366,18 @@ def run_all(args) -> None:
         time.sleep(1)
     log(f"models ready; t={time.perf_counter() - started:.0f} s")
 
-    # Heal: all the time left but the QAT stage's and the evaluations'.
-    left = args.wall - (time.perf_counter() - started)
-    heal_minutes = min(args.heal_minutes, (left - args.qat_minutes * 60 - args.reserve) / 60)
-    if heal_minutes <= 0.2:
-        raise SystemExit(f"error: {left:.0f} s left, too little to heal")
-    log(f"heal for {heal_minutes:.2f} min")
-    heal = {"distill": _distill_stage(args, work / "p25", work / "fp32", work / "p25-healed", work / "pool.npy",
-                                      heal_minutes, None, args.lr)}
-    _evaluate(work / "p25-healed", "p25 healed", heal)
-    (out / "heal.json").write_text(json.dumps(heal, indent=2) + "\n")
+    # Heal: all the time left but the QAT stage's and the evaluations' (--heal-minutes 0: QAT only).
+    heal = {}
+    if args.heal_minutes > 0:
+        left = args.wall - (time.perf_counter() - started)
+        heal_minutes = min(args.heal_minutes, (left - args.qat_minutes * 60 - args.reserve) / 60)
+        if heal_minutes <= 0.2:
+            raise SystemExit(f"error: {left:.0f} s left, too little to heal")
+        log(f"heal for {heal_minutes:.2f} min")
+        heal = {"distill": _distill_stage(args, work / "p25", work / "fp32", work / "p25-healed", work / "pool.npy",
+                                          heal_minutes, None, args.lr)}
+        _evaluate(work / "p25-healed", "p25 healed", heal)
+        (out / "heal.json").write_text(json.dumps(heal, indent=2) + "\n")
 
     left = args.wall - (time.perf_counter() - started)
     qat_minutes = min(args.qat_minutes, (left - args.reserve / 2) / 60)
@@ -408,10 +398,10 @@ def run_all(args) -> None:
         log(f"no time left for QAT ({left:.0f} s)")
     child.wait()
     build_figures = json.loads((out / "build.json").read_text())
-    summary["heal"] = {key: heal["distill"].get(key) for key in ("tokens", "train_seconds", "tokens_per_second",
+    summary["heal"] = {key: heal.get("distill", {}).get(key) for key in ("tokens", "train_seconds", "tokens_per_second",
                                                                  "data_rows", "final_loss")}
     rows = {"fp32": build_figures["fp32"], "p25 (pruned, not distilled)": build_figures["p25 (pruned, not distilled)"],
-            "p25 healed": heal["p25 healed"],
+            **({"p25 healed": heal["p25 healed"]} if heal else {}),
             "int4 affine PTQ (all linears)": build_figures["int4 affine PTQ (all linears)"], **figures}
     summary["table"] = rows
     summary["wall_seconds"] = round(time.perf_counter() - started, 1)
@@ -468,6 +458,7 @@ def main() -> None:
             stage.add_argument("--batch-size", type=int, default=64)
             stage.add_argument("--micro-batch", type=int, default=16)
             stage.add_argument("--warmup-steps", type=int, default=30)
+            stage.add_argument("--device", default="cuda")
             stage.add_argument("--fp32-perplexity", type=float, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")

@@ -39,7 +39,10 @@ import click
 @click.option("--block-size", type=int, default=None, help="QAT block size (default: graphopt quantize's for the bits).")
 @click.option("--head", "head", type=click.Choice(["auto", "float", "int8", "int4"]), default="auto", show_default=True,
               help="QAT grid of the LM head, as graphopt quantize --head (auto: int8).")
-@click.option("--train-embeddings", is_flag=True, help="Also train the token embedding (and a tied head).")
+@click.option("--kernel-activations/--float-activations", "int8_activations", default=True, show_default=True,
+              help="QAT rounds each quantized linear's input to int8 per block, as the CPU kernel "
+                   "(accuracy_level 4) does; --float-activations trains on float inputs.")
+@click.option("--train-embeddings", is_flag=True, help="Also train the token embedding (and a tied head; QAT of a quantized tied head always does).")
 @click.option("--checkpoint-minutes", type=float, default=5.0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT.ckpt/ (written every --checkpoint-minutes).")
 @click.option("--eval-windows", type=int, default=4, show_default=True,
@@ -49,7 +52,7 @@ import click
 @click.option("--plot", type=click.Path(), default=None, help="Write the loss curve to this PNG.")
 def command(student, teacher, output, force, tokens, max_minutes, device, lr, warmup_steps, batch_size, micro_batch, seq_len, seed,
             temperature, ce_weight, data, data_tokens, teacher_runtime, quantize, quantize_method, block_size, head,
-            train_embeddings, checkpoint_minutes, resume, eval_windows, kl_chunk_tokens, plot) -> None:
+            int8_activations, train_embeddings, checkpoint_minutes, resume, eval_windows, kl_chunk_tokens, plot) -> None:
     """Train STUDENT's weights (its graph stays) on the KL to TEACHER's next-token distribution.
 
     Order: prune -> distill -> fuse -> quantize (fused or quantized students are refused).
@@ -75,7 +78,8 @@ def command(student, teacher, output, force, tokens, max_minutes, device, lr, wa
                            micro_batch=micro_batch, seq_len=seq_len, seed=seed, temperature=temperature,
                            ce_weight=ce_weight, data=data, data_tokens=data_tokens, teacher_runtime=teacher_runtime,
                            quantize=quantize, quantize_method=quantize_method, block_size=block_size, head=head,
-                           train_embeddings=train_embeddings, checkpoint_minutes=checkpoint_minutes, resume=resume,
+                           int8_activations=int8_activations, train_embeddings=train_embeddings,
+                           checkpoint_minutes=checkpoint_minutes, resume=resume,
                            eval_windows=eval_windows, kl_chunk_tokens=kl_chunk_tokens)
     result = distill(student, teacher, output, config, force=force)
     if result is None:
