@@ -258,6 +258,8 @@ def optimize(src: str, output: str | os.PathLike, recipe: str, force: bool = Fal
             if stage.kind in STEPS:
                 record = run_stage(stage, current, destination)
                 current, figures = record.output, dict(record.step.counts)
+                if record.step.figures.get("packed"):
+                    figures["packed"] = record.step.figures["packed"]
             elif stage.kind == "export":
                 current = export_stage(src, destination, stage.config())
                 figures = {"given": True} if current.path != destination else {}
@@ -282,7 +284,9 @@ def optimize(src: str, output: str | os.PathLike, recipe: str, force: bool = Fal
                 logger.info("[%d/%d] measuring the draft and the target+draft pair", index, len(chosen.stages))
                 rows.append(Row(f"draft ({figures['draft_recipe']})", "stage", measure(draft), notes="draft alone"))
                 pair = measure_pair(current, draft, settings)
-                pair["identical_to_target_greedy"] = pair["token_ids"] == measure(current)["token_ids"]
+                plain = measure(current)["token_ids"]
+                pair["identical_to_target_greedy"] = pair["token_ids"] == plain
+                pair["first_divergence"] = _first_divergence(pair["token_ids"], plain)
                 rows.append(Row("target + draft (speculative)", "pair", pair))
             stage_figures.append({"stage": stage.describe(), "seconds": round(time.perf_counter() - stage_started, 1),
                                   "figures": figures})
@@ -307,8 +311,20 @@ def optimize(src: str, output: str | os.PathLike, recipe: str, force: bool = Fal
     return pathlib.Path(output)
 
 
+def _first_divergence(tokens: list[int], reference: list[int]) -> int | None:
+    """Index of the first token where ``tokens`` leaves ``reference``; None when they are equal."""
+    if tokens == reference:
+        return None
+    return next((index for index, (a, b) in enumerate(zip(tokens, reference)) if a != b),
+                min(len(tokens), len(reference)))
+
+
 def _counts_note(figures: dict) -> str:
-    return ", ".join(f"{key} {value}" for key, value in figures.items() if isinstance(value, int) and not isinstance(value, bool))
+    note = ", ".join(f"{key} {value}" for key, value in figures.items() if isinstance(value, int) and not isinstance(value, bool))
+    packed = figures.get("packed")
+    if packed:  # what the node counts above became: the graph holds fewer MatMulNBits than were quantized
+        note += "; packed: " + ", ".join(f"{key} {value}" for key, value in packed.items())
+    return note
 
 
 def _place_target(current: ModelDir, target: pathlib.Path, work: pathlib.Path) -> None:
@@ -385,8 +401,16 @@ def report_markdown(recipe: Recipe, src: str, settings: MeasureSettings, rows: l
         figures = row.figures
         notes = row.notes
         if row.kind == "pair":
-            notes = (f"acceptance {figures.get('acceptance_rate', 0) or 0:.2f}; output identical to the target's "
-                     f"greedy: {figures.get('identical_to_target_greedy')}")
+            notes = f"acceptance {figures.get('acceptance_rate', 0) or 0:.2f}; output identical to the target's greedy: "
+            if figures.get("identical_to_target_greedy"):
+                notes += "yes"
+            else:
+                # Measured on SmolLM2 int8: GroupQueryAttention's multi-token path sums in another order
+                # (1e-7 apart after layer 0); MatMulNBits' int8 input rounding grows that to ~1 logit
+                # by the output (float32 target: 3e-5), enough to flip a near-tie.
+                notes += (f"no, from token {figures.get('first_divergence')} of {settings.tokens} (the multi-token "
+                          "verify rounds a quantized target's activations differently from one-token steps; "
+                          "decode with the target alone where exact greedy output matters)")
         if figures.get("provider") and figures["provider"] not in ("CPUExecutionProvider", "torch CPU"):
             notes = f"{notes}; {figures['provider']}".lstrip("; ")
         elif recipe.ep != "cpu" and figures.get("provider") == "CPUExecutionProvider":

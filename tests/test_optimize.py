@@ -100,6 +100,8 @@ def test_cpu_int8_end_to_end_from_a_tiny_checkpoint(checkpoints, tmp_path):
     # PyTorch on the checkpoint scores the same windows: the export's perplexity within float noise.
     assert rows["transformers generate (fp32)"]["perplexity"] == pytest.approx(rows["export"]["perplexity"], rel=1e-3)
     assert rows["target + draft (speculative)"]["identical_to_target_greedy"] is True
+    assert rows["target + draft (speculative)"]["first_divergence"] is None
+    assert "packed: q/k/v into GroupQueryAttention" in rows["quantize"]["notes"]  # 211-style counts are pre-packing
     assert rows["quantize"]["size_bytes"] < rows["export"]["size_bytes"]
     assert "| quantize |" in (out / "report.md").read_text()
     assert (out / "report.png").stat().st_size > 10_000
@@ -172,6 +174,8 @@ def test_smollm2_cpu_int8_passes_its_validation_and_answers(smollm2_dir, tmp_pat
     assert answer.token_ids and answer.provider == "CPUExecutionProvider"
     rows = {row["label"]: row for row in report["rows"]}
     assert rows["target + draft (speculative)"]["identical_to_target_greedy"] is True
+    assert rows["target + draft (speculative)"]["first_divergence"] is None
+    assert "packed: q/k/v into GroupQueryAttention" in rows["quantize"]["notes"]  # 211-style counts are pre-packing
 
 
 @pytest.mark.parametrize("stage, message", [
@@ -186,6 +190,12 @@ def test_bad_value_in_a_recipe_fails_before_any_work(tmp_path, monkeypatch, stag
     result = run("optimize", tmp_path / "nowhere", "-o", tmp_path / "out", "--recipe", "bad")
     assert_one_line_error(result, message)
     assert not (tmp_path / "out").exists()
+
+
+def test_first_divergence():
+    assert optimize_lib._first_divergence([1, 2, 3], [1, 2, 3]) is None
+    assert optimize_lib._first_divergence([1, 2, 4], [1, 2, 3]) == 2
+    assert optimize_lib._first_divergence([1, 2], [1, 2, 3]) == 2
 
 
 def test_cuda_recipe_ships_no_draft_its_measurement_rejected():
