@@ -220,10 +220,12 @@ class Row:
 
 
 def optimize(src: str, output: str | os.PathLike, recipe: str, force: bool = False,
-             settings: MeasureSettings | None = None) -> pathlib.Path:
+             settings: MeasureSettings | None = None, keep_draft: bool = False) -> pathlib.Path:
     """Run ``recipe`` on SRC (a checkpoint, registry name or float32 model directory) into OUT.
 
-    Returns OUT's path. Raises GraphoptError for a bad recipe before any work, and lets any
+    A draft whose pair with the target decodes slower than the target alone is measured and
+    reported but not written to OUT (``keep_draft`` writes it anyway). Returns OUT's path.
+    Raises GraphoptError for a bad recipe before any work, and lets any
     stage's error through after removing the scratch directory (OUT is left as it was).
     """
     chosen = get_recipe(recipe)
@@ -284,10 +286,16 @@ def optimize(src: str, output: str | os.PathLike, recipe: str, force: bool = Fal
                 logger.info("[%d/%d] measuring the draft and the target+draft pair", index, len(chosen.stages))
                 rows.append(Row(f"draft ({figures['draft_recipe']})", "stage", measure(draft), notes="draft alone"))
                 pair = measure_pair(current, draft, settings)
-                plain = measure(current)["token_ids"]
-                pair["identical_to_target_greedy"] = pair["token_ids"] == plain
-                pair["first_divergence"] = _first_divergence(pair["token_ids"], plain)
-                rows.append(Row("target + draft (speculative)", "pair", pair))
+                plain = measure(current)
+                pair["identical_to_target_greedy"] = pair["token_ids"] == plain["token_ids"]
+                pair["first_divergence"] = _first_divergence(pair["token_ids"], plain["token_ids"])
+                pair["draft_shipped"] = keep_draft or pair["decode_tokens_per_s"] > plain["decode_tokens_per_s"]
+                if not pair["draft_shipped"]:
+                    logger.info("the draft is not written: target + draft decoded %.1f tokens/s, the target alone "
+                                "%.1f (--keep-draft writes it anyway)", pair["decode_tokens_per_s"],
+                                plain["decode_tokens_per_s"])
+                    shutil.rmtree(draft.path)
+                rows.append(Row("target + draft (speculative)", "pair", pair, notes=_pair_note(pair, settings.tokens)))
             stage_figures.append({"stage": stage.describe(), "seconds": round(time.perf_counter() - stage_started, 1),
                                   "figures": figures})
             if stage.kind in MODEL_STAGES:
@@ -309,6 +317,22 @@ def optimize(src: str, output: str | os.PathLike, recipe: str, force: bool = Fal
         _record_in_manifest(target, chosen)
         logger.info("report: %s", pathlib.Path(output) / "report.md")
     return pathlib.Path(output)
+
+
+def _pair_note(figures: dict, tokens: int) -> str:
+    note = f"acceptance {figures.get('acceptance_rate', 0) or 0:.2f}; output identical to the target's greedy: "
+    if figures["identical_to_target_greedy"]:
+        note += "yes"
+    else:
+        # Measured on SmolLM2 int8: GroupQueryAttention's multi-token path sums in another order
+        # (1e-7 apart after layer 0); MatMulNBits' int8 input rounding grows that to ~1 logit
+        # by the output (float32 target: 3e-5), enough to flip a near-tie.
+        note += (f"no, from token {figures['first_divergence']} of {tokens} (the multi-token verify rounds a "
+                 "quantized target's activations differently from one-token steps; decode with the target alone "
+                 "where exact greedy output matters)")
+    if not figures["draft_shipped"]:
+        note += "; slower than the target alone: draft/ not written"
+    return note
 
 
 def _first_divergence(tokens: list[int], reference: list[int]) -> int | None:
@@ -400,17 +424,6 @@ def report_markdown(recipe: Recipe, src: str, settings: MeasureSettings, rows: l
     for row in rows:
         figures = row.figures
         notes = row.notes
-        if row.kind == "pair":
-            notes = f"acceptance {figures.get('acceptance_rate', 0) or 0:.2f}; output identical to the target's greedy: "
-            if figures.get("identical_to_target_greedy"):
-                notes += "yes"
-            else:
-                # Measured on SmolLM2 int8: GroupQueryAttention's multi-token path sums in another order
-                # (1e-7 apart after layer 0); MatMulNBits' int8 input rounding grows that to ~1 logit
-                # by the output (float32 target: 3e-5), enough to flip a near-tie.
-                notes += (f"no, from token {figures.get('first_divergence')} of {settings.tokens} (the multi-token "
-                          "verify rounds a quantized target's activations differently from one-token steps; "
-                          "decode with the target alone where exact greedy output matters)")
         if figures.get("provider") and figures["provider"] not in ("CPUExecutionProvider", "torch CPU"):
             notes = f"{notes}; {figures['provider']}".lstrip("; ")
         elif recipe.ep != "cpu" and figures.get("provider") == "CPUExecutionProvider":

@@ -22,7 +22,7 @@ def _list_recipes(ctx, _parameter, value) -> None:
 
 @click.command("optimize")
 @click.argument("src", required=False, default=sources.DEFAULT_MODEL)
-@click.option("-o", "--output", required=True, type=click.Path(), help="Directory to create: target/, draft/, report.*")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Directory to create: target/, draft/ (when it pays), report.*")
 @click.option("--recipe", default=DEFAULT_RECIPE, show_default=True, help="Pipeline to run (see --list-recipes).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists (only once the new one is complete).")
 @click.option("--list-recipes", is_flag=True, expose_value=False, is_eager=True, callback=_list_recipes,
@@ -36,8 +36,10 @@ def _list_recipes(ctx, _parameter, value) -> None:
 @click.option("--reference/--no-reference", default=default(MeasureSettings, "reference_tools"), show_default=True,
               help="Also measure transformers generate on the checkpoint (when SRC is one).")
 @click.option("--with-peers", is_flag=True, help="Also measure onnxruntime.quantization.quantize_dynamic on the export.")
+@click.option("--keep-draft", is_flag=True,
+              help="Write draft/ even when target + draft decoded slower than the target alone.")
 def command(src: str, output: str, recipe: str, force: bool, tokens: int, eval_windows: int, window: int,
-            reference: bool, with_peers: bool) -> None:
+            reference: bool, with_peers: bool, keep_draft: bool) -> None:
     """Export SRC, then prune, fuse, quantize, validate and draft as RECIPE says, measuring every stage.
 
     SRC is a registry name (default: the embedded SmolLM2-135M-Instruct), a Hugging Face checkpoint
@@ -51,6 +53,6 @@ def command(src: str, output: str, recipe: str, force: bool, tokens: int, eval_w
 
     settings = MeasureSettings(tokens=tokens, eval_windows=eval_windows, window=window, reference_tools=reference,
                                with_peers=with_peers)
-    out = optimize(src, output, recipe, force=force, settings=settings)
+    out = optimize(src, output, recipe, force=force, settings=settings, keep_draft=keep_draft)
     click.echo(table(pathlib.Path(out) / "report.md"))
     click.echo(str(out))
