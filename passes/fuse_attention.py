@@ -68,10 +68,11 @@ def _static_dim(value: ir.Value, axis: int) -> int | None:
     return dim if isinstance(dim, int) else None
 
 
-def _attend_on_cache(op, query, key, value, past_key, past_value, mask, scale, repeat_kv: bool):
+def _attend_on_cache(op, query, key, value, past_key, past_value, mask, scale, repeat_kv: bool, output_shape=None):
     """``softmax(q @ k^T * scale + mask) @ v`` over ``Concat(past, new)``, as the export writes it.
 
-    Returns the context (BNSH) and the two present values. With ``repeat_kv`` the cache is widened
+    Returns the context (BNSH) and the two present values; with ``output_shape``, the context with its
+    heads merged back (``attention_output``, BSH) instead. With ``repeat_kv`` the cache is widened
     to every query head by ``Reshape(Expand(Unsqueeze(kv)))`` (``repeat_kv`` in models/_common.py).
     """
     present_key = op.Concat(past_key, key, axis=2, _outputs=["present_key"])
@@ -85,6 +86,8 @@ def _attend_on_cache(op, query, key, value, past_key, past_value, mask, scale, r
     scores = op.MatMul(query, op.Transpose(key_all, perm=[0, 1, 3, 2]))
     probs = op.Softmax(op.Add(op.Mul(scores, scale), mask), axis=-1)
     context = op.MatMul(probs, value_all)
+    if output_shape is not None:
+        context = op.Reshape(op.Transpose(context, perm=_BSNH_TO_BNSH), output_shape, _outputs=["attention_output"])
     return context, present_key, present_value
 
 
@@ -293,10 +296,7 @@ class GroupQueryAttentionFusion(_CacheRule):
                         cos, sin)
         key = _rotate(op, op.Transpose(op.Reshape(key_3d, key_shape), perm=_BSNH_TO_BNSH), cos, sin)
         value = op.Transpose(op.Reshape(value_3d, value_shape), perm=_BSNH_TO_BNSH)
-        context, present_key, present_value = _attend_on_cache(op, query, key, value, past_key, past_value, mask,
-                                                               scale, self.repeat_kv)
-        output = op.Reshape(op.Transpose(context, perm=_BSNH_TO_BNSH), output_shape, _outputs=["attention_output"])
-        return output, present_key, present_value
+        return _attend_on_cache(op, query, key, value, past_key, past_value, mask, scale, self.repeat_kv, output_shape)
 
     def check(self, context, query, present_key, cos, sin, mask, scale, key_all=None, **_):
         check = _basics.MatchResult()
@@ -410,10 +410,7 @@ class GroupQueryAttentionNormedQKFusion(GroupQueryAttentionFusion):
         query = _rotate(op, op.Transpose(query_4d, perm=_BSNH_TO_BNSH, _outputs=["query"]), cos, sin)
         key = _rotate(op, op.Transpose(key_4d, perm=_BSNH_TO_BNSH), cos, sin)
         value = op.Transpose(op.Reshape(value_3d, value_shape), perm=_BSNH_TO_BNSH)
-        context, present_key, present_value = _attend_on_cache(op, query, key, value, past_key, past_value, mask,
-                                                               scale, self.repeat_kv)
-        output = op.Reshape(op.Transpose(context, perm=_BSNH_TO_BNSH), output_shape, _outputs=["attention_output"])
-        return output, present_key, present_value
+        return _attend_on_cache(op, query, key, value, past_key, past_value, mask, scale, self.repeat_kv, output_shape)
 
     def rewrite(self, op, query_4d, key_4d, value_3d, past_key, past_value, output_shape, attention_output, **_):
         heads, kv_heads, head_dim = self._shape
@@ -433,10 +430,7 @@ class GroupQueryAttentionNoRotaryFusion(_CacheRule):
         query = op.Transpose(query_4d, perm=_BSNH_TO_BNSH, _outputs=["query"])
         key = op.Transpose(key_4d, perm=_BSNH_TO_BNSH)
         value = op.Transpose(op.Reshape(value_3d, value_shape), perm=_BSNH_TO_BNSH)
-        context, present_key, present_value = _attend_on_cache(op, query, key, value, past_key, past_value, mask,
-                                                               scale, self.repeat_kv)
-        output = op.Reshape(op.Transpose(context, perm=_BSNH_TO_BNSH), output_shape, _outputs=["attention_output"])
-        return output, present_key, present_value
+        return _attend_on_cache(op, query, key, value, past_key, past_value, mask, scale, self.repeat_kv, output_shape)
 
     def check(self, context, query, present_key, mask, scale, key_all=None, **_):
         check = _basics.MatchResult()
@@ -476,10 +470,7 @@ class MultiHeadAttentionFusion(_CacheRule):
         query = op.Transpose(op.Reshape(query_3d, query_shape), perm=_BSNH_TO_BNSH, _outputs=["query"])
         key = op.Transpose(op.Reshape(key_3d, key_shape), perm=_BSNH_TO_BNSH)
         value = op.Transpose(op.Reshape(value_3d, value_shape), perm=_BSNH_TO_BNSH)
-        context, present_key, present_value = _attend_on_cache(op, query, key, value, past_key, past_value, mask,
-                                                               scale, repeat_kv=False)
-        output = op.Reshape(op.Transpose(context, perm=_BSNH_TO_BNSH), output_shape, _outputs=["attention_output"])
-        return output, present_key, present_value
+        return _attend_on_cache(op, query, key, value, past_key, past_value, mask, scale, False, output_shape)
 
     def check(self, context, query, present_key, scale, **_):
         check = _basics.MatchResult()

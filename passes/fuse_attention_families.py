@@ -124,10 +124,7 @@ class FamilyGroupQueryAttentionFusion(GroupQueryAttentionFusion):
         query = _rope(op, op.Transpose(query_bsnh, perm=_BSNH_TO_BNSH, _outputs=["query"]), cos, sin, self.partial)
         key = _rope(op, op.Transpose(key_bsnh, perm=_BSNH_TO_BNSH), cos, sin, self.partial)
         value = op.Transpose(op.Reshape(value_3d, value_shape), perm=_BSNH_TO_BNSH)
-        context, present_key, present_value = _attend_on_cache(op, query, key, value, past_key, past_value, mask,
-                                                               scale, self.repeat_kv)
-        output = op.Reshape(op.Transpose(context, perm=_BSNH_TO_BNSH), output_shape, _outputs=["attention_output"])
-        return output, present_key, present_value
+        return _attend_on_cache(op, query, key, value, past_key, past_value, mask, scale, self.repeat_kv, output_shape)
 
     def check(self, context, query, present_key, cos, sin, mask, scale, key_all=None, **_):
         check = _basics.MatchResult()
