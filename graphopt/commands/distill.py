@@ -42,7 +42,8 @@ import click
 @click.option("--kernel-activations/--float-activations", "int8_activations", default=True, show_default=True,
               help="QAT rounds each quantized linear's input to int8 per block, as the CPU kernel "
                    "(accuracy_level 4) does; --float-activations trains on float inputs.")
-@click.option("--train-embeddings", is_flag=True, help="Also train the token embedding (and a tied head; QAT of a quantized tied head always does).")
+@click.option("--train-embeddings", is_flag=True,
+              help="Also train the token embedding (and a tied head; QAT of a quantized tied head always does).")
 @click.option("--checkpoint-minutes", type=float, default=5.0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT.ckpt/ (written every --checkpoint-minutes).")
 @click.option("--eval-windows", type=int, default=4, show_default=True,

@@ -22,7 +22,8 @@ def _list_recipes(ctx, _parameter, value) -> None:
 
 @click.command("optimize")
 @click.argument("src", required=False, default=sources.DEFAULT_MODEL)
-@click.option("-o", "--output", required=True, type=click.Path(), help="Directory to create: target/, draft/ (when it pays), report.*")
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="Directory to create: target/, draft/ (when it pays), report.*")
 @click.option("--recipe", default=DEFAULT_RECIPE, show_default=True, help="Pipeline to run (see --list-recipes).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists (only once the new one is complete).")
 @click.option("--list-recipes", is_flag=True, expose_value=False, is_eager=True, callback=_list_recipes,
