@@ -50,6 +50,7 @@ from graphopt.errors import GraphoptError
 from graphopt.evaluate import DEFAULT_TEXT, read_text
 from graphopt.manifest import LineageStep
 from graphopt.modeldir import ModelDir, atomic_output, check_output, derive
+from graphopt.passes.quantize_weights import snap_to_grid
 from graphopt.runtime.generator import encode_prompt
 from graphopt.steps import StepConfig
 
@@ -453,21 +454,6 @@ def fake_quantize_activations(x, block_size: int):
     rounded = torch.round(blocks / torch.where(scale > 0, scale, torch.ones_like(scale))) * scale
     rounded = rounded.reshape(values.shape)[..., :columns].to(x.dtype)
     return x + (rounded - x).detach()
-
-
-def snap_to_grid(weight: np.ndarray, bits: int, block_size: int, method: str = "affine") -> np.ndarray:
-    """``weight`` (in, out) replaced by its dequantized codes, with the weight-only pass's own math."""
-    from graphopt.passes.quantize_weights import quantize_affine, quantize_rtn
-
-    weight_t = weight.T.astype(np.float32)
-    if bits == 4 and method == "affine":
-        codes, scale, low = quantize_affine(weight_t, bits, block_size)
-        offset = (low.astype(np.float64) + 8.0 * scale.astype(np.float64)).astype(np.float16).astype(np.float64)
-        values = offset[..., None] + scale[..., None].astype(np.float64) * (codes.astype(np.float64) - 8.0)
-    else:
-        codes, scale, zero = quantize_rtn(weight_t, bits, block_size)
-        values = (codes.astype(np.float64) - zero[..., None]) * scale[..., None].astype(np.float64)
-    return np.ascontiguousarray(values.reshape(values.shape[0], -1)[:, :weight.shape[0]].T.astype(np.float32))
 
 
 # ---------------------------------------------------------------------------------------------

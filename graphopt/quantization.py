@@ -103,8 +103,10 @@ class QuantizeConfig(StepConfig):
             raise GraphoptError(f"--head must be one of {', '.join(HEAD_CHOICES)}")
         if scheme == "w8a8" and self.head == "int4":
             raise GraphoptError("--head int4 needs weight-only quantization (--activations none)")
-        if scheme != "w8a8" and (self.smooth is not None or self.max_ppl_increase is not None):
-            raise GraphoptError("--smooth and --max-ppl-increase apply to W8A8 (--activations int8)")
+        if scheme != "w8a8" and self.smooth is not None:
+            raise GraphoptError("--smooth applies to W8A8 (--activations int8)")
+        if scheme == "int8" and self.max_ppl_increase is not None:
+            raise GraphoptError("--max-ppl-increase applies to W8A8 (sites kept float) and int4 (linears kept int8)")
         if self.method != "rtn" and scheme == "w8a8":
             raise GraphoptError(f"--method {self.method} applies to weight-only quantization")
         if self.max_ppl_increase is not None and self.max_ppl_increase < 0:
@@ -115,7 +117,7 @@ class QuantizeConfig(StepConfig):
             raise GraphoptError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if (self.calib.text or self.calib.npz) and not self.needs_calibration:
             raise GraphoptError(f"--calib-text/--calib-npz: weight-only {self.method} quantization uses no calibration "
-                                "data; it applies to W8A8 (--activations int8) and --method gptq")
+                                "data; it applies to W8A8 (--activations int8), --method gptq and --max-ppl-increase")
         if self.measure_windows is not None and self.measure_windows < 1:
             raise GraphoptError("--measure-windows must be at least 1")
 
@@ -166,7 +168,7 @@ class QuantizeConfig(StepConfig):
 
     @property
     def needs_calibration(self) -> bool:
-        return self.scheme == "w8a8" or self.method == "gptq"
+        return self.scheme == "w8a8" or self.method == "gptq" or self.max_ppl_increase is not None
 
 
 def refuse_quantized(directory: ModelDir, model: ir.Model) -> None:
@@ -270,7 +272,7 @@ class QuantizeStep(Step):
         if config.scheme == "w8a8":
             model, counts, figures = _w8a8(source, model, config, sequences, work)
         else:
-            model, counts, figures = _weight_only(source, model, config, sequences)
+            model, counts, figures = _weight_only(source, model, config, sequences, work)
         return StepOutput(model, counts, figures, changes={"quantization": config.scheme})
 
     def check(self, source: ModelDir, written: ModelDir, config: QuantizeConfig) -> dict:
@@ -335,6 +337,47 @@ def _w8a8(source: ModelDir, model: ir.Model, config: QuantizeConfig, sequences, 
     return model, qdq.counts, extra
 
 
+def _weight_pass(config: QuantizeConfig, layer_hessians, site_bits: dict[str, int]):
+    from graphopt.passes.quantize_weights import WeightOnlyQuantizePass
+
+    return WeightOnlyQuantizePass(8 if config.scheme == "int8" else 4, config.weight_block_size, config.method,
+                                  config.exclude, config.head_bits(), layer_hessians if config.method == "gptq" else None,
+                                  act_order=config.act_order, head_block_size=config.head_block_size,
+                                  site_bits=site_bits)
+
+
+def _int8_linears(source: ModelDir, model: ir.Model, config: QuantizeConfig, sequences, layer_hessians,
+                  scratch: pathlib.Path, extra: dict) -> list[str]:
+    """The int4 linears to keep int8 so the calibration perplexity rises at most ``max_ppl_increase`` %.
+
+    Ranked by the output error their int4 rounding causes on the calibration tokens,
+    ``trace(dW^T H dW)`` with ``H = sum x x^T`` of the linear's input (GPTQ ranked on its MSE grid),
+    then kept int8 in doubling counts (1, 2, 4, ...) until the quantized model meets the bound.
+    """
+    from graphopt.passes.quantize_weights import snap_to_grid
+
+    grid = {"affine": "affine", "mse": "mse", "gptq": "mse"}.get(config.method, "rtn")
+    errors = {}
+    for site in linear_sites(model.graph, config.exclude, head=False):
+        weight = site.weight()
+        delta = (weight - snap_to_grid(weight, 4, config.weight_block_size, grid)).astype(np.float64)
+        errors[site.name] = float(np.sum((layer_hessians[site.activation.name] @ delta) * delta))
+    ranked = sorted(errors, key=lambda name: -errors[name])
+    baseline = sequences_perplexity(source.model_path, sequences)
+    extra["calibration_perplexity_float"] = round(baseline, 4)
+    kept: list[str] = []
+    while True:
+        candidate = graph_io.load(source.model_path)
+        _weight_pass(config, layer_hessians, {name: 8 for name in kept})(candidate)
+        perplexity = sequences_perplexity(_stage(candidate, scratch, "candidate"), sequences)
+        increase = 100 * (perplexity / baseline - 1)
+        logger.info(f"{len(kept)} linear(s) kept int8: calibration perplexity {perplexity:.3f} ({increase:+.2f}%)")
+        if increase <= config.max_ppl_increase or len(kept) == len(ranked):
+            extra["calibration_perplexity_quantized"] = round(perplexity, 4)
+            return kept
+        kept = ranked[:min(len(ranked), max(1, 2 * len(kept)))]
+
+
 def _sensitive_sites(model, model_path, params, config, sequences, scratch, extra) -> list[str]:
     """Names of the sites to keep in float so the calibration perplexity rises at most ``max_ppl_increase`` %."""
     from graphopt.passes.quantize_qdq import QDQQuantizePass
@@ -359,21 +402,23 @@ def _sensitive_sites(model, model_path, params, config, sequences, scratch, extr
         kept = ranked[:count]
 
 
-def _weight_only(source: ModelDir, model: ir.Model, config: QuantizeConfig, sequences):
-    from graphopt.passes.quantize_weights import WeightOnlyQuantizePass
-
+def _weight_only(source: ModelDir, model: ir.Model, config: QuantizeConfig, sequences, scratch: pathlib.Path):
     bits = 8 if config.scheme == "int8" else 4
     head_bits = config.head_bits()
     extra: dict = {}
     layer_hessians = None
-    if config.method == "gptq":
+    if config.method == "gptq" or config.max_ppl_increase is not None:
         names = sorted({site.activation.name for site in linear_sites(model.graph, config.exclude, head=False)})
-        logger.info(f"GPTQ: collecting Hessians of {len(names)} layer inputs")
+        logger.info(f"collecting Hessians of {len(names)} layer inputs")
         layer_hessians = hessians(source.model_path, names, sequences)
+    site_bits = {}
+    if config.max_ppl_increase is not None:
+        site_bits = {name: 8 for name in _int8_linears(source, model, config, sequences, layer_hessians, scratch, extra)}
+        extra["kept_int8"] = sorted(site_bits)
     logger.info(f"quantizing weights to int{bits}, block {config.weight_block_size}, {config.method}"
-                + ("" if head_bits == bits else f", LM head {'float' if head_bits is None else f'int{head_bits}'}"))
-    weights = WeightOnlyQuantizePass(bits, config.weight_block_size, config.method, config.exclude, head_bits,
-                                     layer_hessians, act_order=config.act_order, head_block_size=config.head_block_size)
+                + ("" if head_bits == bits else f", LM head {'float' if head_bits is None else f'int{head_bits}'}")
+                + (f", {len(site_bits)} linear(s) int8" if site_bits else ""))
+    weights = _weight_pass(config, layer_hessians, site_bits)
     weights(model)
     counts = dict(weights.counts)
     errors = weights.errors

@@ -205,6 +205,21 @@ def quantize_gptq(weight_t: np.ndarray, hessian: np.ndarray, bits: int, block_si
     return codes, scales, zero_points
 
 
+def snap_to_grid(weight: np.ndarray, bits: int, block_size: int, method: str = "affine") -> np.ndarray:
+    """``weight`` (in, out) replaced by its dequantized codes, with this pass's own math (``method``:
+    ``affine`` for 4 bits as the pass stores it, float16 offsets; ``mse`` its block search; else RTN)."""
+    weight_t = weight.T.astype(np.float32)
+    if bits == 4 and method == "affine":
+        codes, scale, low = quantize_affine(weight_t, bits, block_size)
+        offset = (low.astype(np.float64) + 8.0 * scale.astype(np.float64)).astype(np.float16).astype(np.float64)
+        values = offset[..., None] + scale[..., None].astype(np.float64) * (codes.astype(np.float64) - 8.0)
+    else:
+        parameters = mse_parameters if bits == 4 and method == "mse" else block_parameters
+        codes, scale, zero = quantize_rtn(weight_t, bits, block_size, parameters)
+        values = (codes.astype(np.float64) - zero[..., None]) * scale[..., None].astype(np.float64)
+    return np.ascontiguousarray(values.reshape(values.shape[0], -1)[:, :weight.shape[0]].T.astype(np.float32))
+
+
 def pack(codes: np.ndarray, bits: int) -> np.ndarray:
     """Codes ``[N, n_blocks, block_size]`` -> MatMulNBits ``B`` (``[N, n_blocks, block_size * bits / 8]`` uint8)."""
     codes = codes.astype(np.uint8)

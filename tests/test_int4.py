@@ -300,3 +300,37 @@ def test_gguf_of_another_model_is_refused(tmp_path):
     with pytest.raises(GraphoptError, match="no tensor of the GGUF equals"):
         import_quantization(exported.path, other_gguf, tmp_path / "kept")
     assert not (tmp_path / "kept").exists()
+
+
+# --- weight-only mixed precision ----------------------------------------------------------------
+
+def test_max_ppl_increase_keeps_the_most_sensitive_linears_int8(tiny_llama_dir, tmp_path):
+    """int4 with --max-ppl-increase: linears move to int8 (most output error first) until the bound holds."""
+    def run(name, *options):
+        result = CliRunner().invoke(main, ["quantize", str(tiny_llama_dir), "-o", str(tmp_path / name), "--weights",
+                                           "int4", "--method", "rtn", "--no-pack", *options])
+        assert result.exit_code == 0, result.output
+        step = ModelDir.open(tmp_path / name).manifest.lineage[-1]
+        return step.figures, step.counts
+
+    loose, counts = run("loose", "--max-ppl-increase", "10000")
+    assert loose["kept_int8"] == [] and counts["MatMulNBits(bits=4)"] == 14
+    plain_increase = 100 * (loose["calibration_perplexity_quantized"] / loose["calibration_perplexity_float"] - 1)
+    assert plain_increase > 0.2  # round-to-nearest int4 costs a tiny random model something
+    bound = 0.9 * plain_increase  # int4 alone misses it, some int8 linears meet it
+    tight, counts = run("tight", "--max-ppl-increase", f"{bound:.4f}")
+    kept = tight["kept_int8"]
+    assert 0 < len(kept) < 14 and counts["MatMulNBits(bits=4)"] == 14 - len(kept)
+    assert counts["MatMulNBits(bits=8)"] == len(kept) + 1  # and the LM head
+    increase = 100 * (tight["calibration_perplexity_quantized"] / tight["calibration_perplexity_float"] - 1)
+    assert increase <= bound
+    model = ir.load(str(tmp_path / "tight" / "model.onnx"))
+    eight_bit = {node.name.rsplit("_Q", 1)[0] for node in model.graph
+                 if node.op_type == "MatMulNBits" and node.attributes["bits"].as_int() == 8}
+    assert set(kept) <= eight_bit
+
+
+def test_max_ppl_increase_is_refused_for_int8_weight_only(tiny_llama_dir, tmp_path):
+    result = CliRunner().invoke(main, ["quantize", str(tiny_llama_dir), "-o", str(tmp_path / "q"), "--weights", "int8",
+                                       "--max-ppl-increase", "1"])
+    assert result.exit_code == 2 and "--max-ppl-increase applies to W8A8" in result.output

@@ -303,7 +303,7 @@ def test_cli_refuses_bad_input_and_writes_nothing(tiny_llama_dir, tmp_path):
         ([f"--calib-text={short}", "--seq-len", "64", "--method", "gptq"], "too short"),
         (["--exclude", "/model/layers/9/nothing"], "matches no node"),
         (["--weights", "int4", "--activations", "int8"], "needs --weights int8"),
-        (["--smooth", "0.5", "--activations", "none"], "apply to W8A8"),
+        (["--smooth", "0.5", "--activations", "none"], "--smooth applies to W8A8"),
     ]
     for extra, message in cases:
         result = run("quantize", tiny_llama_dir, "-o", output, "--calib-samples", 2, "--seq-len", 16, *extra) \

@@ -64,8 +64,8 @@ def _default(name: str):
 @click.option("--smooth", type=float, default=None, metavar="ALPHA",
               help="W8A8: SmoothQuant migration strength (e.g. 0.5), folded into norms and up projections.")
 @click.option("--max-ppl-increase", type=float, default=None, metavar="PERCENT",
-              help="W8A8: keep the most sensitive layers in float until the perplexity on the calibration "
-                   "data rises at most this many percent.")
+              help="Keep the most sensitive layers in float (W8A8) or int8 (int4 weight-only) until the "
+                   "perplexity on the calibration data rises at most this many percent.")
 @calibration_options
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the data-free calibration (sequences sampled from the model) and window choice.")
