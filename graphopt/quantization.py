@@ -352,7 +352,8 @@ def _int8_linears(source: ModelDir, model: ir.Model, config: QuantizeConfig, seq
 
     Ranked by the output error their int4 rounding causes on the calibration tokens,
     ``trace(dW^T H dW)`` with ``H = sum x x^T`` of the linear's input (GPTQ ranked on its MSE grid),
-    then kept int8 in doubling counts (1, 2, 4, ...) until the quantized model meets the bound.
+    then kept int8 in doubling counts (1, 2, 4, ...) until the quantized model meets the bound, and the
+    count bisected between the last miss and that (to 1/32 of the linears).
     """
     from graphopt.passes.quantize_weights import snap_to_grid
 
@@ -365,17 +366,34 @@ def _int8_linears(source: ModelDir, model: ir.Model, config: QuantizeConfig, seq
     ranked = sorted(errors, key=lambda name: -errors[name])
     baseline = sequences_perplexity(source.model_path, sequences)
     extra["calibration_perplexity_float"] = round(baseline, 4)
-    kept: list[str] = []
-    while True:
+
+    def perplexity_with(count: int) -> float:
         candidate = graph_io.load(source.model_path)
-        _weight_pass(config, layer_hessians, {name: 8 for name in kept})(candidate)
+        _weight_pass(config, layer_hessians, {name: 8 for name in ranked[:count]})(candidate)
         perplexity = sequences_perplexity(_stage(candidate, scratch, "candidate"), sequences)
-        increase = 100 * (perplexity / baseline - 1)
-        logger.info(f"{len(kept)} linear(s) kept int8: calibration perplexity {perplexity:.3f} ({increase:+.2f}%)")
-        if increase <= config.max_ppl_increase or len(kept) == len(ranked):
-            extra["calibration_perplexity_quantized"] = round(perplexity, 4)
-            return kept
-        kept = ranked[:min(len(ranked), max(1, 2 * len(kept)))]
+        logger.info(f"{count} linear(s) kept int8: calibration perplexity {perplexity:.3f} "
+                    f"({100 * (perplexity / baseline - 1):+.2f}%)")
+        return perplexity
+
+    def meets(perplexity: float) -> bool:
+        return 100 * (perplexity / baseline - 1) <= config.max_ppl_increase
+
+    missed, count = -1, 0
+    perplexity = perplexity_with(count)
+    while not meets(perplexity) and count < len(ranked):
+        missed, count = count, min(len(ranked), max(1, 2 * count))
+        perplexity = perplexity_with(count)
+    if not meets(perplexity):
+        logger.warning(f"--max-ppl-increase {config.max_ppl_increase:g}: not met even with every linear int8")
+    while meets(perplexity) and missed >= 0 and count - missed > max(1, len(ranked) // 32):
+        middle = (missed + count) // 2
+        trial = perplexity_with(middle)
+        if meets(trial):
+            count, perplexity = middle, trial
+        else:
+            missed = middle
+    extra["calibration_perplexity_quantized"] = round(perplexity, 4)
+    return ranked[:count]
 
 
 def _sensitive_sites(model, model_path, params, config, sequences, scratch, extra) -> list[str]:

@@ -28,4 +28,6 @@ def report_step(step: LineageStep) -> None:
     for name, count in step.counts.items():
         say(f"  {name}: {count}")
     for name, value in step.figures.items():
+        if isinstance(value, list) and len(value) > 8:  # e.g. the linears kept int8: all of them are in graphopt.json
+            value = f"{len(value)} ({', '.join(map(str, value[:3]))}, ...; the list is in graphopt.json)"
         say(f"  {name}: {value:.3g}" if isinstance(value, float) else f"  {name}: {value}")
