@@ -151,6 +151,9 @@ class DistillConfig(StepConfig):
     warmup_steps: int = 10
     kl_chunk_tokens: int = 4096  # tokens whose logits are materialized at once in the loss
     stop_after_steps: int | None = None  # end as if interrupted after this step (a checkpoint is written)
+    # End as if interrupted after this many minutes of this process's training (a checkpoint is written);
+    # the schedule still spans max_minutes, so a resumed run continues it (a lease shorter than the run).
+    stop_after_minutes: float | None = None
 
     def __post_init__(self):
         if self.tokens is None and self.max_minutes is None:
@@ -159,6 +162,8 @@ class DistillConfig(StepConfig):
             raise GraphoptError(f"--tokens must be positive, got {self.tokens}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise GraphoptError(f"--max-minutes must be positive, got {self.max_minutes}")
+        if self.stop_after_minutes is not None and self.stop_after_minutes <= 0:
+            raise GraphoptError(f"stop_after_minutes must be positive, got {self.stop_after_minutes}")
         if self.device not in ("cpu", "cuda"):
             raise GraphoptError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.batch_size < 1 or self.seq_len < 2:
@@ -181,8 +186,9 @@ class DistillConfig(StepConfig):
             raise GraphoptError(f"--teacher-runtime must be one of {', '.join(TEACHER_RUNTIMES)}")
 
     def describe(self) -> dict:
+        unrecorded = ("resume", "checkpoint_dir", "stop_after_steps", "stop_after_minutes")
         record = {key: value for key, value in dataclasses.asdict(self).items()
-                  if value is not None and key not in ("resume", "checkpoint_dir", "stop_after_steps")}
+                  if value is not None and key not in unrecorded}
         if not self.quantize:
             for key in ("quantize_method", "block_size", "head", "int8_activations"):
                 record.pop(key, None)
@@ -621,7 +627,9 @@ def distill(student_dir: str | pathlib.Path, teacher_dir: str | pathlib.Path, ou
     """Distill ``teacher_dir`` into ``student_dir``'s weights; write ``output`` (on process 0).
 
     Returns the result on the process that wrote the output, None on the others and when the run
-    stopped early on ``stop_after_steps`` (its checkpoint is then ready for ``resume``).
+    stopped early on ``stop_after_steps`` or ``stop_after_minutes`` (its checkpoint is then ready for
+    ``resume``). A resumed run's ``max_minutes`` counts the time the earlier runs spent sampling and
+    training, so it ends where the uninterrupted run would have.
     """
     import torch
 
@@ -741,7 +749,11 @@ def distill(student_dir: str | pathlib.Path, teacher_dir: str | pathlib.Path, ou
             student.load_state_dict(state["student"])
             optimizer.load_state_dict(state["optimizer"])
             step, curve, train_seconds = state["step"], state["curve"], state["train_seconds"]
-            logger.info("resumed at step %d (%d tokens)", step, step * tokens_per_step)
+            sampling_seconds = state.get("sampling_seconds", sampling_seconds)
+            if deadline is not None:
+                deadline -= train_seconds + sampling_seconds
+            logger.info("resumed at step %d (%d tokens, %.0f s of training)", step, step * tokens_per_step,
+                        train_seconds)
         per_rank = config.batch_size // env.world
         micro = min(per_rank, config.micro_batch or per_rank)
         autocast = env.device.type == "cuda"
@@ -762,16 +774,22 @@ def distill(student_dir: str | pathlib.Path, teacher_dir: str | pathlib.Path, ou
             done = (total_steps is not None and step >= total_steps) or (deadline is not None and now >= deadline
                                                                           and step > 0)
             checkpoint_due = now - last_checkpoint >= 60 * config.checkpoint_minutes
-            control = torch.tensor([float(done), float(checkpoint_due), progress], device=env.device, dtype=torch.float64)
+            stop = (not done and config.stop_after_minutes is not None
+                    and now - budget_started >= 60 * config.stop_after_minutes)
+            control = torch.tensor([float(done), float(checkpoint_due), progress, float(stop)], device=env.device,
+                                   dtype=torch.float64)
             if env.active:
                 import torch.distributed as dist
 
                 dist.broadcast(control, 0)
             done, checkpoint_due, progress = bool(control[0]), bool(control[1]), float(control[2])
+            if bool(control[3]):
+                stopped_early = True
+                break
             if checkpoint_due and env.rank == 0:
                 _save_atomic({"run": run, "student": student.state_dict(), "optimizer": optimizer.state_dict(),
-                              "step": step, "curve": curve, "train_seconds": time.perf_counter() - train_started},
-                             state_path)
+                              "step": step, "curve": curve, "train_seconds": time.perf_counter() - train_started,
+                              "sampling_seconds": sampling_seconds}, state_path)
             if checkpoint_due:
                 last_checkpoint = time.perf_counter()
             if done:
@@ -825,7 +843,8 @@ def distill(student_dir: str | pathlib.Path, teacher_dir: str | pathlib.Path, ou
         if stopped_early:
             if env.rank == 0:
                 _save_atomic({"run": run, "student": student.state_dict(), "optimizer": optimizer.state_dict(),
-                              "step": step, "curve": curve, "train_seconds": train_seconds}, state_path)
+                              "step": step, "curve": curve, "train_seconds": train_seconds,
+                              "sampling_seconds": sampling_seconds}, state_path)
             env.barrier()
             return None
         result = None

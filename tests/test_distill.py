@@ -135,6 +135,13 @@ def test_resume_gives_the_uninterrupted_weights(student_dir, teacher_dir, tmp_pa
         np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
     assert not np.array_equal(expected["model.layers.0.mlp.up_proj.weight"],
                               _weights(student_dir)["model.layers.0.mlp.up_proj.weight"])
+    # Stopped by the clock (a lease ending) before its first step, then resumed: the same weights.
+    assert distill(student_dir, teacher_dir, tmp_path / "leased", _config(stop_after_minutes=1e-9)) is None
+    assert torch.load(tmp_path / "leased.ckpt" / "state.pt", weights_only=True)["step"] == 0
+    leased = distill(student_dir, teacher_dir, tmp_path / "leased", _config(resume=True))
+    actual = _weights(leased.model_dir.path)
+    for name in expected:
+        np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
 
 
 def _free_port() -> int:

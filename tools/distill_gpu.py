@@ -143,9 +143,10 @@ def prepare(args) -> None:
 
 
 def heal(args) -> None:
+    """Heal on ``all``'s WORK; ``--resume`` continues the checkpoint ``all --lease-wall`` left."""
     work, out = pathlib.Path(args.work), pathlib.Path(args.out)
     figures = {"distill": _distill_stage(args, work / "p25", work / "fp32", work / "p25-healed", work / "pool.npy",
-                                         args.minutes, None, args.lr)}
+                                         args.minutes, None, args.lr, resume=args.resume)}
     _evaluate(work / "p25-healed", "p25 healed", figures)
     figures["fp32"] = {"perplexity": args.fp32_perplexity}
     _write(out, "heal", figures)
@@ -157,7 +158,7 @@ def qat(args) -> None:
 
     work, out = pathlib.Path(args.work), pathlib.Path(args.out)
     figures = {"distill": _distill_stage(args, work / "fp32", work / "fp32", work / "qat", work / "pool.npy",
-                                         args.minutes, "int4", args.lr)}
+                                         args.minutes, "int4", args.lr, resume=args.resume)}
     quantize(work / "qat", work / "qat-int4", QuantizeConfig(**INT4_ALL_LINEARS), force=True)
     _evaluate(work / "qat-int4", "int4 affine after QAT (all linears)", figures)
     figures["fp32"] = {"perplexity": args.fp32_perplexity}
@@ -285,15 +286,21 @@ def _hf_prompts(tokenizer) -> list[list[int]]:
     return [prompt for prompt in prompts if prompt]
 
 
-def _distill_stage(args, student, teacher, output, data, minutes, quantize, lr) -> dict:
+def _distill_stage(args, student, teacher, output, data, minutes, quantize, lr, resume=False,
+                   stop_minutes=None) -> dict | None:
+    """One distillation; None when it stopped at ``stop_minutes`` (its checkpoint is ready for resume)."""
     from graphopt.distill import DistillConfig, distill, plot_loss
 
     config = DistillConfig(max_minutes=minutes, device=args.device, lr=lr, batch_size=args.batch_size,
                            micro_batch=args.micro_batch, seq_len=args.seq_len, data=str(data), quantize=quantize,
                            quantize_method="affine", head="int4", warmup_steps=args.warmup_steps,
-                           checkpoint_minutes=1000, eval_windows=WINDOWS)
+                           checkpoint_minutes=1000, eval_windows=WINDOWS, resume=resume,
+                           stop_after_minutes=stop_minutes)
     result = distill(student, teacher, output, config, force=True)
+    if result is None:
+        return None
     figures = dict(result.figures)
+    pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
     try:
         plot_loss(figures["loss_curve"], pathlib.Path(args.out) / f"{pathlib.Path(output).name}-loss.png",
                   title=pathlib.Path(output).name)
@@ -370,12 +377,24 @@ def run_all(args) -> None:
     heal = {}
     if args.heal_minutes > 0:
         left = args.wall - (time.perf_counter() - started)
-        heal_minutes = min(args.heal_minutes, (left - args.qat_minutes * 60 - args.reserve) / 60)
-        if heal_minutes <= 0.2:
+        heal_minutes, stop_minutes = args.heal_minutes, None
+        if args.lease_wall:
+            # The schedule spans --heal-minutes; the lease ends first: stop with a checkpoint for `heal --resume`.
+            stop_minutes = (left - args.reserve) / 60 if left - args.reserve < 60 * heal_minutes else None
+        else:
+            heal_minutes = min(heal_minutes, (left - args.qat_minutes * 60 - args.reserve) / 60)
+        if min(heal_minutes, stop_minutes or heal_minutes) <= 0.2:
             raise SystemExit(f"error: {left:.0f} s left, too little to heal")
-        log(f"heal for {heal_minutes:.2f} min")
-        heal = {"distill": _distill_stage(args, work / "p25", work / "fp32", work / "p25-healed", work / "pool.npy",
-                                          heal_minutes, None, args.lr)}
+        log(f"heal for {heal_minutes:.2f} min" + (f", stopping after {stop_minutes:.2f}" if stop_minutes else ""))
+        healed = _distill_stage(args, work / "p25", work / "fp32", work / "p25-healed", work / "pool.npy",
+                                heal_minutes, None, args.lr, stop_minutes=stop_minutes)
+        if healed is None:
+            log(f"heal stopped at the lease's wall; continue on this machine with: heal --work {work} --out OUT "
+                f"--resume --minutes {heal_minutes} --lr {args.lr} --batch-size {args.batch_size} "
+                f"--micro-batch {args.micro_batch} --warmup-steps {args.warmup_steps} --seq-len {args.seq_len}")
+            child.wait()
+            return
+        heal = {"distill": healed}
         _evaluate(work / "p25-healed", "p25 healed", heal)
         (out / "heal.json").write_text(json.dumps(heal, indent=2) + "\n")
 
@@ -426,6 +445,8 @@ def main() -> None:
     every.add_argument("--wall", type=float, default=555.0, help="seconds for everything")
     every.add_argument("--reserve", type=float, default=75.0, help="seconds kept for evaluations and writing")
     every.add_argument("--heal-minutes", type=float, default=5.0)
+    every.add_argument("--lease-wall", action="store_true",
+                       help="heal on a schedule of --heal-minutes even past --wall: stop there with a checkpoint")
     every.add_argument("--qat-minutes", type=float, default=1.5)
     every.add_argument("--seq-len", type=int, default=512)
     every.add_argument("--chunk", type=int, default=2048, help="rows sampled at once")
@@ -454,6 +475,7 @@ def main() -> None:
             stage.add_argument("--chunk", type=int, default=2048)
         else:
             stage.add_argument("--minutes", type=float, default=8.0)
+            stage.add_argument("--resume", action="store_true", help="continue the checkpoint an earlier run left")
             stage.add_argument("--lr", type=float, default=5e-4 if name == "heal" else 1e-4)
             stage.add_argument("--batch-size", type=int, default=64)
             stage.add_argument("--micro-batch", type=int, default=16)
