@@ -61,8 +61,9 @@ def _weights(model_dir: pathlib.Path) -> dict[str, np.ndarray]:
 
 
 def _config(**overrides) -> DistillConfig:
+    # float32: the DDP and QAT tests compare weights closely; bf16 has its own test.
     settings = dict(tokens=8 * 32 * 8, batch_size=8, seq_len=32, lr=3e-3, data_tokens=8 * 32 * 8, eval_windows=0,
-                    warmup_steps=2, seed=0)
+                    warmup_steps=2, seed=0, precision="fp32")
     settings.update(overrides)
     return DistillConfig(**settings)
 
@@ -120,6 +121,30 @@ def test_short_distillation_lowers_kl(student_dir, teacher_dir, tmp_path):
     assert step["figures"]["loss_curve"][-1][2] < step["figures"]["loss_curve"][0][2]
     assert result.model_dir.manifest.layer_heads == load_student(student_dir).manifest.layer_heads
     assert not (tmp_path / "out.ckpt").exists()  # a finished run leaves no checkpoint
+
+
+def test_bf16_distillation_lowers_kl_too(student_dir, teacher_dir, tmp_path):
+    """bf16 autocast over float32 weights (auto on CUDA and on CPUs with native bf16): trains as well."""
+    result = distill(student_dir, teacher_dir, tmp_path / "out", _config(precision="bf16"))
+    before, after = _held_out_kl(student_dir, teacher_dir), _held_out_kl(result.model_dir.path, teacher_dir)
+    assert after < 0.75 * before, (before, after)
+    assert result.model_dir.manifest.lineage[-1].to_json()["parameters"]["precision"] == "bf16"
+    for array in _weights(result.model_dir.path).values():
+        assert array.dtype == np.float32  # the written weights stay float32
+
+
+def test_defaults_are_the_measured_settings_of_the_device():
+    cpu, cuda = DistillConfig(max_minutes=1), DistillConfig(max_minutes=1, device="cuda")
+    assert (cpu.lr, cpu.batch_size, cpu.seq_len, cpu.warmup_steps, cpu.micro_batch) == (5e-4, 8, 256, 3, None)
+    assert (cuda.lr, cuda.batch_size, cuda.seq_len, cuda.warmup_steps, cuda.micro_batch) == (5e-4, 64, 512, 30, 64)
+    assert DistillConfig(max_minutes=1, device="cuda", quantize="int4").lr == 5e-5  # QAT starts from a trained model
+    assert DistillConfig(max_minutes=1, device="cpu", quantize="int4").lr == 3e-4
+    assert DistillConfig(max_minutes=1, device="cuda", lr=1e-3, batch_size=16).describe()["batch_size"] == 16
+    assert DistillConfig(max_minutes=1, device="cuda", lr=1e-3).lr == 1e-3
+    with pytest.raises(GraphoptError, match="--precision"):
+        DistillConfig(max_minutes=1, precision="fp16")
+    with pytest.raises(GraphoptError, match="stop_after_minutes"):
+        DistillConfig(max_minutes=1, stop_after_minutes=0)
 
 
 def test_resume_gives_the_uninterrupted_weights(student_dir, teacher_dir, tmp_path):
