@@ -164,8 +164,8 @@ class DistillConfig(StepConfig):
     # (AVX512-BF16 / AMX: 2.3x the float32 matmul rate on the 2-core dev machine).
     precision: str = "auto"
     stop_after_steps: int | None = None  # end as if interrupted after this step (a checkpoint is written)
-    # End as if interrupted after this many minutes of this process's training (a checkpoint is written);
-    # the schedule still spans max_minutes, so a resumed run continues it (a lease shorter than the run).
+    # End as if interrupted this many minutes into this invocation's budget (sampling and training; a
+    # checkpoint is written); the schedule still spans max_minutes, so a resumed run continues it.
     stop_after_minutes: float | None = None
 
     def __post_init__(self):
