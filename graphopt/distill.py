@@ -375,7 +375,12 @@ def uses_bf16(device, precision: str = "auto") -> bool:
     if precision != "auto":
         return precision == "bf16"
     device = torch.device(device)
-    return device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if device.type != "cpu":
+        return device.type == "cuda"
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN's probe: float32
+        return False
 
 
 def self_sampled_pool(teacher, teacher_dir: pathlib.Path | None, rows: int, seq_len: int, seed: int, device,
