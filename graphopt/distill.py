@@ -135,7 +135,7 @@ class DistillConfig(StepConfig):
     tokens: int | None = None
     max_minutes: float | None = None
     device: str = "cpu"
-    # None: the measured best for the device (DEVICE_DEFAULTS), lr also for QAT on cuda.
+    # None: the measured best for the device and, for lr, for QAT (DEVICE_DEFAULTS).
     lr: float | None = None
     batch_size: int | None = None
     micro_batch: int | None = None  # sequences per forward on one process (memory); None: all of its share
@@ -169,14 +169,13 @@ class DistillConfig(StepConfig):
     stop_after_minutes: float | None = None
 
     def __post_init__(self):
-        if self.device in DEVICE_DEFAULTS:
-            defaults = DEVICE_DEFAULTS[self.device]
-            for name, value in defaults.items():
-                if name == "qat_lr":
-                    continue
-                if getattr(self, name) is None:
-                    value = defaults.get("qat_lr", value) if name == "lr" and self.quantize else value
-                    object.__setattr__(self, name, value)
+        defaults = dict(DEVICE_DEFAULTS.get(self.device, {}))
+        qat_lr = defaults.pop("qat_lr", None)
+        if self.quantize and qat_lr is not None:
+            defaults["lr"] = qat_lr
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
         if self.tokens is None and self.max_minutes is None:
             raise GraphoptError("give a budget: --tokens N and/or --max-minutes M")
         if self.tokens is not None and self.tokens < 1:
