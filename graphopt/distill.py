@@ -62,11 +62,16 @@ HEAD_CHOICES = ("auto", "float", "int8", "int4")
 DEFAULT_MAX_MINUTES = 10.0  # the CLI's budget when neither --tokens nor --max-minutes is given
 # What measured best per device (README "Distillation"): on one H200, the 25%-pruned SmolLM2 healed
 # to 1.25x fp32 in 8.5 minutes and int4 QAT kept +3.2% in 4.6 (lr 5e-5: QAT starts from a trained
-# model); on the 2-core CPU, 10 minutes took it from 3.58x to 2.17x (bf16, 29 steps: a short warm-up).
+# model); on the 2-core CPU, 10 minutes took it from 3.58x to 2.07x (bf16, 38 steps: a short warm-up).
+# The loss's chunk: a CPU step with 256 tokens' logits at a time (50 MB, kept by the heap) ran 1.3x
+# one with 4096 (400 MB, mapped and page-faulted anew each step); a GPU's allocator keeps either.
+# The self-sampled pool: distinct data beat more passes on both (CPU, 10 minutes: 48k tokens -42.3%,
+# 32k -40.1%; H200: 8.4 M tokens 1.25x fp32, 4.2 M 1.33x).
 DEVICE_DEFAULTS = {
-    "cpu": {"lr": 5e-4, "qat_lr": 3e-4, "batch_size": 8, "seq_len": 256, "warmup_steps": 3},
+    "cpu": {"lr": 5e-4, "qat_lr": 3e-4, "batch_size": 8, "seq_len": 256, "warmup_steps": 3,
+            "kl_chunk_tokens": 256, "data_tokens": 49152},
     "cuda": {"lr": 5e-4, "qat_lr": 5e-5, "batch_size": 64, "micro_batch": 64, "seq_len": 512,
-             "warmup_steps": 30},
+             "warmup_steps": 30, "kl_chunk_tokens": 4096, "data_tokens": 1 << 23},
 }
 TOP_K = 128  # sampling: top-p within the top-k (a full sort of 49k logits per step is the slow part)
 TEACHER_RUNTIMES = ("torch", "ort")
@@ -144,7 +149,7 @@ class DistillConfig(StepConfig):
     temperature: float = 1.0
     ce_weight: float = 0.0
     data: str | None = None
-    data_tokens: int | None = None  # size of the self-sampled pool; None: by device
+    data_tokens: int | None = None  # size of the self-sampled pool (at most 30% of max_minutes); None: by device
     teacher_runtime: str = "torch"
     quantize: str | None = None
     quantize_method: str = "affine"  # int4 grid: affine (graphopt quantize's default) or rtn; int8 is symmetric
@@ -159,7 +164,7 @@ class DistillConfig(StepConfig):
     resume: bool = False
     eval_windows: int = 4
     warmup_steps: int | None = None
-    kl_chunk_tokens: int = 4096  # tokens whose logits are materialized at once in the loss
+    kl_chunk_tokens: int | None = None  # tokens whose logits are materialized at once in the loss
     # bf16 autocast over float32 master weights: auto = on CUDA, and on a CPU with native bf16
     # (AVX512-BF16 / AMX: 2.3x the float32 matmul rate on the 2-core dev machine).
     precision: str = "auto"
@@ -544,6 +549,31 @@ class _Distributed:
             dist.destroy_process_group()
 
 
+def _keep_freed_memory():
+    """Make glibc's malloc keep freed memory in the process; returns what gives it back.
+
+    By default a block of 32 MB or more is mapped from the kernel and unmapped on free, so each CPU
+    step's large tensors were page-faulted in anew: a third of the 2-core machine's training time
+    was kernel time (40 of 122 CPU-seconds over 5 steps; 9 with this). Does nothing without glibc.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    mallopt, malloc_trim = getattr(libc, "mallopt", None), getattr(libc, "malloc_trim", None)
+    if mallopt is None or malloc_trim is None:
+        return lambda: None
+    m_trim_threshold, m_mmap_max = -1, -4
+    mallopt(m_mmap_max, 0)
+    mallopt(m_trim_threshold, 1 << 30)
+
+    def restore() -> None:
+        mallopt(m_mmap_max, 65536)  # glibc's defaults
+        mallopt(m_trim_threshold, 128 * 1024)
+        malloc_trim(0)
+
+    return restore
+
+
 def _schedule(step: int, progress: float, config: DistillConfig) -> float:
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
@@ -687,6 +717,7 @@ def distill(student_dir: str | pathlib.Path, teacher_dir: str | pathlib.Path, ou
         raise GraphoptError(f"{checkpoint_dir} holds an earlier run's checkpoint: --resume to continue it, "
                             "or delete it to start over")
     env = _Distributed(config.device)
+    restore_heap = _keep_freed_memory() if env.device.type == "cpu" else None
     try:
         if config.batch_size % env.world:
             raise GraphoptError(f"--batch-size {config.batch_size} must be a multiple of the {env.world} processes")
@@ -743,7 +774,7 @@ def distill(student_dir: str | pathlib.Path, teacher_dir: str | pathlib.Path, ou
         elif config.data:
             pool = data_sequences(loaded.directory.path, config.data, config.seq_len)
         else:
-            wanted = config.data_tokens or (1 << 23 if env.device.type == "cuda" else 1 << 15)
+            wanted = config.data_tokens
             if config.tokens:
                 wanted = min(wanted, max(config.tokens, config.batch_size * config.seq_len))
             rows = max(config.batch_size, -(-wanted // config.seq_len))
@@ -911,6 +942,8 @@ def distill(student_dir: str | pathlib.Path, teacher_dir: str | pathlib.Path, ou
         env.barrier()
         return result
     finally:
+        if restore_heap is not None:
+            restore_heap()
         env.close()
 
 

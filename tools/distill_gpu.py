@@ -25,6 +25,18 @@ weights to the teacher's), so the GPU machine rebuilds exactly that student from
 shipping 400 MB of weights. ``prepare`` exports, prunes by the plan, samples the teacher's data
 pool on the GPU and measures the baselines (fp32, pruned, post-training int4 RTN and GPTQ).
 Every stage prints a table last and writes its figures (JSON) and loss curves (PNG) to OUT.
+
+A distilled draft (a quarter of the layers, the ``distilled`` draft recipe's cut) trained on the
+GPU and brought back to measure speculative decoding here:
+
+    python tools/distill_gpu.py all --plan tools/results/distill/draft-plan.json --label draft --ship \
+        --qat-minutes 0 --work /tmp/dwork --out $OUT ...                                      (GPU)
+    python tools/distill_gpu.py land --source smollm2 --plan tools/results/distill/draft-plan.json \
+        --figures OUT/heal.json -o draft-distilled                                          (here)
+
+``--ship`` writes the weights distillation changed as float16 pieces that fit what a lent machine
+returns; ``land`` cuts the local export by the same plan, checks the pieces and writes them into
+the cut's graph.
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ import argparse
 import json
 import logging
 import pathlib
+import shutil
 import sys
 import time
 
@@ -94,7 +107,7 @@ def _evaluate(model_dir, label: str, figures: dict, chat: bool = True) -> None:
 def _write(out: pathlib.Path, name: str, figures: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(figures, indent=2) + "\n")
-    print(f"\n| model | perplexity | x fp32 | chat answer contains Paris |")
+    print("\n| model | perplexity | x fp32 | chat answer contains Paris |")
     print("|---|---:|---:|---|")
     base = figures.get("fp32", {}).get("perplexity")
     for label, row in figures.items():
@@ -108,8 +121,6 @@ def prepare(args) -> None:
 
     from graphopt.distill import sample_data
     from graphopt.export import export
-    from graphopt.modeldir import ModelDir
-    from graphopt.pruning import Plan, apply_plan
     from graphopt.quantization import QuantizeConfig, quantize
 
     work, out = pathlib.Path(args.work), pathlib.Path(args.out)
@@ -119,11 +130,7 @@ def prepare(args) -> None:
     if not (work / "fp32" / "model.onnx").is_file():
         export(args.src, work / "fp32", force=True, run_validation=False)
     figures["export_seconds"] = round(time.perf_counter() - started, 1)
-    layout = json.loads(pathlib.Path(args.plan).read_text())
-    cut = Plan(heads={int(k): v for k, v in layout["heads"].items()},
-               channels={int(k): v for k, v in layout["channels"].items()}, drop=layout["drop"])
-    source = ModelDir(work / "fp32")
-    apply_plan(source, cut, work / "p25", force=True)
+    _cut(work / "fp32", args.plan, work / "p25")
     started = time.perf_counter()
     pool = sample_data(work / "fp32", args.data_tokens, args.seq_len, seed=0, device="cuda", chunk=args.chunk)
     np.save(work / "pool.npy", pool)
@@ -144,12 +151,98 @@ def prepare(args) -> None:
 
 def heal(args) -> None:
     """Heal on ``all``'s WORK; ``--resume`` continues the checkpoint ``all --lease-wall`` left."""
-    work, out = pathlib.Path(args.work), pathlib.Path(args.out)
-    figures = {"distill": _distill_stage(args, work / "p25", work / "fp32", work / "p25-healed", work / "pool.npy",
-                                         args.minutes, None, args.lr, resume=args.resume)}
-    _evaluate(work / "p25-healed", "p25 healed", figures)
+    work, out, label = pathlib.Path(args.work), pathlib.Path(args.out), args.label
+    healed = _distill_stage(args, work / label, work / "fp32", work / f"{label}-healed", work / "pool.npy",
+                            args.minutes, None, args.lr, resume=args.resume, stop_minutes=args.stop_minutes)
+    if healed is None:
+        log(f"stopped after {args.stop_minutes} min with a checkpoint: run the same command again (--resume)")
+        return
+    figures = {"distill": healed}
+    _evaluate(work / f"{label}-healed", f"{label} healed", figures)
     figures["fp32"] = {"perplexity": args.fp32_perplexity}
+    if args.ship:
+        figures["shipped"] = ship(work / label, work / f"{label}-healed", out)
     _write(out, "heal", figures)
+
+
+SHIP_PIECE_BYTES = 15 << 20  # a lent machine returns files of at most 16 MiB
+
+
+def ship(student: pathlib.Path, healed: pathlib.Path, out: pathlib.Path) -> dict:
+    """The initializers distillation changed, as float16 pieces in ``out`` small enough to come back
+    from a lent machine; returns their index (``land`` rebuilds the model from a local student)."""
+    import hashlib
+
+    from graphopt import ir as graph_ir
+
+    before = graph_ir.load(student / "model.onnx").graph.initializers
+    after = graph_ir.load(healed / "model.onnx").graph.initializers
+    names = sorted(name for name, value in after.items()
+                   if not np.array_equal(value.const_value.numpy(), before[name].const_value.numpy()))
+    arrays = [after[name].const_value.numpy() for name in names]
+    largest = max(float(np.abs(array).max()) for array in arrays)
+    if largest > 60000:
+        raise SystemExit(f"error: a trained weight ({largest:g}) does not fit float16")
+    flat = np.concatenate([array.astype(np.float16).ravel() for array in arrays]).tobytes()
+    tensors, offset = [], 0
+    for name, array in zip(names, arrays):
+        tensors.append([name, list(array.shape), offset])
+        offset += array.size
+    pieces = []
+    for index, start in enumerate(range(0, len(flat), SHIP_PIECE_BYTES)):
+        data = flat[start:start + SHIP_PIECE_BYTES]
+        name = f"weights-{index}.f16"
+        (out / name).write_bytes(data)
+        pieces.append([name, hashlib.sha256(data).hexdigest()])
+    log(f"shipped {len(names)} trained initializers ({len(flat) / 1e6:.1f} MB float16) in {len(pieces)} pieces")
+    return {"tensors": tensors, "pieces": pieces, "elements": offset}
+
+
+def _cut(source: pathlib.Path, plan_path: str, output: pathlib.Path) -> None:
+    """``source`` pruned by a plan file (``plan``'s JSON) into ``output``."""
+    from graphopt.modeldir import ModelDir
+    from graphopt.pruning import Plan, apply_plan
+
+    layout = json.loads(pathlib.Path(plan_path).read_text())
+    cut = Plan(heads={int(k): v for k, v in layout["heads"].items()},
+               channels={int(k): v for k, v in layout["channels"].items()}, drop=layout["drop"])
+    apply_plan(ModelDir(source), cut, output, force=True)
+
+
+def land(args) -> None:
+    """Here: the distilled model from the local export, the plan, and the pieces ``--ship`` brought back."""
+    import hashlib
+    import tempfile
+
+    from graphopt.manifest import LineageStep
+    from graphopt.modeldir import ModelDir, atomic_output, derive
+    from graphopt.student import write_weights
+
+    figures_path = pathlib.Path(args.figures)
+    figures = json.loads(figures_path.read_text())
+    index = figures["shipped"]
+    data = b""
+    for name, digest in index["pieces"]:
+        piece = (figures_path.parent / pathlib.Path(name).name).read_bytes()
+        if hashlib.sha256(piece).hexdigest() != digest:
+            raise SystemExit(f"error: {name} is not the piece that was shipped (checksum)")
+        data += piece
+    flat = np.frombuffer(data, dtype=np.float16)
+    if flat.size != index["elements"]:
+        raise SystemExit(f"error: the pieces hold {flat.size} values, the index {index['elements']}")
+    weights = {name: flat[offset:offset + int(np.prod(shape))].astype(np.float32).reshape(shape)
+               for name, shape, offset in index["tensors"]}
+    distilled = figures.get("distill") or {}
+    with atomic_output(pathlib.Path(args.output), force=args.force, sources=[pathlib.Path(args.source)]) as scratch, \
+            tempfile.TemporaryDirectory(prefix=".land.", dir=scratch.parent) as work:
+        _cut(pathlib.Path(args.source), args.plan, pathlib.Path(work) / "cut")
+        source = ModelDir(pathlib.Path(work) / "cut")
+        changed = write_weights(source, weights, scratch)
+        step = LineageStep("distill", {"landed_from": str(figures_path), "shipped_as": "float16"},
+                           figures={**{key: value for key, value in distilled.items() if key != "loss_curve"},
+                                    "initializers_changed": changed})
+        derive(source, scratch, step)
+    log(f"{args.output}: {changed} initializers from {len(index['pieces'])} pieces")
 
 
 def qat(args) -> None:
@@ -241,29 +334,24 @@ def build(args) -> None:
     import torch
 
     from graphopt.export import export
-    from graphopt.modeldir import ModelDir
-    from graphopt.pruning import Plan, apply_plan
     from graphopt.quantization import QuantizeConfig, quantize
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) - 2))
-    work, out = pathlib.Path(args.work), pathlib.Path(args.out)
+    work = pathlib.Path(args.work)
     figures: dict = {}
     started = time.perf_counter()
     export(str(args.src), work / "fp32", force=True, run_validation=False)
     figures["export_seconds"] = round(time.perf_counter() - started, 1)
-    layout = json.loads(pathlib.Path(args.plan).read_text())
-    cut = Plan(heads={int(k): v for k, v in layout["heads"].items()},
-               channels={int(k): v for k, v in layout["channels"].items()}, drop=layout["drop"])
-    apply_plan(ModelDir(work / "fp32"), cut, work / "p25", force=True)
+    _cut(work / "fp32", args.plan, work / args.label)
     (work / "models-ready").write_text("ok")  # the parent may start training now
     _evaluate(work / "fp32", "fp32", figures)
-    _evaluate(work / "p25", "p25 (pruned, not distilled)", figures)
+    _evaluate(work / args.label, f"{args.label} (pruned, not distilled)", figures)
     started = time.perf_counter()
     quantize(work / "fp32", work / "int4-ptq", QuantizeConfig(**INT4_ALL_LINEARS), force=True)
     _evaluate(work / "int4-ptq", "int4 affine PTQ (all linears)", figures)
     figures["int4 affine PTQ (all linears)"]["seconds"] = round(time.perf_counter() - started, 1)
     figures["build_seconds"] = round(time.perf_counter() - started, 1)
-    (out / "build.json").write_text(json.dumps(figures, indent=2) + "\n")
+    (work / "build.json").write_text(json.dumps(figures, indent=2) + "\n")
     log("build done")
 
 
@@ -294,7 +382,7 @@ def _distill_stage(args, student, teacher, output, data, minutes, quantize, lr, 
     config = DistillConfig(max_minutes=minutes, device=args.device, lr=lr, batch_size=args.batch_size,
                            micro_batch=args.micro_batch, seq_len=args.seq_len, data=str(data), quantize=quantize,
                            quantize_method="affine", head="int4", warmup_steps=args.warmup_steps,
-                           checkpoint_minutes=1000, eval_windows=WINDOWS, resume=resume,
+                           checkpoint_minutes=2, eval_windows=WINDOWS, resume=resume,
                            stop_after_minutes=stop_minutes)
     result = distill(student, teacher, output, config, force=True)
     if result is None:
@@ -332,8 +420,9 @@ def run_all(args) -> None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), site]))
     log(f"GGUF {gguf} (site {site}); device {args.device}")
     summary: dict = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"}
+    label = args.label
     child = subprocess.Popen([sys.executable, __file__, "build", "--src", str(gguf), "--plan", args.plan,
-                              "--work", str(work), "--out", str(out)], env=env)
+                              "--work", str(work), "--out", str(out), "--label", label], env=env)
     # GPU side meanwhile: the teacher straight from the GGUF, and the data pool.
     loaded = checkpoint.load(str(gguf))
     device = torch.device(args.device)
@@ -386,16 +475,20 @@ def run_all(args) -> None:
         if min(heal_minutes, stop_minutes or heal_minutes) <= 0.2:
             raise SystemExit(f"error: {left:.0f} s left, too little to heal")
         log(f"heal for {heal_minutes:.2f} min" + (f", stopping after {stop_minutes:.2f}" if stop_minutes else ""))
-        healed = _distill_stage(args, work / "p25", work / "fp32", work / "p25-healed", work / "pool.npy",
+        healed = _distill_stage(args, work / label, work / "fp32", work / f"{label}-healed", work / "pool.npy",
                                 heal_minutes, None, args.lr, stop_minutes=stop_minutes)
         if healed is None:
+            # The resumed call trains what is left of the schedule: give it --stop-minutes if that outlasts a call.
             log(f"heal stopped at the lease's wall; continue on this machine with: heal --work {work} --out OUT "
                 f"--resume --minutes {heal_minutes} --lr {args.lr} --batch-size {args.batch_size} "
-                f"--micro-batch {args.micro_batch} --warmup-steps {args.warmup_steps} --seq-len {args.seq_len}")
+                f"--micro-batch {args.micro_batch} --warmup-steps {args.warmup_steps} --seq-len {args.seq_len} "
+                f"--label {label}" + (" --ship" if args.ship else ""))
             child.wait()
             return
         heal = {"distill": healed}
-        _evaluate(work / "p25-healed", "p25 healed", heal)
+        _evaluate(work / f"{label}-healed", f"{label} healed", heal)
+        if args.ship:
+            heal["shipped"] = ship(work / label, work / f"{label}-healed", out)
         (out / "heal.json").write_text(json.dumps(heal, indent=2) + "\n")
 
     left = args.wall - (time.perf_counter() - started)
@@ -416,11 +509,14 @@ def run_all(args) -> None:
     else:
         log(f"no time left for QAT ({left:.0f} s)")
     child.wait()
-    build_figures = json.loads((out / "build.json").read_text())
+    build_figures = json.loads((work / "build.json").read_text())
+    if not args.ship:  # shipped pieces leave room for few files
+        shutil.copy(work / "build.json", out / "build.json")
     summary["heal"] = {key: heal.get("distill", {}).get(key) for key in ("tokens", "train_seconds", "tokens_per_second",
                                                                  "data_rows", "final_loss")}
-    rows = {"fp32": build_figures["fp32"], "p25 (pruned, not distilled)": build_figures["p25 (pruned, not distilled)"],
-            **({"p25 healed": heal["p25 healed"]} if heal else {}),
+    pruned = f"{label} (pruned, not distilled)"
+    rows = {"fp32": build_figures["fp32"], pruned: build_figures[pruned],
+            **({f"{label} healed": heal[f"{label} healed"]} if heal else {}),
             "int4 affine PTQ (all linears)": build_figures["int4 affine PTQ (all linears)"], **figures}
     summary["table"] = rows
     summary["wall_seconds"] = round(time.perf_counter() - started, 1)
@@ -461,6 +557,16 @@ def main() -> None:
     child = stages.add_parser("build")
     for name in ("--src", "--plan", "--work", "--out"):
         child.add_argument(name, required=True)
+    for stage in (every, child):
+        stage.add_argument("--label", default="p25", help="the student's name in WORK and the tables")
+    every.add_argument("--ship", action="store_true",
+                       help="bring the distilled weights back: float16 pieces in OUT for `land`")
+    home = stages.add_parser("land")
+    home.add_argument("--source", required=True, help="the float export here (what the GPU run cut)")
+    home.add_argument("--plan", required=True, help="the plan the GPU run cut it by")
+    home.add_argument("--figures", required=True, help="heal.json of a --ship run, its pieces beside it")
+    home.add_argument("-o", "--output", required=True)
+    home.add_argument("--force", action="store_true")
     two = stages.add_parser("smoke")
     two.add_argument("--work", required=True)
     two.add_argument("--device", default="cuda")
@@ -483,6 +589,10 @@ def main() -> None:
             stage.add_argument("--warmup-steps", type=int, default=30)
             stage.add_argument("--device", default="cuda")
             stage.add_argument("--fp32-perplexity", type=float, default=None)
+            stage.add_argument("--label", default="p25", help="the student's name in WORK")
+            stage.add_argument("--ship", action="store_true", help="heal: bring the distilled weights back (land)")
+            stage.add_argument("--stop-minutes", type=float, default=None,
+                               help="heal: end with a checkpoint this many minutes in, before the call's limit")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     distill_log = logging.getLogger("graphopt.distill")
@@ -492,7 +602,7 @@ def main() -> None:
     distill_log.addHandler(handler)
     distill_log.propagate = False
     {"plan": plan, "smoke": smoke, "prepare": prepare, "heal": heal, "qat": qat, "all": run_all,
-     "build": build}[args.stage](args)
+     "build": build, "land": land}[args.stage](args)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
         [--also fused=/work/scratch-cpu/fused --also int8=DIR] --out tools/results/distill/draft-cpu.json
 
 Builds the ``distilled`` draft recipe (a quarter of the layers of the float target, distilled from
-it for ``--minutes``, int8), then over 128 greedy tokens of several chat prompts, in interleaved
+it for ``--minutes``, int8), or takes ``--draft DIR`` (e.g. one distilled on a GPU and brought back
+with ``tools/distill_gpu.py land``), then over 128 greedy tokens of several chat prompts, in interleaved
 rounds: plain decoding of each target, and speculative decoding of it with the draft (``gamma``
 auto, no fallback so the draft is really used). Checks that the speculative output is identical
 to the plain one, and prints a table (speed-up = speculative / plain tokens/s) with the load average.
@@ -42,24 +43,30 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=6.0)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--draft", default=None, help="measure this draft instead of building one")
+    parser.add_argument("--gamma", default="auto", help="draft tokens per verify: auto or a number")
+    parser.add_argument("--skip-target", action="store_true", help="measure only the --also targets")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    gamma = args.gamma if args.gamma == "auto" else int(args.gamma)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     work = pathlib.Path(args.work)
-    draft_dir = work / "draft-distilled"
+    draft_dir = pathlib.Path(args.draft) if args.draft else work / "draft-distilled"
     started = time.perf_counter()
     if not (draft_dir / "graphopt.json").is_file():
         build_draft(args.target, draft_dir, recipe="distilled", force=True, distill_minutes=args.minutes)
     build_seconds = time.perf_counter() - started
-    report = {"load_before": os.getloadavg(), "build_seconds": round(build_seconds, 1), "targets": {}}
+    report = {"draft": str(draft_dir), "gamma": gamma, "load_before": os.getloadavg(),
+              "build_seconds": round(build_seconds, 1), "targets": {}}
     distill_step = [step for step in json.loads((draft_dir / "graphopt.json").read_text())["lineage"]
                     if step.get("pass") == "distill"]
     if distill_step:
         figures = distill_step[-1]["figures"]
         report["distill"] = {key: figures.get(key) for key in ("tokens", "steps", "train_seconds", "final_loss")}
-    for name, target in [("fp32", args.target), *(item.split("=", 1) for item in args.also)]:
+    targets = [] if args.skip_target else [("fp32", args.target)]
+    for name, target in [*targets, *(item.split("=", 1) for item in args.also)]:
         plain = Generator(target, ep="cpu")
-        speculative = SpeculativeGenerator(target, str(draft_dir), ep="cpu", fallback=False)
+        speculative = SpeculativeGenerator(target, str(draft_dir), ep="cpu", fallback=False, gamma=gamma)
         prompts = [plain.encode_prompt(text, chat=True) for text in PROMPTS]
         totals = {"plain": [0, 0.0], "speculative": [0, 0.0]}
         identical, proposed, accepted = True, 0, 0

@@ -32,7 +32,7 @@ import click
 @click.option("--data", type=click.Path(), default=None,
               help="Text or JSONL ({\"text\": ...}) file; default: text the teacher samples from seed prompts.")
 @click.option("--data-tokens", type=int, default=None,
-              help="Size of the self-sampled pool in tokens (default 8M on cuda, 32k on cpu).")
+              help="Size of the self-sampled pool in tokens (default 8M on cuda, 48k on cpu).")
 @click.option("--teacher-runtime", type=click.Choice(["torch", "ort"]), default="torch", show_default=True,
               help="Run the teacher as torch (on --device) or with ONNX Runtime on the CPU.")
 @click.option("--quantize", type=click.Choice(["int4", "int8"]), default=None,
@@ -53,8 +53,9 @@ import click
               help="Perplexity on eval-gpl3 before and after (windows of 512); 0 skips it.")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
               help="Compute in bf16 (autocast, float32 weights): auto = on cuda and on CPUs with native bf16.")
-@click.option("--kl-chunk-tokens", type=int, default=4096, show_default=True,
-              help="Tokens whose logits the loss holds at once (memory; recomputed in the backward).")
+@click.option("--kl-chunk-tokens", type=int, default=None,
+              help="Tokens whose logits the loss holds at once (recomputed in the backward; "
+                   "default 256 cpu, 4096 cuda).")
 @click.option("--plot", type=click.Path(), default=None, help="Write the loss curve to this PNG.")
 def command(student, teacher, output, force, tokens, max_minutes, device, lr, warmup_steps, batch_size, micro_batch, seq_len, seed,
             temperature, ce_weight, data, data_tokens, teacher_runtime, quantize, quantize_method, block_size, head,
