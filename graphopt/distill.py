@@ -552,9 +552,10 @@ class _Distributed:
 def _keep_freed_memory():
     """Make glibc's malloc keep freed memory in the process; returns what gives it back.
 
-    By default a block of 32 MB or more is mapped from the kernel and unmapped on free, so each CPU
-    step's large tensors were page-faulted in anew: a third of the 2-core machine's training time
-    was kernel time (40 of 122 CPU-seconds over 5 steps; 9 with this). Does nothing without glibc.
+    By default a block above glibc's mmap threshold (128 KB, rising to at most 32 MB) is mapped from
+    the kernel and unmapped on free, so each CPU step's large tensors were page-faulted in anew: a
+    third of the 2-core machine's training time was kernel time (40 of 122 CPU-seconds over 5 steps;
+    9 with this). Does nothing without glibc.
     """
     import ctypes
 

@@ -52,6 +52,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     work = pathlib.Path(args.work)
     draft_dir = pathlib.Path(args.draft) if args.draft else work / "draft-distilled"
+    if args.draft and not (draft_dir / "graphopt.json").is_file():
+        raise SystemExit(f"error: {draft_dir} is not a graphopt model directory")
     started = time.perf_counter()
     if not (draft_dir / "graphopt.json").is_file():
         build_draft(args.target, draft_dir, recipe="distilled", force=True, distill_minutes=args.minutes)
