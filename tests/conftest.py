@@ -12,6 +12,22 @@ from graphopt.testing import tiny_checkpoint
 
 
 @pytest.fixture(scope="session")
+def load_tool():
+    """A script of tools/ imported as a module (tools/ is not a package): ``load_tool("to_ort_format")``."""
+    import importlib.util
+
+    tools = pathlib.Path(__file__).resolve().parent.parent / "tools"
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, tools / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, pathlib.Path]:
     root = tmp_path_factory.mktemp("checkpoints")
     return {family: tiny_checkpoint(family, root / family) for family in ("llama", "qwen2", "gpt2")}

@@ -13,8 +13,8 @@ import torch
 from click.testing import CliRunner
 
 from graphopt.cli import main
-from graphopt.distill import (DistillConfig, _keep_freed_memory, _kl_loss, chunked_distill_loss, distill,
-                              fake_quantize, fake_quantize_activations, self_sampled_pool, snap_to_grid)
+from graphopt.distill import (DistillConfig, _kl_loss, chunked_distill_loss, distill, fake_quantize,
+                              fake_quantize_activations, self_sampled_pool, snap_to_grid)
 from graphopt.errors import GraphoptError
 from graphopt.evaluate import DEFAULT_TEXT
 from graphopt.export import export
@@ -497,16 +497,7 @@ def test_cli_budget_defaults_to_ten_minutes(student_dir, teacher_dir, tmp_path, 
     assert "10 minutes" in " ".join(runner.invoke(main, ["distill", "--help"]).output.split())
 
 
-def _tool(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).resolve().parents[1] / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_weights_shipped_from_a_gpu_run_land_here(teacher_dir, tmp_path, monkeypatch):
+def test_weights_shipped_from_a_gpu_run_land_here(teacher_dir, tmp_path, monkeypatch, load_tool):
     """tools/distill_gpu.py: ``--ship`` packs what distillation changed into small float16 pieces;
     ``land`` cuts the local export by the same plan and writes them back (to float16 rounding)."""
     import json
@@ -514,7 +505,7 @@ def test_weights_shipped_from_a_gpu_run_land_here(teacher_dir, tmp_path, monkeyp
     from graphopt.modeldir import ModelDir
     from graphopt.student import write_weights
 
-    tool = _tool("distill_gpu")
+    tool = load_tool("distill_gpu")
     monkeypatch.setattr(tool, "SHIP_PIECE_BYTES", 4096)  # several pieces even for a tiny model
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"heads": {}, "channels": {}, "drop": [1, 2]}))

@@ -20,17 +20,8 @@ PROMPT = "The capital of France is"
 EDGE_PACKAGES = ("onnxruntime", "numpy", "tokenizers", "jinja2", "markupsafe")
 
 
-def load_tool(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def ort_format_dir(tiny_llama_dir, tmp_path_factory):
+def ort_format_dir(tiny_llama_dir, tmp_path_factory, load_tool):
     output = tmp_path_factory.mktemp("ort") / "llama-ort"
     load_tool("to_ort_format").convert(tiny_llama_dir, output)
     return output

@@ -63,35 +63,29 @@ def _step(name: str, source: pathlib.Path, output: pathlib.Path, config=None, **
 
 
 @pytest.fixture(scope="module")
-def variants(tiny_llama_dir, tiny_gpt2_dir, tmp_path_factory) -> dict[str, pathlib.Path]:
+def variants(tiny_llama_dir, tiny_gpt2_dir, tmp_path_factory, load_tool) -> dict[str, pathlib.Path]:
     """Every kind of graph graphopt writes, from the tiny seeded models."""
     root = tmp_path_factory.mktemp("interop")
     fused = _step("fuse", tiny_llama_dir, root / "fuse-cpu", target="cpu")
     uneven = _step("prune", tiny_llama_dir, root / "prune-uneven", PruneConfig(plan=Plan(heads={0: [0, 1]})))
+    int4 = _step("quantize", fused, root / "int4", weights="int4", activations="none")
+    load_tool("to_ort_format").convert(int4, root / "ort-format")
     return {
         "export": tiny_llama_dir,
         "fuse-cpu": fused,
         "fuse-onnx": _step("fuse", tiny_llama_dir, root / "fuse-onnx", target="onnx"),
         "int8": _step("quantize", fused, root / "int8", weights="int8", activations="none"),
-        "int4": _step("quantize", fused, root / "int4", weights="int4", activations="none"),
+        "int4": int4,
         "w8a8": _step("quantize", fused, root / "w8a8", weights="int8", activations="int8"),
         "prune-uneven": uneven,
         "prune-uneven-fused": _step("fuse", uneven, root / "prune-uneven-fused", target="cpu"),
         "fp16": _step("convert", fused, root / "fp16", dtype="fp16"),
         "gpt2": tiny_gpt2_dir,
         "gpt2-fused": _step("fuse", tiny_gpt2_dir, root / "gpt2-fused", target="cpu"),
-        "ort-format": _ort_format(root / "int4", root / "ort-format"),
+        "ort-format": root / "ort-format",
     }
 
 
-def _ort_format(source: pathlib.Path, output: pathlib.Path) -> pathlib.Path:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("to_ort_format", TOOLS / "to_ort_format.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.convert(source, output)
-    return output
 
 
 # --- the files ----------------------------------------------------------------------------------

@@ -221,13 +221,12 @@ def land(args) -> None:
     figures_path = pathlib.Path(args.figures)
     figures = json.loads(figures_path.read_text())
     index = figures["shipped"]
-    data = b""
+    pieces = []
     for name, digest in index["pieces"]:
-        piece = (figures_path.parent / pathlib.Path(name).name).read_bytes()
-        if hashlib.sha256(piece).hexdigest() != digest:
+        pieces.append((figures_path.parent / pathlib.Path(name).name).read_bytes())
+        if hashlib.sha256(pieces[-1]).hexdigest() != digest:
             raise SystemExit(f"error: {name} is not the piece that was shipped (checksum)")
-        data += piece
-    flat = np.frombuffer(data, dtype=np.float16)
+    flat = np.frombuffer(b"".join(pieces), dtype=np.float16)
     if flat.size != index["elements"]:
         raise SystemExit(f"error: the pieces hold {flat.size} values, the index {index['elements']}")
     weights = {name: flat[offset:offset + int(np.prod(shape))].astype(np.float32).reshape(shape)
