@@ -137,11 +137,11 @@ def quiet_libraries() -> None:
 
 def _register() -> None:
     from graphopt.commands import (convert, distill, draft, export, fetch, fuse, generate, inspect, optimize, prune,
-                                   quantize, serve)
+                                   quantize, serve, vocabulary)
     from graphopt.commands import eval as evaluate
 
-    for module in (fetch, export, fuse, generate, inspect, draft, quantize, prune, distill, evaluate, convert, optimize,
-                   serve):
+    for module in (fetch, export, fuse, generate, inspect, draft, vocabulary, quantize, prune, distill, evaluate, convert,
+                   optimize, serve):
         main.add_command(module.command)
 
 

@@ -84,16 +84,18 @@ def forward_chunks(decoder: Decoder, ids: list[int], splits: tuple[int, ...]) ->
 
 
 def compare_logits(reference: str | pathlib.Path, candidate: str | pathlib.Path, vocab_size: int, ep: str = "cpu",
-                   seed: int = 0) -> dict[str, float | bool]:
+                   seed: int = 0, kept: np.ndarray | None = None) -> dict[str, float | bool]:
     """Both graphs on the same 12 random tokens: prefill 8, decode 1, a 3-token forward on the cache.
 
     Returns the max |logits diff| per phase and overall, the reference's max |logit|, argmax
     agreement and whether the candidate's logits are finite: the numeric check of every step that
-    rewrites a graph without meaning to change what it computes.
+    rewrites a graph without meaning to change what it computes. ``kept``: compare only these
+    token ids' logits (a draft head cut to fewer tokens).
     """
     ids = np.random.default_rng(seed).integers(0, vocab_size, size=12).tolist()
     phases = ("prefill", "decode", "multi_token")
-    outputs = [forward_chunks(Decoder(path, ep=ep), ids, (8, 9)) for path in (reference, candidate)]
+    outputs = [[logits if kept is None else logits[..., kept] for logits in forward_chunks(Decoder(path, ep=ep), ids, (8, 9))]
+               for path in (reference, candidate)]
     figures: dict[str, float | bool] = {f"max_abs_logits_diff_{phase}": float(np.abs(a - b).max())
                                         for phase, a, b in zip(phases, *outputs)}
     reference_logits, candidate_logits = (np.concatenate(logits) for logits in outputs)

@@ -530,6 +530,11 @@ def test_weights_shipped_from_a_gpu_run_land_here(teacher_dir, tmp_path, monkeyp
         np.testing.assert_allclose(landed[name], expected, rtol=1e-3, atol=1e-4, err_msg=name)
     step = ModelDir(tmp_path / "landed").manifest.lineage[-1]
     assert step.name == "distill" and step.figures["tokens"] == 123 and "loss_curve" not in step.figures
+    # A later GPU run starts from the shipped weights (all --init): WORK/LABEL-init beside the cut.
+    start = tool._warm_start(tmp_path, "cut", figures)
+    assert start == tmp_path / "cut-init" and ModelDir.open(start).manifest == cut.manifest
+    for name, array in _weights(start).items():
+        np.testing.assert_array_equal(array, landed[name], err_msg=name)
     piece = out / shipped["pieces"][0][0]
     piece.write_bytes(piece.read_bytes()[:-2] + b"xx")
     with pytest.raises(SystemExit, match="checksum"):

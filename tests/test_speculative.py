@@ -311,15 +311,16 @@ def test_cli_draft_auto_keeps_the_fastest_candidate(tiny_llama_dir, tmp_path):
 
 
 def test_distilled_draft_recipe_trains_a_quarter_of_the_layers(tiny_llama_dir, tmp_path):
-    """The distilled recipe prunes to a quarter of the layers, distills from the target, quantizes;
-    a fused target (which cannot be trained) is left out of auto instead of failing it."""
+    """The distilled recipe prunes to a quarter of the layers, distills from the target, cuts the
+    head to its frequent tokens, quantizes; a fused target (which cannot be trained) is left out of
+    auto instead of failing it."""
     from graphopt.drafting import build_draft
 
     draft, report = build_draft(tiny_llama_dir, tmp_path / "draft", recipe="distilled", distill_minutes=0.05)
     steps = [step.name for step in draft.manifest.lineage]
-    assert steps[-3:] == ["prune", "distill", "quantize"], steps
+    assert steps[-4:] == ["prune", "distill", "vocabulary", "quantize"], steps
     assert draft.manifest.layers == max(1, ModelDir.open(tiny_llama_dir).manifest.layers // 4)
-    assert draft.manifest.lineage[-2].figures["tokens"] > 0
+    assert draft.manifest.lineage[-3].figures["tokens"] > 0
     fused = tmp_path / "fused"
     assert CliRunner().invoke(main, ["fuse", str(tiny_llama_dir), "-o", str(fused), "--target", "cpu"]).exit_code == 0
     _, report = build_draft(fused, tmp_path / "auto", distill_minutes=0.05)

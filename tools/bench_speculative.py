@@ -167,7 +167,7 @@ def main(argv=None) -> None:
     target = Generator(args.target, threads=args.threads)
     runners = [("ORT plain", ort_runner(target, args.max_new_tokens))]
     for label, path in drafts:
-        # Its own target session: a speculating pair runs without thread spinning (see make_session).
+        # Its own target session: a speculating pair spins only within runs (spinning="run", see make_session).
         generator = SpeculativeGenerator(args.target, path, gamma=gamma, threads=args.threads,
                                          draft_threads=args.threads, fallback=not args.no_fallback)
         runners.append((f"ORT + {label}", ort_runner(generator, args.max_new_tokens)))

@@ -26,7 +26,8 @@ SUCCESSORS = {"graphopt/steps.py", "graphopt/manifest.py"}
 NEW_FEATURES = {
     "graphopt/distill.py", "graphopt/student.py", "graphopt/server.py", "graphopt/ray_serve.py",
     "graphopt/interop.py", "graphopt/gguf_import.py", "graphopt/cpu_kernels.py",
-    "graphopt/commands/distill.py", "graphopt/commands/serve.py",
+    "graphopt/commands/distill.py", "graphopt/commands/serve.py", "graphopt/vocabulary.py",
+    "graphopt/commands/vocabulary.py",
 }
 
 

@@ -152,7 +152,8 @@ def prepare(args) -> None:
 def heal(args) -> None:
     """Heal on ``all``'s WORK; ``--resume`` continues the checkpoint ``all --lease-wall`` left."""
     work, out, label = pathlib.Path(args.work), pathlib.Path(args.out), args.label
-    healed = _distill_stage(args, work / label, work / "fp32", work / f"{label}-healed", work / "pool.npy",
+    student = work / f"{label}-init" if args.warm_started else work / label
+    healed = _distill_stage(args, student, work / "fp32", work / f"{label}-healed", work / "pool.npy",
                             args.minutes, None, args.lr, resume=args.resume, stop_minutes=args.stop_minutes)
     if healed is None:
         log(f"stopped after {args.stop_minutes} min with a checkpoint: run the same command again (--resume)")
@@ -209,16 +210,10 @@ def _cut(source: pathlib.Path, plan_path: str, output: pathlib.Path) -> None:
     apply_plan(ModelDir(source), cut, output, force=True)
 
 
-def land(args) -> None:
-    """Here: the distilled model from the local export, the plan, and the pieces ``--ship`` brought back."""
+def _shipped(figures_path: pathlib.Path) -> tuple[dict[str, np.ndarray], dict]:
+    """The float32 weights of a ``--ship`` run (its heal.json and the pieces beside it), checksums checked."""
     import hashlib
-    import tempfile
 
-    from graphopt.manifest import LineageStep
-    from graphopt.modeldir import ModelDir, atomic_output, derive
-    from graphopt.student import write_weights
-
-    figures_path = pathlib.Path(args.figures)
     figures = json.loads(figures_path.read_text())
     index = figures["shipped"]
     pieces = []
@@ -231,6 +226,19 @@ def land(args) -> None:
         raise SystemExit(f"error: the pieces hold {flat.size} values, the index {index['elements']}")
     weights = {name: flat[offset:offset + int(np.prod(shape))].astype(np.float32).reshape(shape)
                for name, shape, offset in index["tensors"]}
+    return weights, figures
+
+
+def land(args) -> None:
+    """Here: the distilled model from the local export, the plan, and the pieces ``--ship`` brought back."""
+    import tempfile
+
+    from graphopt.manifest import LineageStep
+    from graphopt.modeldir import ModelDir, atomic_output, derive
+    from graphopt.student import write_weights
+
+    figures_path = pathlib.Path(args.figures)
+    weights, figures = _shipped(figures_path)
     distilled = figures.get("distill") or {}
     with atomic_output(pathlib.Path(args.output), force=args.force, sources=[pathlib.Path(args.source)]) as scratch, \
             tempfile.TemporaryDirectory(prefix=".land.", dir=scratch.parent) as work:
@@ -241,7 +249,22 @@ def land(args) -> None:
                            figures={**{key: value for key, value in distilled.items() if key != "loss_curve"},
                                     "initializers_changed": changed})
         derive(source, scratch, step)
-    log(f"{args.output}: {changed} initializers from {len(index['pieces'])} pieces")
+    log(f"{args.output}: {changed} initializers from {len(figures['shipped']['pieces'])} pieces")
+
+
+def _warm_start(work: pathlib.Path, label: str, figures_path: pathlib.Path) -> pathlib.Path:
+    """WORK/LABEL-init: the cut with an earlier run's shipped weights, to train on from there."""
+    from graphopt.modeldir import ModelDir
+    from graphopt.student import write_weights
+
+    weights, _ = _shipped(figures_path)
+    start = work / f"{label}-init"
+    if start.exists():
+        shutil.rmtree(start)
+    shutil.copytree(work / label, start, ignore=shutil.ignore_patterns("model.onnx", "*.onnx.data"))
+    changed = write_weights(ModelDir(work / label), weights, start)
+    log(f"warm start: {changed} initializers from {figures_path}")
+    return start
 
 
 def qat(args) -> None:
@@ -439,8 +462,9 @@ def run_all(args) -> None:
     log(f"{len(prompts)} sampling prompts; t={time.perf_counter() - started:.0f} s")
     pieces, index, sample_started = [], 0, time.perf_counter()
     while True:
-        order = np.random.default_rng([0, index]).integers(0, len(prompts), size=args.chunk)
-        pieces.append(sample_chunk(teacher, [prompts[choice] for choice in order], args.seq_len, index, device))
+        seed = args.sample_offset + index
+        order = np.random.default_rng([0, seed]).integers(0, len(prompts), size=args.chunk)
+        pieces.append(sample_chunk(teacher, [prompts[choice] for choice in order], args.seq_len, seed, device))
         index += 1
         rows = sum(len(piece) for piece in pieces)
         elapsed = time.perf_counter() - sample_started
@@ -474,14 +498,15 @@ def run_all(args) -> None:
         if min(heal_minutes, stop_minutes or heal_minutes) <= 0.2:
             raise SystemExit(f"error: {left:.0f} s left, too little to heal")
         log(f"heal for {heal_minutes:.2f} min" + (f", stopping after {stop_minutes:.2f}" if stop_minutes else ""))
-        healed = _distill_stage(args, work / label, work / "fp32", work / f"{label}-healed", work / "pool.npy",
+        student = _warm_start(work, label, pathlib.Path(args.init)) if args.init else work / label
+        healed = _distill_stage(args, student, work / "fp32", work / f"{label}-healed", work / "pool.npy",
                                 heal_minutes, None, args.lr, stop_minutes=stop_minutes)
         if healed is None:
             # The resumed call trains what is left of the schedule: give it --stop-minutes if that outlasts a call.
             log(f"heal stopped at the lease's wall; continue on this machine with: heal --work {work} --out OUT "
                 f"--resume --minutes {heal_minutes} --lr {args.lr} --batch-size {args.batch_size} "
                 f"--micro-batch {args.micro_batch} --warmup-steps {args.warmup_steps} --seq-len {args.seq_len} "
-                f"--label {label}" + (" --ship" if args.ship else ""))
+                f"--label {label}" + (" --ship" if args.ship else "") + (" --warm-started" if args.init else ""))
             child.wait()
             return
         heal = {"distill": healed}
@@ -558,6 +583,10 @@ def main() -> None:
         child.add_argument(name, required=True)
     for stage in (every, child):
         stage.add_argument("--label", default="p25", help="the student's name in WORK and the tables")
+    every.add_argument("--init", default=None, metavar="HEAL_JSON",
+                       help="start from an earlier --ship run's weights (its heal.json, the pieces beside it)")
+    every.add_argument("--sample-offset", type=int, default=0,
+                       help="first sampling seed (another offset than an earlier run's gives new data)")
     every.add_argument("--ship", action="store_true",
                        help="bring the distilled weights back: float16 pieces in OUT for `land`")
     home = stages.add_parser("land")
@@ -589,9 +618,11 @@ def main() -> None:
             stage.add_argument("--device", default="cuda")
             stage.add_argument("--fp32-perplexity", type=float, default=None)
             stage.add_argument("--label", default="p25", help="the student's name in WORK")
-            stage.add_argument("--ship", action="store_true", help="heal: bring the distilled weights back (land)")
+        if name == "heal":
+            stage.add_argument("--ship", action="store_true", help="bring the distilled weights back (land)")
+            stage.add_argument("--warm-started", action="store_true", help="the `all` run being resumed had --init")
             stage.add_argument("--stop-minutes", type=float, default=None,
-                               help="heal: end with a checkpoint this many minutes in, before the call's limit")
+                               help="end with a checkpoint this many minutes in, before the call's limit")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     distill_log = logging.getLogger("graphopt.distill")

@@ -4,11 +4,13 @@
         [--also fused=/work/scratch-cpu/fused --also int8=DIR] --out tools/results/distill/draft-cpu.json
 
 Builds the ``distilled`` draft recipe (a quarter of the layers of the float target, distilled from
-it for ``--minutes``, int8), or takes ``--draft DIR`` (e.g. one distilled on a GPU and brought back
-with ``tools/distill_gpu.py land``), then over 128 greedy tokens of several chat prompts, in interleaved
-rounds: plain decoding of each target, and speculative decoding of it with the draft (``gamma``
-auto, no fallback so the draft is really used). Checks that the speculative output is identical
-to the plain one, and prints a table (speed-up = speculative / plain tokens/s) with the load average.
+it for ``--minutes``, int8), or takes ``--draft [NAME=]DIR`` (repeatable; e.g. one distilled on a GPU
+and brought back with ``tools/distill_gpu.py land``), then over 128 greedy tokens of several chat
+prompts, in interleaved rounds: plain decoding of each target, and speculative decoding of it with
+each draft (``gamma`` auto, no fallback so the draft is really used), prompt by prompt, so that a
+machine whose speed drifts moves every row alike. Checks that the speculative output is identical
+to the plain one, and prints a table (speed-up = speculative / plain tokens/s over all rounds, and
+the lowest and highest per-round speed-up) with the load average.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=6.0)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--draft", default=None, help="measure this draft instead of building one")
+    parser.add_argument("--draft", action="append", default=[], metavar="[NAME=]DIR",
+                        help="measure this draft instead of building one (repeat to compare drafts)")
     parser.add_argument("--gamma", default="auto", help="draft tokens per verify: auto or a number")
     parser.add_argument("--skip-target", action="store_true", help="measure only the --also targets")
     parser.add_argument("--out", required=True)
@@ -51,54 +54,69 @@ def main() -> None:
     gamma = args.gamma if args.gamma == "auto" else int(args.gamma)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     work = pathlib.Path(args.work)
-    draft_dir = pathlib.Path(args.draft) if args.draft else work / "draft-distilled"
-    if args.draft and not (draft_dir / "graphopt.json").is_file():
-        raise SystemExit(f"error: {draft_dir} is not a graphopt model directory")
+    named = [item.split("=", 1) if "=" in item else [pathlib.Path(item).name, item] for item in args.draft]
+    drafts = {name: pathlib.Path(path) for name, path in named} or {"distilled": work / "draft-distilled"}
+    for draft_dir in drafts.values():
+        if args.draft and not (draft_dir / "graphopt.json").is_file():
+            raise SystemExit(f"error: {draft_dir} is not a graphopt model directory")
     started = time.perf_counter()
-    if not (draft_dir / "graphopt.json").is_file():
-        build_draft(args.target, draft_dir, recipe="distilled", force=True, distill_minutes=args.minutes)
+    if not args.draft and not (drafts["distilled"] / "graphopt.json").is_file():
+        build_draft(args.target, drafts["distilled"], recipe="distilled", force=True, distill_minutes=args.minutes)
     build_seconds = time.perf_counter() - started
-    report = {"draft": str(draft_dir), "gamma": gamma, "load_before": os.getloadavg(),
-              "build_seconds": round(build_seconds, 1), "targets": {}}
-    distill_step = [step for step in json.loads((draft_dir / "graphopt.json").read_text())["lineage"]
-                    if step.get("pass") == "distill"]
-    if distill_step:
-        figures = distill_step[-1]["figures"]
-        report["distill"] = {key: figures.get(key) for key in ("tokens", "steps", "train_seconds", "final_loss")}
+    report = {"drafts": {name: str(path) for name, path in drafts.items()}, "gamma": gamma,
+              "load_before": os.getloadavg(), "build_seconds": round(build_seconds, 1), "targets": {}}
+    for name, draft_dir in drafts.items():
+        distill_step = [step for step in json.loads((draft_dir / "graphopt.json").read_text())["lineage"]
+                        if step.get("pass") == "distill"]
+        if distill_step:
+            figures = distill_step[-1]["figures"]
+            report.setdefault("distill", {})[name] = {key: figures.get(key)
+                                                      for key in ("tokens", "steps", "train_seconds", "final_loss")}
     targets = [] if args.skip_target else [("fp32", args.target)]
     for name, target in [*targets, *(item.split("=", 1) for item in args.also)]:
         plain = Generator(target, ep="cpu")
-        speculative = SpeculativeGenerator(target, str(draft_dir), ep="cpu", fallback=False, gamma=gamma)
+        speculative = {draft: SpeculativeGenerator(target, str(draft_dir), ep="cpu", fallback=False, gamma=gamma)
+                       for draft, draft_dir in drafts.items()}
         prompts = [plain.encode_prompt(text, chat=True) for text in PROMPTS]
-        totals = {"plain": [0, 0.0], "speculative": [0, 0.0]}
-        identical, proposed, accepted = True, 0, 0
+        rows = {draft: {"identical": True, "proposed": 0, "accepted": 0, "rounds": []} for draft in drafts}
+        plain_rounds = []
         for _ in range(args.rounds):
-            for prompt in prompts:  # interleaved: plain, then speculative, prompt by prompt
+            counts = {key: [0, 0.0] for key in ("plain", *drafts)}
+            for prompt in prompts:  # interleaved: plain, then each draft, prompt by prompt
                 reference = plain.generate(prompt, max_new_tokens=args.tokens, stop_on_eos=False)
-                result = speculative.generate(prompt, max_new_tokens=args.tokens, stop_on_eos=False)
-                identical &= list(result.token_ids) == list(reference.token_ids)
-                for key, run in (("plain", reference), ("speculative", result)):
-                    totals[key][0] += len(run.token_ids) - 1
-                    totals[key][1] += run.decode_s
-                proposed += result.extra.get("draft_tokens_proposed", 0)
-                accepted += result.extra.get("draft_tokens_accepted", 0)
-        plain_rate = totals["plain"][0] / totals["plain"][1]
-        spec_rate = totals["speculative"][0] / totals["speculative"][1]
-        report["targets"][name] = {"plain_tokens_per_s": round(plain_rate, 2), "speculative_tokens_per_s": round(spec_rate, 2),
-                                   "speedup": round(spec_rate / plain_rate, 3), "identical": identical,
-                                   "acceptance": round(accepted / proposed, 3) if proposed else None,
-                                   "load": os.getloadavg()}
+                runs = {"plain": reference}
+                for draft, generator in speculative.items():
+                    runs[draft] = result = generator.generate(prompt, max_new_tokens=args.tokens, stop_on_eos=False)
+                    rows[draft]["identical"] &= list(result.token_ids) == list(reference.token_ids)
+                    rows[draft]["proposed"] += result.extra.get("draft_tokens_proposed", 0)
+                    rows[draft]["accepted"] += result.extra.get("draft_tokens_accepted", 0)
+                for key, run in runs.items():
+                    counts[key][0] += len(run.token_ids) - 1
+                    counts[key][1] += run.decode_s
+            plain_rounds.append(counts["plain"])
+            for draft in drafts:
+                rows[draft]["rounds"].append(counts[draft])
+        plain_rate = sum(n for n, _ in plain_rounds) / sum(s for _, s in plain_rounds)
+        for draft, row in rows.items():
+            rate = sum(n for n, _ in row["rounds"]) / sum(s for _, s in row["rounds"])
+            per_round = [(n / s) / (pn / ps) for (n, s), (pn, ps) in zip(row["rounds"], plain_rounds)]
+            report["targets"][f"{name} + {draft}"] = {
+                "plain_tokens_per_s": round(plain_rate, 2), "speculative_tokens_per_s": round(rate, 2),
+                "speedup": round(rate / plain_rate, 3), "speedup_min": round(min(per_round), 3),
+                "speedup_max": round(max(per_round), 3), "identical": row["identical"],
+                "acceptance": round(row["accepted"] / row["proposed"], 3) if row["proposed"] else None,
+                "load": os.getloadavg()}
     report["load_after"] = os.getloadavg()
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\ndistilled draft: {report.get('distill')} (built in {report['build_seconds']} s)")
-    print("| target | plain tok/s | speculative tok/s | speed-up | acceptance | identical | load (1/5/15 min) |")
-    print("|---|---:|---:|---:|---:|---|---|")
+    print(f"\ndistilled: {report.get('distill')} (built in {report['build_seconds']} s)")
+    print("| target + draft | plain tok/s | speculative tok/s | speed-up | per round | acceptance | identical | load (1/5/15 min) |")
+    print("|---|---:|---:|---:|---|---:|---|---|")
     for name, row in report["targets"].items():
         load = "/".join(f"{value:.1f}" for value in row["load"])
         print(f"| {name} | {row['plain_tokens_per_s']} | {row['speculative_tokens_per_s']} | {row['speedup']} | "
-              f"{row['acceptance']} | {row['identical']} | {load} |")
+              f"{row['speedup_min']}-{row['speedup_max']} | {row['acceptance']} | {row['identical']} | {load} |")
 
 
 if __name__ == "__main__":

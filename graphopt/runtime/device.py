@@ -110,7 +110,7 @@ CACHES = ("auto", "static", "device", "host")
 
 
 def open_decoder(model_path: str | os.PathLike, ep: str = "cpu", threads: int | None = None, cache: str = "auto",
-                 cuda_graph: bool = True, spinning: bool = True, manifest: Manifest | None = None,
+                 cuda_graph: bool = True, spinning: bool | str = True, manifest: Manifest | None = None,
                  graph_tokens: int = 1) -> Decoder:
     """The right decoder for where the session runs.
 

@@ -70,7 +70,8 @@ class Generator:
 
     ``cache`` (``auto|static|device|host``) and ``cuda_graph`` choose where the KV cache lives and
     whether CUDA replays one-token steps as a graph (see :func:`graphopt.runtime.device.open_decoder`);
-    ``spinning=False`` lets ORT's threads sleep between runs. ``graph_tokens`` > 1 gives a static
+    ``spinning`` (``True``, ``"run"`` or ``False``) says when ORT's threads busy-wait
+    (:func:`graphopt.runtime.session.make_session`). ``graph_tokens`` > 1 gives a static
     cache fixed bindings (CUDA graphs) for forwards of up to that many tokens too: a speculative target's verify.
 
     Example:
@@ -79,7 +80,7 @@ class Generator:
     """
 
     def __init__(self, model_dir: str | os.PathLike, ep: str = "cpu", threads: int | None = None,
-                 cache: str = "auto", cuda_graph: bool = True, spinning: bool = True, graph_tokens: int = 1):
+                 cache: str = "auto", cuda_graph: bool = True, spinning: bool | str = True, graph_tokens: int = 1):
         self.model_dir = ModelDir.open(model_dir)
         self.manifest = self.model_dir.manifest
         self.decoder = open_decoder(self.model_dir.model_path, ep=ep, threads=threads, cache=cache,

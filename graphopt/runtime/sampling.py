@@ -46,16 +46,24 @@ def probabilities(logits: np.ndarray, sampling: Sampling) -> np.ndarray:
     probs = np.exp(scaled)
     probs /= probs.sum(axis=-1, keepdims=True)
     if sampling.top_p < 1.0:
-        order = np.argsort(-probs, axis=-1)
+        # Only tokens with probability left can be kept: with top-k, sort those k, not the vocabulary.
+        candidates = int(np.count_nonzero(probs, axis=-1).max()) if 0 < sampling.top_k < vocab else vocab
+        order = np.argsort(-probs, axis=-1) if candidates == vocab else _top_order(probs, candidates)
         sorted_probs = np.take_along_axis(probs, order, axis=-1)
         cumulative = np.cumsum(sorted_probs, axis=-1)
         # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
         drop_sorted = (cumulative - sorted_probs) >= sampling.top_p
-        drop = np.zeros_like(drop_sorted)
-        np.put_along_axis(drop, order, drop_sorted, axis=-1)
-        probs = np.where(drop, 0.0, probs)
+        keep = np.zeros(probs.shape, dtype=bool)
+        np.put_along_axis(keep, order, ~drop_sorted, axis=-1)
+        probs = np.where(keep, probs, 0.0)
         probs /= probs.sum(axis=-1, keepdims=True)
     return probs
+
+
+def _top_order(probs: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the ``count`` largest values along the last axis, largest first."""
+    top = np.argpartition(-probs, count - 1, axis=-1)[..., :count]
+    return np.take_along_axis(top, np.argsort(-np.take_along_axis(probs, top, axis=-1), axis=-1), axis=-1)
 
 
 def choose(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:

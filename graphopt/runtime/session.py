@@ -89,17 +89,22 @@ def resolve_providers(ep: str, available: list[str] | None = None, model_dir: st
     return resolved
 
 
+SPINNING = (True, False, "run")
+
+
 def make_session(model_path: str | os.PathLike, ep: str = "cpu", threads: int | None = None,
-                 optimization: str = "all", spinning: bool = True, cuda_graph: bool = False,
+                 optimization: str = "all", spinning: bool | str = True, cuda_graph: bool = False,
                  model_bytes: bytes | None = None):
     """An InferenceSession on the requested provider; ``session.get_providers()[0]`` is what ran.
 
     ``model_bytes``: a graph derived from ``model_path`` in memory, run instead of the file; its
     external weights are read from ``model_path``'s directory.
 
-    ``spinning=False`` lets ORT's worker threads sleep between runs instead of busy-waiting: what
-    two sessions taking turns on the same cores (speculative decoding) need, so the idle one does
-    not steal the busy one's cores.
+    ``spinning``: ``True`` lets ORT's worker threads busy-wait for work, within a run and between
+    runs (the fastest steps for one session that owns its cores); ``"run"`` spins within a run and
+    stops the moment it returns, which is what two sessions taking turns on the same cores
+    (speculative decoding) need: the idle one does not steal the busy one's cores, and neither pays
+    a thread wake-up per operator; ``False`` never spins (a machine shared with other work).
     """
     import onnxruntime as ort
 
@@ -112,8 +117,12 @@ def make_session(model_path: str | os.PathLike, ep: str = "cpu", threads: int | 
     }[optimization]
     if threads:
         options.intra_op_num_threads = threads
+    if spinning not in SPINNING:
+        raise ValueError(f"spinning must be one of {SPINNING}, got {spinning!r}")
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    elif spinning == "run":
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     model_path = pathlib.Path(model_path)
     providers = resolve_providers(ep, model_dir=model_path.parent, cuda_graph=cuda_graph)
     if model_bytes is not None:

@@ -223,8 +223,11 @@ class SpeculativeGenerator:
                  cuda_graph: bool = True):
         # Checked before any session is built: a wrong draft fails fast and cheaply.
         check_same_vocabulary(_model_dir(target), _model_dir(draft))
-        # Two sessions take turns on the same cores: neither may spin while the other runs.
-        options = {"spinning": False, "cache": cache, "cuda_graph": cuda_graph}
+        # Two sessions take turns on the same cores: each spins within its own runs (no thread
+        # wake-up per operator) and stops when the run returns, so it never spins through the
+        # other's. Measured on 2 cores (fp32 target, int8 draft): draft step 3.9 -> 2.8 ms, a
+        # 4-token verify 31 -> 23 ms, against never spinning.
+        options = {"spinning": "run", "cache": cache, "cuda_graph": cuda_graph}
         # A static target graphs its verify forwards (up to max_gamma + 1 tokens); a static draft
         # graphs its two-token catch-up (the bonus token and the last proposal it has not seen).
         self.target = target if isinstance(target, Generator) else Generator(
