@@ -7,8 +7,8 @@ Builds the ``distilled`` draft recipe (a quarter of the layers of the float targ
 it for ``--minutes``, int8), or takes ``--draft [NAME=]DIR`` (repeatable; e.g. one distilled on a GPU
 and brought back with ``tools/distill_gpu.py land``), then over 128 greedy tokens of several chat
 prompts, in interleaved rounds: plain decoding of each target, and speculative decoding of it with
-each draft (``gamma`` auto, no fallback so the draft is really used), prompt by prompt, so that a
-machine whose speed drifts moves every row alike. Checks that the speculative output is identical
+each draft (``gamma`` auto; no fallback, so the draft is used at every step, unless ``--fallback``),
+prompt by prompt, so that a machine whose speed drifts moves every row alike. Checks that the speculative output is identical
 to the plain one, and prints a table (speed-up = speculative / plain tokens/s over all rounds, and
 the lowest and highest per-round speed-up) with the load average.
 """
@@ -48,6 +48,9 @@ def main() -> None:
     parser.add_argument("--draft", action="append", default=[], metavar="[NAME=]DIR",
                         help="measure this draft instead of building one (repeat to compare drafts)")
     parser.add_argument("--gamma", default="auto", help="draft tokens per verify: auto or a number")
+    parser.add_argument("--fallback", action="store_true",
+                        help="with the cost check that decodes plainly while speculation loses (what `graphopt "
+                             "generate --draft` runs); by default the draft is used at every step")
     parser.add_argument("--skip-target", action="store_true", help="measure only the --also targets")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -63,7 +66,7 @@ def main() -> None:
     if not args.draft and not (drafts["distilled"] / "graphopt.json").is_file():
         build_draft(args.target, drafts["distilled"], recipe="distilled", force=True, distill_minutes=args.minutes)
     build_seconds = time.perf_counter() - started
-    report = {"drafts": {name: str(path) for name, path in drafts.items()}, "gamma": gamma,
+    report = {"drafts": {name: str(path) for name, path in drafts.items()}, "gamma": gamma, "fallback": args.fallback,
               "load_before": os.getloadavg(), "build_seconds": round(build_seconds, 1), "targets": {}}
     for name, draft_dir in drafts.items():
         distill_step = [step for step in json.loads((draft_dir / "graphopt.json").read_text())["lineage"]
@@ -75,7 +78,7 @@ def main() -> None:
     targets = [] if args.skip_target else [("fp32", args.target)]
     for name, target in [*targets, *(item.split("=", 1) for item in args.also)]:
         plain = Generator(target, ep="cpu")
-        speculative = {draft: SpeculativeGenerator(target, str(draft_dir), ep="cpu", fallback=False, gamma=gamma)
+        speculative = {draft: SpeculativeGenerator(target, str(draft_dir), ep="cpu", fallback=args.fallback, gamma=gamma)
                        for draft, draft_dir in drafts.items()}
         prompts = [plain.encode_prompt(text, chat=True) for text in PROMPTS]
         rows = {draft: {"identical": True, "proposed": 0, "accepted": 0, "rounds": []} for draft in drafts}
