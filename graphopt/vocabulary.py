@@ -44,6 +44,8 @@ class VocabularyConfig(StepConfig):
             raise GraphoptError(f"the draft vocabulary size must be positive, got {self.size}")
         if self.counts is None and self.sample_tokens < 1:
             raise GraphoptError(f"sample_tokens must be positive, got {self.sample_tokens}")
+        if not self.tolerance > 0:
+            raise GraphoptError(f"the tolerance must be positive, got {self.tolerance}")
         if self.counts is not None and not pathlib.Path(self.counts).is_file():
             raise GraphoptError(f"token counts file {self.counts} does not exist")
 

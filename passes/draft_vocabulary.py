@@ -14,7 +14,8 @@ loses acceptance only when the target's token is outside them: the output stays 
 ``logits`` keeps the decoder contract (the whole vocabulary), with the float32 minimum for the
 tokens left out: argmax and sampling never choose them. A tied embedding keeps reading the whole
 table; the head reads its own copy of the kept rows. :func:`frequent_tokens` picks ``keep`` from
-token counts (text sampled from the target).
+token counts (text sampled from the target). The pass edits the main graph only (the exported
+decoders have no subgraphs or functions), in place.
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ def frequent_tokens(counts: np.ndarray, size: int, always: Sequence[int] = ()) -
     """The ``size`` most frequent token ids by ``counts`` (ties: lower id first), ``always`` included, sorted."""
     if not 0 < size <= len(counts):
         raise GraphoptError(f"a draft vocabulary must keep 1 to {len(counts)} tokens, not {size}")
-    forced = sorted({int(token) for token in always if 0 <= int(token) < len(counts)})
+    forced = {int(token) for token in always if 0 <= int(token) < len(counts)}
     order = np.lexsort((np.arange(len(counts)), -np.asarray(counts)))  # by count, descending; then by id
-    chosen = [int(token) for token in order if int(token) not in set(forced)][:max(size - len(forced), 0)]
+    chosen = [int(token) for token in order if int(token) not in forced][:max(size - len(forced), 0)]
     return np.array(sorted({*forced, *chosen}), dtype=np.int64)
 
 
@@ -51,6 +52,10 @@ def coverage(counts: np.ndarray, keep: np.ndarray) -> float:
     return float(np.sum(np.asarray(counts)[keep])) / total if total else 0.0
 
 
+class HeadPreconditionError(GraphoptError, ir.passes.PreconditionError):
+    """Raised from ``requires()``: still a GraphoptError, so the CLI prints one line."""
+
+
 class RestrictHeadVocabulary(ir.passes.InPlacePass):
     """Score only the token ids ``keep`` in the head that produces ``logits``; the rest get the float32 minimum."""
 
@@ -58,18 +63,19 @@ class RestrictHeadVocabulary(ir.passes.InPlacePass):
         super().__init__()
         self.keep = np.unique(np.asarray(keep, dtype=np.int64))
 
+    def requires(self, model: ir.Model) -> None:
+        producer = _logits_producer(model.graph)
+        if producer.metadata_props.get("graphopt.rule") != RULE and site_of(producer) is None:
+            raise HeadPreconditionError(f"'logits' comes from {producer.op_type}, not a float MatMul by a constant "
+                                "weight: restrict the vocabulary before quantizing")
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        logits = next((value for value in graph.outputs if value.name == "logits"), None)
-        producer = logits.producer() if logits is not None else None
-        if producer is None:
-            raise GraphoptError("the graph has no 'logits' output computed by a node")
+        producer = _logits_producer(graph)
         if producer.metadata_props.get("graphopt.rule") == RULE:
-            return ir.passes.PassResult(model, modified=False)  # ScatterElements of an earlier run
+            return ir.passes.PassResult(model, modified=False)  # the ScatterElements of an earlier run
+        logits = producer.outputs[0]
         site = site_of(producer)
-        if site is None:
-            raise GraphoptError(f"'logits' comes from {producer.op_type}, not a float MatMul by a constant "
-                                "weight: restrict the vocabulary before quantizing")
         weight = site.weight()  # [hidden, vocab]
         vocab = weight.shape[1]
         if len(self.keep) == 0 or self.keep[0] < 0 or self.keep[-1] >= vocab:
@@ -107,3 +113,11 @@ class RestrictHeadVocabulary(ir.passes.InPlacePass):
         drop_if_unused(graph, old_weight)
         logger.info("draft head scores %d of %d tokens", len(self.keep), vocab)
         return ir.passes.PassResult(model, modified=True)
+
+
+def _logits_producer(graph: ir.Graph) -> ir.Node:
+    logits = next((value for value in graph.outputs if value.name == "logits"), None)
+    producer = logits.producer() if logits is not None else None
+    if producer is None:
+        raise HeadPreconditionError("the graph has no 'logits' output computed by a node")
+    return producer

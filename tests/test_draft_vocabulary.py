@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 
 import numpy as np
@@ -49,6 +50,28 @@ def counts_file(tiny_llama_dir, tmp_path_factory):
 def cut_dir(tiny_llama_dir, counts_file, tmp_path_factory):
     return restrict_vocabulary(tiny_llama_dir, tmp_path_factory.mktemp("vocab") / "cut",
                                size=ModelDir.open(tiny_llama_dir).manifest.vocab_size // 4, counts=str(counts_file))
+
+
+def test_the_head_becomes_a_kept_matmul_scattered_into_the_vocabulary(tiny_llama_dir, cut_dir):
+    import onnx
+
+    before = ir.load(tiny_llama_dir / "model.onnx")
+    after = ir.load(cut_dir.output.model_path)
+    added = collections.Counter(node.op_type for node in after.graph) - collections.Counter(
+        node.op_type for node in before.graph)
+    assert added == {"ScatterElements": 1, "Expand": 2, "Shape": 2, "Concat": 1}
+    logits = next(value for value in after.graph.outputs if value.name == "logits")
+    assert logits.producer().op_type == "ScatterElements"
+    assert logits.producer().metadata_props["graphopt.rule"] == "draft_vocabulary"
+    onnx.checker.check_model(str(cut_dir.output.model_path), full_check=True)
+
+
+def test_a_head_that_is_not_a_float_matmul_is_refused_with_the_reason(tiny_llama_dir):
+    model = ir.load(tiny_llama_dir / "model.onnx")
+    producer = next(value for value in model.graph.outputs if value.name == "logits").producer()
+    producer.op_type, producer.domain = "MatMulNBits", "com.microsoft"  # as a quantized head reads
+    with pytest.raises(GraphoptError, match="comes from MatMulNBits, not a float MatMul"):
+        RestrictHeadVocabulary([0, 1, 2])(model)
 
 
 def test_kept_logits_equal_and_the_rest_are_never_chosen(tiny_llama_dir, cut_dir):
