@@ -36,7 +36,9 @@ GPU and brought back to measure speculative decoding here:
 
 ``--ship`` writes the weights distillation changed as float16 pieces that fit what a lent machine
 returns; ``land`` cuts the local export by the same plan, checks the pieces and writes them into
-the cut's graph.
+the cut's graph. A later lease continues from them: carry the pieces and heal.json to the GPU
+machine and run ``all ... --init heal.json --sample-offset 100`` (new data), then resume with
+``heal ... --resume --warm-started``.
 """
 
 from __future__ import annotations
