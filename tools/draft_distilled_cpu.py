@@ -59,8 +59,8 @@ def main() -> None:
     work = pathlib.Path(args.work)
     named = [item.split("=", 1) if "=" in item else [pathlib.Path(item).name, item] for item in args.draft]
     drafts = {name: pathlib.Path(path) for name, path in named} or {"distilled": work / "draft-distilled"}
-    for draft_dir in drafts.values():
-        if args.draft and not (draft_dir / "graphopt.json").is_file():
+    for draft_dir in drafts.values() if args.draft else ():
+        if not (draft_dir / "graphopt.json").is_file():
             raise SystemExit(f"error: {draft_dir} is not a graphopt model directory")
     started = time.perf_counter()
     if not args.draft and not (drafts["distilled"] / "graphopt.json").is_file():
@@ -81,10 +81,10 @@ def main() -> None:
         speculative = {draft: SpeculativeGenerator(target, str(draft_dir), ep="cpu", fallback=args.fallback, gamma=gamma)
                        for draft, draft_dir in drafts.items()}
         prompts = [plain.encode_prompt(text, chat=True) for text in PROMPTS]
-        rows = {draft: {"identical": True, "proposed": 0, "accepted": 0, "rounds": []} for draft in drafts}
-        plain_rounds = []
+        rows = {draft: {"identical": True, "proposed": 0, "accepted": 0} for draft in drafts}
+        rounds = {key: [] for key in ("plain", *drafts)}  # (tokens, seconds) per round
         for _ in range(args.rounds):
-            counts = {key: [0, 0.0] for key in ("plain", *drafts)}
+            counts = {key: [0, 0.0] for key in rounds}
             for prompt in prompts:  # interleaved: plain, then each draft, prompt by prompt
                 reference = plain.generate(prompt, max_new_tokens=args.tokens, stop_on_eos=False)
                 runs = {"plain": reference}
@@ -96,16 +96,14 @@ def main() -> None:
                 for key, run in runs.items():
                     counts[key][0] += len(run.token_ids) - 1
                     counts[key][1] += run.decode_s
-            plain_rounds.append(counts["plain"])
-            for draft in drafts:
-                rows[draft]["rounds"].append(counts[draft])
-        plain_rate = sum(n for n, _ in plain_rounds) / sum(s for _, s in plain_rounds)
+            for key, count in counts.items():
+                rounds[key].append(count)
+        rate = {key: sum(n for n, _ in spans) / sum(s for _, s in spans) for key, spans in rounds.items()}
         for draft, row in rows.items():
-            rate = sum(n for n, _ in row["rounds"]) / sum(s for _, s in row["rounds"])
-            per_round = [(n / s) / (pn / ps) for (n, s), (pn, ps) in zip(row["rounds"], plain_rounds)]
+            per_round = [(n / s) / (pn / ps) for (n, s), (pn, ps) in zip(rounds[draft], rounds["plain"])]
             report["targets"][f"{name} + {draft}"] = {
-                "plain_tokens_per_s": round(plain_rate, 2), "speculative_tokens_per_s": round(rate, 2),
-                "speedup": round(rate / plain_rate, 3), "speedup_min": round(min(per_round), 3),
+                "plain_tokens_per_s": round(rate["plain"], 2), "speculative_tokens_per_s": round(rate[draft], 2),
+                "speedup": round(rate[draft] / rate["plain"], 3), "speedup_min": round(min(per_round), 3),
                 "speedup_max": round(max(per_round), 3), "identical": row["identical"],
                 "acceptance": round(row["accepted"] / row["proposed"], 3) if row["proposed"] else None,
                 "load": os.getloadavg()}
