@@ -341,8 +341,12 @@ def _top_p_sample(logits, top_p: float, generator, top_k: int = TOP_K):
     return indices.gather(-1, choice)
 
 
-def sample_chunk(teacher, prompts: list[list[int]], seq_len: int, seed: int, device) -> np.ndarray:
+def sample_chunk(teacher, prompts: list[list[int]], seq_len: int, seed: int, device,
+                 temperature: float = 1.0) -> np.ndarray:
     """One sequence of ``seq_len`` tokens per prompt: the prompt, then the teacher's sampled continuation.
+
+    Top-p 0.95 at ``temperature``; below 1 the rows stay nearer the teacher's greedy path (what a
+    greedy speculative draft is asked to predict).
 
     Prompts of different lengths share one batch: every row starts from its prompt's first token and
     a row's prompt tokens are forced (not sampled) until it runs out, so no padding or mask is needed.
@@ -364,7 +368,7 @@ def sample_chunk(teacher, prompts: list[list[int]], seq_len: int, seed: int, dev
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         for position in range(1, seq_len):
             logits, past = teacher(tokens[-1], past, dtype=dtype)
-            token = _top_p_sample(logits[:, -1], 0.95, generator)
+            token = _top_p_sample(logits[:, -1] / temperature, 0.95, generator)
             if position < width:
                 prompt_token = forced[:, position:position + 1]
                 token = torch.where(prompt_token >= 0, prompt_token, token)

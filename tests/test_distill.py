@@ -409,6 +409,9 @@ def test_sampling_mixes_prompts_in_a_chunk(teacher_dir):
         assert first[row, :len(prompt)].tolist() == prompt
     np.testing.assert_array_equal(first, sample_chunk(teacher, prompts, 12, 3, torch.device("cpu")))
     assert not np.array_equal(first, sample_chunk(teacher, prompts, 12, 4, torch.device("cpu")))
+    # Near zero temperature every seed follows the teacher's greedy path.
+    cold = sample_chunk(teacher, prompts, 12, 3, torch.device("cpu"), temperature=1e-4)
+    np.testing.assert_array_equal(cold, sample_chunk(teacher, prompts, 12, 4, torch.device("cpu"), temperature=1e-4))
 
 
 def test_teacher_module_from_transformers_matches_its_export(teacher_dir, tmp_path):

@@ -358,3 +358,27 @@ def test_a_draft_slower_than_the_target_is_dropped_after_one_step():
     assert hopeless.plain_now() and hopeless._plain_left == hopeless.max_backoff
     # A draft at a fifth of a step can win: one step decides nothing.
     assert not _measured_check(0.0002).plain_now()
+
+
+@pytest.mark.parametrize("threshold, per_call", [(2.0, 1), (0.0, 12)])
+def test_greedy_auto_drafts_while_the_draft_is_confident(plain, tiny_llama_dir, monkeypatch, threshold, per_call):
+    """gamma "auto", greedy: one proposal when no chance is enough; up to max_gamma when any is (same model as draft)."""
+    from graphopt.runtime import speculative
+
+    monkeypatch.setattr(speculative, "DEFAULT_CONFIDENCE", threshold)
+    generator = SpeculativeGenerator(tiny_llama_dir, tiny_llama_dir, gamma="auto", fallback=False, max_gamma=12)
+    prompt_ids = plain.encode_prompt(PROMPTS[1])
+    result = generator.generate(prompt_ids, max_new_tokens=40, stop_on_eos=False)
+    assert result.token_ids == plain.generate(prompt_ids, max_new_tokens=40, stop_on_eos=False).token_ids
+    assert result.extra["acceptance_rate"] == 1.0
+    # Every call but the last proposes per_call tokens (the last is cut by the budget).
+    calls = result.extra["target_calls"]
+    assert calls == math.ceil(39 / (per_call + 1))
+    assert result.extra["draft_tokens_proposed"] == 39 - calls
+
+
+def test_keep_drafting_weighs_the_chance_against_measured_costs():
+    """After measurement: continue while chance x acceptance x plain step >= draft step + verify slope."""
+    check = _measured_check(0.0002)  # plain 1 ms, draft 0.2 ms a token, verify slope 0.05 ms, all accepted
+    assert check.keep_drafting(0.3) and not check.keep_drafting(0.2)
+    assert CostCheck().keep_drafting(0.3) and not CostCheck().keep_drafting(0.29)  # unmeasured: the default

@@ -466,7 +466,8 @@ def run_all(args) -> None:
     while True:
         seed = args.sample_offset + index
         order = np.random.default_rng([0, seed]).integers(0, len(prompts), size=args.chunk)
-        pieces.append(sample_chunk(teacher, [prompts[choice] for choice in order], args.seq_len, seed, device))
+        pieces.append(sample_chunk(teacher, [prompts[choice] for choice in order], args.seq_len, seed, device,
+                                   args.sample_temperature))
         index += 1
         rows = sum(len(piece) for piece in pieces)
         elapsed = time.perf_counter() - sample_started
@@ -477,6 +478,7 @@ def run_all(args) -> None:
     pool = np.concatenate(pieces)
     np.save(work / "pool.npy", pool)
     summary["sampling"] = {"rows": int(len(pool)), "tokens": int(pool.size), "seconds": round(elapsed, 1),
+                           "offset": args.sample_offset, "temperature": args.sample_temperature,
                            "prompts": len(prompts)}
     del teacher
     if args.device == "cuda":
@@ -589,6 +591,8 @@ def main() -> None:
                        help="start from an earlier --ship run's weights (its heal.json, the pieces beside it)")
     every.add_argument("--sample-offset", type=int, default=0,
                        help="first sampling seed (another offset than an earlier run's gives new data)")
+    every.add_argument("--sample-temperature", type=float, default=1.0,
+                       help="the teacher's sampling temperature (top-p 0.95); below 1 nearer its greedy path")
     every.add_argument("--ship", action="store_true",
                        help="bring the distilled weights back: float16 pieces in OUT for `land`")
     home = stages.add_parser("land")

@@ -16,6 +16,7 @@ the lowest and highest per-round speed-up) with the load average.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -52,6 +53,9 @@ def main() -> None:
                         help="with the cost check that decodes plainly while speculation loses (what `graphopt "
                              "generate --draft` runs); by default the draft is used at every step")
     parser.add_argument("--skip-target", action="store_true", help="measure only the --also targets")
+    parser.add_argument("--adaptive-too", action="store_true",
+                        help="also measure each draft with gamma 'auto' as it was before the confidence rule "
+                             "(adaptive gamma, no confidence stop): rows 'NAME/adaptive'")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     gamma = args.gamma if args.gamma == "auto" else int(args.gamma)
@@ -80,9 +84,15 @@ def main() -> None:
         plain = Generator(target, ep="cpu")
         speculative = {draft: SpeculativeGenerator(target, str(draft_dir), ep="cpu", fallback=args.fallback, gamma=gamma)
                        for draft, draft_dir in drafts.items()}
+        if args.adaptive_too and gamma == "auto":
+            for draft, generator in list(speculative.items()):
+                # Same sessions, the other policy: the draft proposes up to the adaptive gamma, no confidence stop.
+                adaptive = speculative[f"{draft}/adaptive"] = copy.copy(generator)
+                adaptive.confident = False
+                adaptive.policy, adaptive.cost_check = copy.deepcopy((generator.policy, generator.cost_check))
         prompts = [plain.encode_prompt(text, chat=True) for text in PROMPTS]
-        rows = {draft: {"identical": True, "proposed": 0, "accepted": 0} for draft in drafts}
-        rounds = {key: [] for key in ("plain", *drafts)}  # (tokens, seconds) per round
+        rows = {draft: {"identical": True, "proposed": 0, "accepted": 0} for draft in speculative}
+        rounds = {key: [] for key in ("plain", *speculative)}  # (tokens, seconds) per round
         for _ in range(args.rounds):
             counts = {key: [0, 0.0] for key in rounds}
             for prompt in prompts:  # interleaved: plain, then each draft, prompt by prompt
