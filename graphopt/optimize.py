@@ -109,7 +109,10 @@ def logical_parameters(model_path: pathlib.Path) -> int:
     for node in model.graph:
         if node.op_type == "MatMulNBits":
             count += node.attributes["K"].as_int() * node.attributes["N"].as_int()
-            skipped.update(value.name for value in node.inputs[1:] if value is not None)
+            for value in node.inputs[1:]:
+                if value is not None:
+                    source = value.producer()  # float16 scales behind a Cast
+                    skipped.add(source.inputs[0].name if source is not None and source.op_type == "Cast" else value.name)
         elif node.op_type == "DequantizeLinear":
             skipped.update(value.name for value in node.inputs[1:] if value is not None)
     for name, value in model.graph.initializers.items():

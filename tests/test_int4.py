@@ -16,8 +16,8 @@ from graphopt.cli import main
 from graphopt.modeldir import ModelDir
 from graphopt.passes.quantize_common import linear_sites
 from graphopt.passes.quantize_embedding import EmbeddingQuantizePass
-from graphopt.passes.quantize_weights import (WeightOnlyQuantizePass, block_parameters, mse_parameters, quantize_rtn,
-                                              weight_error)
+from graphopt.passes.quantize_weights import (HalfScalesPass, WeightOnlyQuantizePass, block_parameters, mse_parameters,
+                                              quantize_rtn, weight_error)
 from graphopt.runtime.decoder import Decoder
 
 gguf = pytest.importorskip("gguf")
@@ -91,6 +91,34 @@ def test_affine_is_exact_on_q4_1_weights_and_idempotent(tiny_llama_dir, tmp_path
     # The same weights; float32 sums in another order: not bitwise, within 1e-4.
     difference = np.abs(logits(quantized / "model.onnx") - logits(reference / "model.onnx")).max()
     assert difference < 1e-4, difference
+
+
+def test_float16_scales_halve_their_bytes_and_keep_q4_1_logits_bitwise(tiny_llama_dir, tmp_path):
+    """4-bit scales stored float16 behind a Cast: exact on Q4_1 weights (their scales are float16), and
+    ONNX Runtime folds the Cast, so the kernel computes what it computed with float32 scales."""
+    model = q41_model(tiny_llama_dir)
+    WeightOnlyQuantizePass(bits=4, block_size=32, method="affine", head_bits=8, head_block_size=64)(model)
+    before = save(model, tmp_path / "float32-scales", tiny_llama_dir)
+    scales = {node.inputs[2].name: node.inputs[2].const_value.numpy() for node in model.graph
+              if node.op_type == "MatMulNBits" and node.attributes["bits"].as_int() == 4}
+    assert all(np.array_equal(value.astype(np.float16).astype(np.float32), value) for value in scales.values())
+    stored_bytes = sum(value.const_value.nbytes for value in model.graph.initializers.values())
+    half = HalfScalesPass()
+    assert half(model).modified and half.count == len(scales) == 14
+    for node in model.graph:
+        if node.op_type == "MatMulNBits":
+            source = node.inputs[2].producer()
+            if node.attributes["bits"].as_int() == 4:  # the layers' linears
+                assert source.op_type == "Cast" and source.inputs[0].dtype == ir.DataType.FLOAT16
+            else:  # the int8 head keeps float32 scales
+                assert source is None and node.inputs[2].dtype == ir.DataType.FLOAT
+    assert not any(name in model.graph.initializers for name in scales)
+    after = save(model, tmp_path / "float16-scales", tiny_llama_dir)
+    onnx.checker.check_model(onnx.load(str(after / "model.onnx")), full_check=True)
+    saved = sum(2 * value.size for value in scales.values())
+    assert stored_bytes - sum(value.const_value.nbytes for value in model.graph.initializers.values()) == saved
+    np.testing.assert_array_equal(logits(after / "model.onnx"), logits(before / "model.onnx"))
+    assert not HalfScalesPass()(model).modified
 
 
 def test_integer_zero_points_cannot_reproduce_q4_1(tiny_llama_dir):
