@@ -31,7 +31,8 @@ from graphopt.runtime.session import EXECUTION_PROVIDERS
 @click.option("--draft", "draft_dir", type=click.Path(), default=None,
               help="Speculative decoding with this draft model directory (same tokenizer as MODEL_DIR).")
 @click.option("--gamma", default="auto", show_default=True, callback=lambda ctx, param, value: _gamma(value),
-              help="Draft tokens proposed per step: a number, or auto (adaptive).")
+              help="Draft tokens proposed per step: a number, or auto (greedy: while the draft's "
+                   "confidence pays; sampled: adaptive).")
 @click.option("--draft-ep", type=click.Choice(list(EXECUTION_PROVIDERS)), default=None,
               help="Execution provider of the draft (default: --ep).")
 @click.option("--cache", type=click.Choice(CACHES), default="auto", show_default=True,

@@ -358,6 +358,7 @@ class SpeculativeGenerator:
         decode_s = time.perf_counter() - decode_started
 
         decoded = len(generated) - 1
+        speculative_steps = stats["target_calls"] - stats["plain_steps"]
         extra = {
             "draft": str(self.draft.model_dir.path),
             "draft_provider": self.draft.provider,
@@ -369,6 +370,7 @@ class SpeculativeGenerator:
             "draft_tokens_accepted": stats["accepted"],
             "plain_steps": stats["plain_steps"],
             "gamma_final": self.policy.gamma,
+            "proposals_per_step": round(stats["proposed"] / speculative_steps, 2) if speculative_steps else 0.0,
         }
         return GenerationResult(prompt_ids=prompt_ids, token_ids=generated, text=self.tokenizer.decode(generated),
                                 prefill_ms=prefill_ms, decode_s=decode_s, stopped_on_eos=stopped,
