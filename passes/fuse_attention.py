@@ -275,6 +275,15 @@ class _CacheRule(pattern.RewriteRuleClassBase):
         for value in values:
             node_tag(value.producer(), self.name)
 
+    def _check_heads_mask_scale(self, check: _basics.MatchResult, query, present_key, key_all, mask, scale) -> bool:
+        """Heads, causal mask and scale: sets ``_shape`` and ``_scale``; False (``check`` says why) when one fails."""
+        shape = _heads(check, query, present_key, key_all)
+        if shape is None or not _check_causal_mask(check, mask):
+            return False
+        self._shape = shape
+        self._scale = _check_scale(check, scale)
+        return self._scale is not None
+
 
 class GroupQueryAttentionFusion(_CacheRule):
     """Llama family: projections -> BNSH -> RoPE -> cache -> attention  =>  GroupQueryAttention.
@@ -300,12 +309,10 @@ class GroupQueryAttentionFusion(_CacheRule):
 
     def check(self, context, query, present_key, cos, sin, mask, scale, key_all=None, **_):
         check = _basics.MatchResult()
-        shape = _heads(check, query, present_key, key_all)
-        if shape is None or not _check_causal_mask(check, mask):
+        if not self._check_heads_mask_scale(check, query, present_key, key_all, mask, scale):
             return check
-        self._shape = shape
-        self._scale = _check_scale(check, scale)
-        if self._scale is None or not _check_rotate_half(check, context.nodes, shape[2]):
+        shape = self._shape
+        if not _check_rotate_half(check, context.nodes, shape[2]):
             return check
         tables = [_trace_rotary(check, cos, "Cos"), _trace_rotary(check, sin, "Sin")]
         if None in tables:
@@ -434,12 +441,7 @@ class GroupQueryAttentionNoRotaryFusion(_CacheRule):
 
     def check(self, context, query, present_key, mask, scale, key_all=None, **_):
         check = _basics.MatchResult()
-        shape = _heads(check, query, present_key, key_all)
-        if shape is None or not _check_causal_mask(check, mask):
-            return check
-        self._shape = shape
-        self._scale = _check_scale(check, scale)
-        if self._scale is None:
+        if not self._check_heads_mask_scale(check, query, present_key, key_all, mask, scale):
             return check
         self._mask_input = self._attention_mask(check, context)
         return check
