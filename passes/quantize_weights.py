@@ -473,8 +473,9 @@ class HalfScalesPass(ir.passes.InPlacePass):
     as before. A float16 scale is within 2^-11 of the float32 one, which moves a 4-bit weight
     (code at most 15 steps from its offset) by under 1% of a step; GGUF stores every scale so
     (Q4_0, Q4_1: exact on the embedded SmolLM2, whose affine scales are its Q4_1 ones). 8-bit
-    scales stay float32: there 2^-11 is up to 6% of a step. Scales another op also reads (the
-    embedding sharing the head's codes) are left alone, and so is run after packing.
+    scales stay float32: there 2^-11 is up to 6% of a step. Left alone too: scales another op also
+    reads (the embedding sharing the head's codes) and tables float16 cannot hold to 2^-10
+    (overflow, subnormals). Run it after packing, which reads the scales as constants.
     """
 
     def __init__(self):
@@ -491,7 +492,12 @@ class HalfScalesPass(ir.passes.InPlacePass):
             if (scales is None or scales.const_value is None or scales.dtype != ir.DataType.FLOAT
                     or any(user.op_type != "MatMulNBits" for user, _ in scales.uses())):
                 continue
-            half = add_initializer(graph, f"{scales.name}_fp16", scales.const_value.numpy().astype(np.float16))
+            values = scales.const_value.numpy()
+            with np.errstate(over="ignore", invalid="ignore"):
+                stored = values.astype(np.float16)
+                if not np.all(np.abs(stored.astype(np.float32) - values) <= 2.0**-10 * np.abs(values)):
+                    continue
+            half = add_initializer(graph, f"{scales.name}_fp16", stored)
             cast = ir.node("Cast", [half], attributes={"to": ir.DataType.FLOAT}, name=f"{node.name}_scales_cast")
             node_tag(cast, RULE)
             graph.insert_before(node, cast)

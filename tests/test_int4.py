@@ -121,6 +121,18 @@ def test_float16_scales_halve_their_bytes_and_keep_q4_1_logits_bitwise(tiny_llam
     assert not HalfScalesPass()(model).modified
 
 
+def test_scales_float16_cannot_hold_stay_float32(tiny_llama_dir):
+    model = graph_io.load(ModelDir.open(tiny_llama_dir).model_path)
+    WeightOnlyQuantizePass(bits=4, block_size=32, method="rtn", head_bits=None)(model)
+    nodes = [node for node in model.graph if node.op_type == "MatMulNBits"]
+    huge = nodes[0].inputs[2]  # 1e6 x a scale: beyond float16's 65504
+    huge.const_value = ir.tensor(huge.const_value.numpy() * 1e6, name=huge.name)
+    half = HalfScalesPass()
+    half(model)
+    assert half.count == len(nodes) - 1
+    assert nodes[0].inputs[2] is huge and nodes[1].inputs[2].producer().op_type == "Cast"
+
+
 def test_integer_zero_points_cannot_reproduce_q4_1(tiny_llama_dir):
     """The negative: on the same Q4_1 weights, integer zero points (rtn, mse) leave an error affine does not."""
     for method in ("rtn", "mse"):

@@ -630,6 +630,8 @@ def main() -> None:
             stage.add_argument("--stop-minutes", type=float, default=None,
                                help="end with a checkpoint this many minutes in, before the call's limit")
     args = parser.parse_args()
+    if getattr(args, "sample_temperature", 1.0) <= 0:
+        parser.error("--sample-temperature must be positive")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     distill_log = logging.getLogger("graphopt.distill")
     distill_log.setLevel(logging.INFO)
