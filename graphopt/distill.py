@@ -465,7 +465,6 @@ def fake_quantize(weight, bits: int, block_size: int, method: str = "affine"):
     ``method`` (4 bits): ``affine`` is the pass's affine form, ``w = offset + scale * (code - 8)`` with
     ``offset = min + 8 * scale`` rounded to float16 (how the pass stores it; ``in`` must be whole
     blocks); ``rtn`` the integer-zero-point grid. 8 bits is always symmetric (zero point 128).
-    4-bit scales dequantize as float16, as the quantize step stores them.
     """
     import torch
 
@@ -480,7 +479,7 @@ def fake_quantize(weight, bits: int, block_size: int, method: str = "affine"):
         scale = torch.where(high > low, (high - low) / 15.0, torch.ones_like(high)).float().double()
         codes = torch.clamp(torch.round((blocks - low) / scale), 0, 15)
         offset = (low + 8.0 * scale).half().float()
-        dequantized = offset + scale.half().double() * (codes - 8.0)
+        dequantized = offset + scale * (codes - 8.0)
     else:
         if bits == 8:
             amax = blocks.abs().amax(-1, keepdim=True)
@@ -494,7 +493,7 @@ def fake_quantize(weight, bits: int, block_size: int, method: str = "affine"):
             scale = torch.where(high > low, (high - low) / levels, torch.ones_like(high)).float().double()
             zero = torch.clamp(torch.round(-low / scale), 0, levels)
         codes = torch.clamp(torch.round(blocks / scale) + zero, 0, levels)
-        dequantized = (codes - zero) * (scale if bits == 8 else scale.half().double())
+        dequantized = (codes - zero) * scale
     dequantized = dequantized.reshape(rows, -1)[:, :columns].t().to(weight.dtype)
     return weight + (dequantized - weight).detach()
 

@@ -198,7 +198,7 @@ class GGUFImportStep(Step):
     def run(self, source, model, config: GGUFImportConfig, work) -> StepOutput:
         from graphopt.passes.quantize_common import is_head, linear_sites, quantized_ops
         from graphopt.passes.quantize_embedding import EmbeddingQuantizePass
-        from graphopt.passes.quantize_weights import HalfScalesPass, WeightOnlyQuantizePass
+        from graphopt.passes.quantize_weights import WeightOnlyQuantizePass
 
         gguf_path = pathlib.Path(config.gguf)
         if quantized_ops(model):
@@ -221,8 +221,6 @@ class GGUFImportStep(Step):
         embedding = EmbeddingQuantizePass(8, BLOCK)
         embedding(model)
         counts.update(embedding.counts)
-        half_scales = HalfScalesPass()  # 4-bit GGUF scales are float16 already: stored as they came
-        half_scales(model)
         exact_types: dict[str, int] = {}
         for name in plan.exact:
             exact_types[plan.types[name]] = exact_types.get(plan.types[name], 0) + 1
@@ -238,7 +236,7 @@ class GGUFImportStep(Step):
                         len(plan.unmatched), config.method)
         figures = {"exact": exact_types, "requantized": requantized, "unmatched": plan.unmatched,
                    "exact_max_relative_error": max((quantizer.errors[by_name[name]] for name in plan.exact), default=0.0),
-                   "float16_scales": half_scales.count, "gguf_sha256": sha256_of(gguf_path)}
+                   "gguf_sha256": sha256_of(gguf_path)}
         return StepOutput(model, counts, figures, changes={"quantization": "gguf"})
 
     def check(self, source, written, config) -> dict:

@@ -109,10 +109,7 @@ def logical_parameters(model_path: pathlib.Path) -> int:
     for node in model.graph:
         if node.op_type == "MatMulNBits":
             count += node.attributes["K"].as_int() * node.attributes["N"].as_int()
-            for value in node.inputs[1:]:
-                if value is not None:
-                    source = value.producer()  # float16 scales behind a Cast
-                    skipped.add(source.inputs[0].name if source is not None and source.op_type == "Cast" else value.name)
+            skipped.update(value.name for value in node.inputs[1:] if value is not None)
         elif node.op_type == "DequantizeLinear":
             skipped.update(value.name for value in node.inputs[1:] if value is not None)
     for name, value in model.graph.initializers.items():

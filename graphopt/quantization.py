@@ -458,9 +458,4 @@ def _weight_only(source: ModelDir, model: ir.Model, config: QuantizeConfig, sequ
         packer = PackMatMulNBitsPass()
         packer(model)
         extra["packed"] = packer.counts
-    from graphopt.passes.quantize_weights import HalfScalesPass
-
-    half_scales = HalfScalesPass()  # after packing, which reads the scales as constants
-    half_scales(model)
-    extra["float16_scales"] = half_scales.count
     return model, counts, extra

@@ -207,23 +207,17 @@ def quantize_gptq(weight_t: np.ndarray, hessian: np.ndarray, bits: int, block_si
 
 def snap_to_grid(weight: np.ndarray, bits: int, block_size: int, method: str = "affine") -> np.ndarray:
     """``weight`` (in, out) replaced by its dequantized codes, with this pass's own math (``method``:
-    ``affine`` for 4 bits as the pass stores it, float16 offsets; ``mse`` its block search; else RTN;
-    4-bit scales float16, as :class:`HalfScalesPass` stores them)."""
+    ``affine`` for 4 bits as the pass stores it, float16 offsets; ``mse`` its block search; else RTN)."""
     weight_t = weight.T.astype(np.float32)
     if bits == 4 and method == "affine":
         codes, scale, low = quantize_affine(weight_t, bits, block_size)
         offset = (low.astype(np.float64) + 8.0 * scale.astype(np.float64)).astype(np.float16).astype(np.float64)
-        values = offset[..., None] + _stored(scale, bits)[..., None] * (codes.astype(np.float64) - 8.0)
+        values = offset[..., None] + scale[..., None].astype(np.float64) * (codes.astype(np.float64) - 8.0)
     else:
         parameters = mse_parameters if bits == 4 and method == "mse" else block_parameters
         codes, scale, zero = quantize_rtn(weight_t, bits, block_size, parameters)
-        values = (codes.astype(np.float64) - zero[..., None]) * _stored(scale, bits)[..., None]
+        values = (codes.astype(np.float64) - zero[..., None]) * scale[..., None].astype(np.float64)
     return np.ascontiguousarray(values.reshape(values.shape[0], -1)[:, :weight.shape[0]].T.astype(np.float32))
-
-
-def _stored(scale: np.ndarray, bits: int) -> np.ndarray:
-    """Scales as the model stores them (float16 for 4 bits, :class:`HalfScalesPass`), in float64."""
-    return (scale.astype(np.float16) if bits == 4 else scale).astype(np.float64)
 
 
 def pack(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -463,51 +457,6 @@ def weight_error(weight_t: np.ndarray, packed: np.ndarray, scales: np.ndarray, z
     restored = restored.reshape(rows, -1)[:, :in_features]
     norm = float(np.linalg.norm(weight_t))
     return float(np.linalg.norm(restored - weight_t)) / norm if norm > 0 else 0.0
-
-
-class HalfScalesPass(ir.passes.InPlacePass):
-    """Store 4-bit MatMulNBits scales as float16 behind a ``Cast`` to float32: half their bytes.
-
-    MatMulNBits wants scales of its activations' type (float32 here), but ONNX Runtime folds a
-    Cast of an initializer when it builds the session, so the kernel sees the same kind of constant
-    as before. A float16 scale is within 2^-11 of the float32 one, which moves a 4-bit weight
-    (code at most 15 steps from its offset) by under 1% of a step; GGUF stores every scale so
-    (Q4_0, Q4_1: exact on the embedded SmolLM2, whose affine scales are its Q4_1 ones). 8-bit
-    scales stay float32: there 2^-11 is up to 6% of a step. Left alone too: scales another op also
-    reads (the embedding sharing the head's codes) and tables float16 cannot hold to 2^-10
-    (overflow, subnormals). Run it after packing, which reads the scales as constants.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
-        self.count = 0
-        for node in list(graph):
-            if node.op_type != "MatMulNBits" or node.domain != CONTRIB_DOMAIN or node.attributes["bits"].as_int() != 4:
-                continue
-            scales = node.inputs[2]
-            if (scales is None or scales.const_value is None or scales.dtype != ir.DataType.FLOAT
-                    or any(user.op_type != "MatMulNBits" for user, _ in scales.uses())):
-                continue
-            values = scales.const_value.numpy()
-            with np.errstate(over="ignore", invalid="ignore"):
-                stored = values.astype(np.float16)
-                if not np.all(np.abs(stored.astype(np.float32) - values) <= 2.0**-10 * np.abs(values)):
-                    continue
-            half = add_initializer(graph, f"{scales.name}_fp16", stored)
-            cast = ir.node("Cast", [half], attributes={"to": ir.DataType.FLOAT}, name=f"{node.name}_scales_cast")
-            node_tag(cast, RULE)
-            graph.insert_before(node, cast)
-            cast.outputs[0].name, cast.outputs[0].shape, cast.outputs[0].type = (
-                f"{scales.name}_fp32", scales.shape, scales.type)
-            for user, index in list(scales.uses()):
-                user.replace_input_with(index, cast.outputs[0])
-            drop_if_unused(graph, scales)
-            self.count += 1
-        return ir.passes.PassResult(model, modified=self.count > 0)
 
 
 def replace_node(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:

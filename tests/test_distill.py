@@ -302,12 +302,6 @@ def test_fake_quantized_inputs_are_what_the_cpu_kernel_computes(bits):
     np.testing.assert_array_equal(parameter.grad.numpy(), np.ones_like(x))  # straight through
 
 
-def _stored(value: ir.Value) -> np.ndarray:
-    """An initializer's array, or that of the initializer a Cast reads (float16 scales and offsets)."""
-    constant = value.const_value if value.const_value is not None else value.producer().inputs[0].const_value
-    return constant.numpy().astype(np.float32)
-
-
 def _affine_weights(model: ir.Model) -> dict[str, np.ndarray]:
     """Each affine MatMulNBits' weight as the graph computes it: scale * (code - 8) + its block's offset."""
     from graphopt.passes.quantize_weights import dequantize
@@ -317,10 +311,13 @@ def _affine_weights(model: ir.Model) -> dict[str, np.ndarray]:
     for node in model.graph:
         if node.op_type != "MatMulNBits" or f"{node.name}_offset" not in nodes:
             continue
-        packed, scales = node.inputs[1].const_value.numpy(), _stored(node.inputs[2])
+        packed, scales = (value.const_value.numpy() for value in node.inputs[1:3])
         in_features, block = node.attributes["K"].as_int(), node.attributes["block_size"].as_int()
         weight = dequantize(packed, scales, None, 4, in_features).astype(np.float64)
-        offsets = _stored(nodes[f"{node.name}_offset"].inputs[1]).astype(np.float64)
+        offsets = nodes[f"{node.name}_offset"].inputs[1]
+        if offsets.const_value is None:  # float16 offsets behind a Cast
+            offsets = offsets.producer().inputs[0]
+        offsets = offsets.const_value.numpy().astype(np.float64)
         weights[node.metadata_props["graphopt.weight_source"]] = weight + np.repeat(offsets, block, axis=0)
     return weights
 
@@ -368,8 +365,8 @@ def test_qat_rtn_grid_stays_selectable(student_dir, teacher_dir, tmp_path):
     for node in ir.load(str(tmp_path / "int4" / "model.onnx")).graph:
         if node.op_type != "MatMulNBits":
             continue
-        packed, zeros = (value.const_value.numpy() for value in (node.inputs[1], node.inputs[3]))
-        weight = dequantize(packed, _stored(node.inputs[2]), zeros, 4, node.attributes["K"].as_int())
+        packed, scales, zeros = (value.const_value.numpy() for value in node.inputs[1:4])
+        weight = dequantize(packed, scales, zeros, 4, node.attributes["K"].as_int())
         source = node.metadata_props["graphopt.weight_source"]
         np.testing.assert_allclose(weight, float_weights[source], rtol=1e-6, atol=1e-7, err_msg=source)
         checked += 1

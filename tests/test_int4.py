@@ -16,8 +16,8 @@ from graphopt.cli import main
 from graphopt.modeldir import ModelDir
 from graphopt.passes.quantize_common import linear_sites
 from graphopt.passes.quantize_embedding import EmbeddingQuantizePass
-from graphopt.passes.quantize_weights import (HalfScalesPass, WeightOnlyQuantizePass, block_parameters, mse_parameters,
-                                              quantize_rtn, weight_error)
+from graphopt.passes.quantize_weights import (WeightOnlyQuantizePass, block_parameters, mse_parameters, quantize_rtn,
+                                              weight_error)
 from graphopt.runtime.decoder import Decoder
 
 gguf = pytest.importorskip("gguf")
@@ -91,46 +91,6 @@ def test_affine_is_exact_on_q4_1_weights_and_idempotent(tiny_llama_dir, tmp_path
     # The same weights; float32 sums in another order: not bitwise, within 1e-4.
     difference = np.abs(logits(quantized / "model.onnx") - logits(reference / "model.onnx")).max()
     assert difference < 1e-4, difference
-
-
-def test_float16_scales_halve_their_bytes_and_keep_q4_1_logits_bitwise(tiny_llama_dir, tmp_path):
-    """4-bit scales stored float16 behind a Cast: exact on Q4_1 weights (their scales are float16), and
-    ONNX Runtime folds the Cast, so the kernel computes what it computed with float32 scales."""
-    model = q41_model(tiny_llama_dir)
-    WeightOnlyQuantizePass(bits=4, block_size=32, method="affine", head_bits=8, head_block_size=64)(model)
-    before = save(model, tmp_path / "float32-scales", tiny_llama_dir)
-    scales = {node.inputs[2].name: node.inputs[2].const_value.numpy() for node in model.graph
-              if node.op_type == "MatMulNBits" and node.attributes["bits"].as_int() == 4}
-    assert all(np.array_equal(value.astype(np.float16).astype(np.float32), value) for value in scales.values())
-    stored_bytes = sum(value.const_value.nbytes for value in model.graph.initializers.values())
-    half = HalfScalesPass()
-    assert half(model).modified and half.count == len(scales) == 14
-    for node in model.graph:
-        if node.op_type == "MatMulNBits":
-            source = node.inputs[2].producer()
-            if node.attributes["bits"].as_int() == 4:  # the layers' linears
-                assert source.op_type == "Cast" and source.inputs[0].dtype == ir.DataType.FLOAT16
-            else:  # the int8 head keeps float32 scales
-                assert source is None and node.inputs[2].dtype == ir.DataType.FLOAT
-    assert not any(name in model.graph.initializers for name in scales)
-    after = save(model, tmp_path / "float16-scales", tiny_llama_dir)
-    onnx.checker.check_model(onnx.load(str(after / "model.onnx")), full_check=True)
-    saved = sum(2 * value.size for value in scales.values())
-    assert stored_bytes - sum(value.const_value.nbytes for value in model.graph.initializers.values()) == saved
-    np.testing.assert_array_equal(logits(after / "model.onnx"), logits(before / "model.onnx"))
-    assert not HalfScalesPass()(model).modified
-
-
-def test_scales_float16_cannot_hold_stay_float32(tiny_llama_dir):
-    model = graph_io.load(ModelDir.open(tiny_llama_dir).model_path)
-    WeightOnlyQuantizePass(bits=4, block_size=32, method="rtn", head_bits=None)(model)
-    nodes = [node for node in model.graph if node.op_type == "MatMulNBits"]
-    huge = nodes[0].inputs[2]  # 1e6 x a scale: beyond float16's 65504
-    huge.const_value = ir.tensor(huge.const_value.numpy() * 1e6, name=huge.name)
-    half = HalfScalesPass()
-    half(model)
-    assert half.count == len(nodes) - 1
-    assert nodes[0].inputs[2] is huge and nodes[1].inputs[2].producer().op_type == "Cast"
 
 
 def test_integer_zero_points_cannot_reproduce_q4_1(tiny_llama_dir):
@@ -221,6 +181,15 @@ def test_weights_int4_alone_is_weight_only_affine(tiny_llama_dir, tmp_path):
     result = CliRunner().invoke(main, ["quantize", str(tiny_llama_dir), "-o", str(tmp_path / "int8"), "--weights", "int8"])
     assert result.exit_code == 0, result.output
     assert ModelDir.open(tmp_path / "int8").manifest.lineage[-1].parameters["scheme"] == "int8"
+    # Right under every session setting, not only once ONNX Runtime has folded constants: onnxruntime
+    # 1.32's MatMulNBits computes wrong results from scales that are not initializers (float16
+    # scales behind a Cast were tried for size and dropped for this).
+    from graphopt.runtime.session import make_session
+
+    for name in ("int4", "int8"):
+        path = ModelDir.open(tmp_path / name).model_path
+        unoptimized = Decoder(path, session=make_session(path, optimization="disable")).forward(PROMPT)
+        np.testing.assert_allclose(unoptimized, logits(path), rtol=0, atol=1e-4, err_msg=name)
 
 
 # --- exact GGUF import --------------------------------------------------------------------------
