@@ -12,6 +12,7 @@ why; fused norms take SmoothQuant's factors through their scale input). Needs no
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import replace
 import logging
 import pathlib
 from typing import Callable
@@ -24,7 +25,7 @@ from graphopt.calibration import CalibrationSpec, calibration_sequences
 from graphopt.errors import GraphoptError
 from graphopt.evaluate import sequences_perplexity
 from graphopt.modeldir import ModelDir
-from graphopt.passes.quantize_common import QUANTIZABLE_OPS, check_patterns, linear_sites, quantized_ops
+from graphopt.passes.quantize_common import QUANTIZABLE_OPS, check_patterns, is_gated_down, linear_sites, quantized_ops
 from graphopt.ranges import METHODS as CALIBRATION_METHODS
 from graphopt.ranges import QuantParams, RangeCollector, fake_quantize, quantization_parameters
 from graphopt.steps import Step, StepConfig, StepOutput, run_step
@@ -39,6 +40,8 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits: a power of two, at least 16
 # auto: the best measured method, affine for weight-only int4 (exact on Q4_1-derived weights, never
 # worse than rtn on others: see passes/quantize_weights.py), rtn otherwise.
 METHODS = ("auto", "rtn", "mse", "affine", "gptq")
+ROTATIONS = ("auto", "none", "residual", "online")
+DOWN_PROJ = ("int8-weights", "float", "w8a8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +66,12 @@ class QuantizeConfig(StepConfig):
     exclude: tuple[str, ...] = ()
     op_types: tuple[str, ...] = ("MatMul",)
     smooth: float | None = None
+    # passes.rotate first: none, residual, online (+ a Hadamard before down_proj); auto: residual for
+    # W8A8 on a graph with fused RMS norms (it halves W8A8's loss on SmolLM2), none otherwise.
+    rotation: str = "auto"
+    # W8A8: a gated MLP's down projection, whose input carries token-wise massive activations that no
+    # static range covers: weight-only int8 (MatMulNBits), float, or static w8a8 like the rest.
+    down_proj: str = "int8-weights"
     max_ppl_increase: float | None = None
     calib: CalibrationSpec = CalibrationSpec()
     measure_windows: int | None = None
@@ -105,10 +114,16 @@ class QuantizeConfig(StepConfig):
             raise GraphoptError("--head int4 needs weight-only quantization (--activations none)")
         if scheme != "w8a8" and self.smooth is not None:
             raise GraphoptError("--smooth applies to W8A8 (--activations int8)")
+        if scheme != "w8a8" and self.down_proj != "int8-weights":
+            raise GraphoptError("--down-proj applies to W8A8 (--activations int8)")
         if scheme == "int8" and self.max_ppl_increase is not None:
             raise GraphoptError("--max-ppl-increase applies to W8A8 (sites kept float) and int4 (linears kept int8)")
         if self.method != "rtn" and scheme == "w8a8":
             raise GraphoptError(f"--method {self.method} applies to weight-only quantization")
+        if self.down_proj not in DOWN_PROJ:
+            raise GraphoptError(f"--down-proj must be one of {', '.join(DOWN_PROJ)}, got {self.down_proj!r}")
+        if self.rotation not in ROTATIONS:
+            raise GraphoptError(f"--rotation must be one of {', '.join(ROTATIONS)}, got {self.rotation!r}")
         if self.max_ppl_increase is not None and self.max_ppl_increase < 0:
             raise GraphoptError("--max-ppl-increase is a percentage of at least 0")
         if self.block_size is not None and self.block_size not in BLOCK_SIZES:
@@ -131,14 +146,14 @@ class QuantizeConfig(StepConfig):
 
     def describe(self) -> dict:
         record = {"scheme": self.scheme, "weights": self.weights, "activations": self.activations,
-                  "head": self.head, "exclude": list(self.exclude)}
+                  "head": self.head, "exclude": list(self.exclude), "rotation": self.rotation}
         if self.scheme != "w8a8":
             record["embedding"] = self.embedding
         if self.method == "gptq":
             record["act_order"] = self.act_order
         if self.scheme == "w8a8":
             record.update(symmetric=self.symmetric, reduce_range=self.reduce_range, calibration=self.calibration, smooth=self.smooth,
-                          max_ppl_increase=self.max_ppl_increase)
+                          max_ppl_increase=self.max_ppl_increase, down_proj=self.down_proj)
             if self.calibration == "percentile":
                 record["percentile"] = self.percentile
         else:
@@ -269,17 +284,41 @@ class QuantizeStep(Step):
             logger.info("calibration data: %s, %d x %d tokens", config.calib.describe()["source"], config.calib.samples,
                         config.calib.seq_len)
             sequences = calibration_sequences(source.path, config.calib)
+        model_path, rotation = source.model_path, {}
+        if _rotation(config, model) != "none":
+            from graphopt.passes.rotate import OnlineHadamardPass, RotateResidualPass
+
+            rotate = RotateResidualPass(config.calib.seed)
+            rotate(model)
+            rotation = {"rotated": {"rotation": rotate.rotation, **rotate.counts}}
+            if config.rotation == "online":
+                online = OnlineHadamardPass()
+                online(model)
+                rotation["rotated"]["online"] = online.counts["down_proj"]
+            logger.info(f"rotated ({rotate.rotation}): {rotation['rotated']}")
+            if config.needs_calibration:  # calibration runs the rotated model
+                model_path = _stage(model, work, "rotated")
         if config.scheme == "w8a8":
-            model, counts, figures = _w8a8(source, model, config, sequences, work)
+            model, counts, figures = _w8a8(model_path, model, config, sequences, work)
         else:
-            model, counts, figures = _weight_only(source, model, config, sequences, work)
-        return StepOutput(model, counts, figures, changes={"quantization": config.scheme})
+            model, counts, figures = _weight_only(model_path, model, config, sequences, work)
+        return StepOutput(model, counts, {**rotation, **figures}, changes={"quantization": config.scheme})
 
     def check(self, source: ModelDir, written: ModelDir, config: QuantizeConfig) -> dict:
         figures = {"size_bytes": written.size_bytes()}
         if config.measure_windows:
             figures.update(measure_perplexity(source.path, written.path, config.measure_windows))
         return figures
+
+
+def _rotation(config: QuantizeConfig, model: ir.Model) -> str:
+    """The rotation to run: ``auto`` is residual for W8A8 where the graph has fused RMS norms."""
+    if config.rotation != "auto":
+        return config.rotation
+    from graphopt.passes.rotate import RMS_NORMS
+
+    fused = any(node.op_type in RMS_NORMS for node in model.graph)
+    return "residual" if config.scheme == "w8a8" and fused else "none"
 
 
 def quantize(model_dir: str | pathlib.Path, output: str | pathlib.Path, config: QuantizeConfig = QuantizeConfig(),
@@ -309,13 +348,13 @@ def _stage(model: ir.Model, scratch: pathlib.Path, name: str) -> pathlib.Path:
     return path
 
 
-def _w8a8(source: ModelDir, model: ir.Model, config: QuantizeConfig, sequences, scratch: pathlib.Path):
+def _w8a8(model_path: pathlib.Path, model: ir.Model, config: QuantizeConfig, sequences, scratch: pathlib.Path):
+    """``model_path``: where ``model`` (as it is now) can be run for calibration."""
     from graphopt.passes.quantize_qdq import QDQQuantizePass
     from graphopt.passes.smooth_quant import SmoothQuantPass
 
     head = config.head != "float"
     extra: dict = {}
-    model_path = source.model_path
     names = sorted({site.activation.name for site in linear_sites(model.graph, head=head)})
     if config.smooth is not None:
         logger.info(f"SmoothQuant alpha {config.smooth}: collecting per-channel maxima")
@@ -328,13 +367,27 @@ def _w8a8(source: ModelDir, model: ir.Model, config: QuantizeConfig, sequences, 
     params = {name: quantization_parameters(*collector.range(config.calibration, config.percentile, config.symmetric),
                                             symmetric=config.symmetric)
               for name, collector in collectors.items()}
-    exclude = list(config.exclude)
+    down = [] if config.down_proj == "w8a8" else [site.name for site in linear_sites(model.graph) if is_gated_down(site)]
+    exclude = [*config.exclude, *down]
     if config.max_ppl_increase is not None:
-        exclude += _sensitive_sites(model, model_path, params, config, sequences, scratch, extra)
-        extra["kept_float"] = exclude[len(config.exclude):]
+        kept = _sensitive_sites(model, model_path, params, replace(config, exclude=tuple(exclude)), sequences, scratch, extra)
+        exclude += kept
+        extra["kept_float"] = kept
     qdq = QDQQuantizePass(params, exclude, head=head, reduce_range=config.reduce_range)
     qdq(model)
-    return model, qdq.counts, extra
+    counts = dict(qdq.counts)
+    if down and config.down_proj == "int8-weights":
+        from graphopt.passes.quantize_weights import WeightOnlyQuantizePass
+
+        # Only the down projections are float sites now (QDQ took the rest): int8 weights, activations
+        # quantized per block at run time inside MatMulNBits, so the first token's outliers survive.
+        others = [site.name for site in linear_sites(model.graph) if site.name not in down]
+        weights = WeightOnlyQuantizePass(8, config.weight_block_size, "rtn", [*others, *config.exclude], head_bits=None)
+        weights(model)
+        counts.update(weights.counts)
+    if down:
+        extra["down_proj"] = {config.down_proj: len(down)}
+    return model, counts, extra
 
 
 def _weight_pass(config: QuantizeConfig, layer_hessians, site_bits: dict[str, int]):
@@ -346,7 +399,7 @@ def _weight_pass(config: QuantizeConfig, layer_hessians, site_bits: dict[str, in
                                   site_bits=site_bits)
 
 
-def _int8_linears(source: ModelDir, model: ir.Model, config: QuantizeConfig, sequences, layer_hessians,
+def _int8_linears(model_path: pathlib.Path, model: ir.Model, config: QuantizeConfig, sequences, layer_hessians,
                   scratch: pathlib.Path, extra: dict) -> list[str]:
     """The int4 linears to keep int8 so the calibration perplexity rises at most ``max_ppl_increase`` %.
 
@@ -364,11 +417,11 @@ def _int8_linears(source: ModelDir, model: ir.Model, config: QuantizeConfig, seq
         delta = (weight - snap_to_grid(weight, 4, config.weight_block_size, grid)).astype(np.float64)
         errors[site.name] = float(np.sum((layer_hessians[site.activation.name] @ delta) * delta))
     ranked = sorted(errors, key=lambda name: -errors[name])
-    baseline = sequences_perplexity(source.model_path, sequences)
+    baseline = sequences_perplexity(model_path, sequences)
     extra["calibration_perplexity_float"] = round(baseline, 4)
 
     def perplexity_with(count: int) -> float:
-        candidate = graph_io.load(source.model_path)
+        candidate = graph_io.load(model_path)
         _weight_pass(config, layer_hessians, {name: 8 for name in ranked[:count]})(candidate)
         perplexity = sequences_perplexity(_stage(candidate, scratch, "candidate"), sequences)
         logger.info(f"{count} linear(s) kept int8: calibration perplexity {perplexity:.3f} "
@@ -403,7 +456,7 @@ def _sensitive_sites(model, model_path, params, config, sequences, scratch, extr
     head = config.head != "float"
     baseline = sequences_perplexity(model_path, sequences)
     errors = site_errors(model, model_path, params, sequences[:2], head, config.reduce_range)
-    ranked = sorted(errors, key=lambda name: -errors[name])
+    ranked = [name for name in sorted(errors, key=lambda name: -errors[name]) if name not in config.exclude]
     extra["calibration_perplexity_float"] = round(baseline, 4)
     kept: list[str] = []
     count = 0
@@ -420,7 +473,8 @@ def _sensitive_sites(model, model_path, params, config, sequences, scratch, extr
         kept = ranked[:count]
 
 
-def _weight_only(source: ModelDir, model: ir.Model, config: QuantizeConfig, sequences, scratch: pathlib.Path):
+def _weight_only(model_path: pathlib.Path, model: ir.Model, config: QuantizeConfig, sequences, scratch: pathlib.Path):
+    """``model_path``: where ``model`` (as it is now) can be run for calibration."""
     bits = 8 if config.scheme == "int8" else 4
     head_bits = config.head_bits()
     extra: dict = {}
@@ -428,10 +482,10 @@ def _weight_only(source: ModelDir, model: ir.Model, config: QuantizeConfig, sequ
     if config.method == "gptq" or config.max_ppl_increase is not None:
         names = sorted({site.activation.name for site in linear_sites(model.graph, config.exclude, head=False)})
         logger.info(f"collecting Hessians of {len(names)} layer inputs")
-        layer_hessians = hessians(source.model_path, names, sequences)
+        layer_hessians = hessians(model_path, names, sequences)
     site_bits = {}
     if config.max_ppl_increase is not None:
-        site_bits = {name: 8 for name in _int8_linears(source, model, config, sequences, layer_hessians, scratch, extra)}
+        site_bits = {name: 8 for name in _int8_linears(model_path, model, config, sequences, layer_hessians, scratch, extra)}
         extra["kept_int8"] = sorted(site_bits)
     logger.info(f"quantizing weights to int{bits}, block {config.weight_block_size}, {config.method}"
                 + ("" if head_bits == bits else f", LM head {'float' if head_bits is None else f'int{head_bits}'}")

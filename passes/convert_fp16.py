@@ -154,6 +154,9 @@ class ConvertFloat16Pass(ir.passes.FunctionalPass):
         if is_float16(model):
             # A functional pass returns a new model even when it changes nothing.
             return ir.passes.PassResult(model.clone(), modified=False)
+        from graphopt.passes.fuse_attention import store_rotary_tables
+
+        store_rotary_tables(model)  # computed for the CPU; float16 keeps no exact positions past 2048
         kept = sensitive_nodes(model.graph, self.keep_softmax, self.keep_norms)
         casts_before = sum(node.op_type == "Cast" for node in model.graph)
         # The converter reads tensor bytes from the proto, so external data must be in memory.

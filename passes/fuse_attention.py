@@ -294,10 +294,12 @@ class GroupQueryAttentionFusion(_CacheRule):
     packed weight loses the checkpoint's per-projection names that later passes key on).
     """
 
-    def __init__(self, name: str, repeat_kv: bool, max_positions: int, pack_qkv: bool = False):
+    def __init__(self, name: str, repeat_kv: bool, max_positions: int, pack_qkv: bool = False,
+                 computed_tables: bool = False):
         super().__init__(name, repeat_kv)
         self.max_positions = max_positions
         self.pack_qkv = pack_qkv
+        self.computed_tables = computed_tables
 
     def pattern(self, op, query_3d, key_3d, value_3d, query_shape, key_shape, value_shape, cos, sin, past_key,
                 past_value, mask, scale, output_shape):
@@ -342,14 +344,32 @@ class GroupQueryAttentionFusion(_CacheRule):
     def _rotary_caches(self, op) -> tuple[ir.Value, ir.Value]:
         """(max_positions, head_dim / 2) cos and sin tables, computed like the graph computes them."""
         if "cos_cache" not in self._shared:
-            positions = np.arange(self.max_positions, dtype=np.float32)[:, None]
-            angles = positions * self._tables.inv_freq[None, :]
-            scaling = np.float32(self._tables.scaling)
-            cos = (np.cos(angles) * scaling).astype(np.float32)
-            sin = (np.sin(angles) * scaling).astype(np.float32)
-            self._shared["cos_cache"] = op.initializer(ir.tensor(cos), name="rotary.cos_cache")
-            self._shared["sin_cache"] = op.initializer(ir.tensor(sin), name="rotary.sin_cache")
+            self._shared["cos_cache"], self._shared["sin_cache"] = self._cos_sin(
+                op, self._tables.inv_freq, self._tables.scaling, "rotary")
         return self._shared["cos_cache"], self._shared["sin_cache"]
+
+    def _cos_sin(self, op, inv_freq: np.ndarray, scaling: float, name: str) -> tuple[ir.Value, ir.Value]:
+        """``cos(p * inv_freq) * scaling`` and ``sin(...)`` for positions ``p < max_positions``.
+
+        Stored as initializers, or with ``computed_tables`` written as the few ops that compute them
+        from ``inv_freq`` (ONNX Runtime folds them once when the session starts): 2 x max_positions x
+        head_dim / 2 floats fewer in the file (2.1 MB for SmolLM2's 8192 positions).
+        """
+        inv_freq = np.asarray(inv_freq, dtype=np.float32)
+        scaling = np.float32(scaling)
+        if not self.computed_tables:
+            angles = np.arange(self.max_positions, dtype=np.float32)[:, None] * inv_freq[None, :]
+            return (op.initializer(ir.tensor((np.cos(angles) * scaling).astype(np.float32)), name=f"{name}.cos_cache"),
+                    op.initializer(ir.tensor((np.sin(angles) * scaling).astype(np.float32)), name=f"{name}.sin_cache"))
+        scalar = lambda value: op.Constant(value=ir.tensor(np.array(value, dtype=np.float32)))  # noqa: E731
+        positions = op.Range(scalar(0), scalar(self.max_positions), scalar(1))
+        column = op.Unsqueeze(positions, op.Constant(value=ir.tensor(np.array([1], dtype=np.int64))))
+        angles = op.Mul(column, op.initializer(ir.tensor(inv_freq[None, :]), name=f"{name}.inv_freq"))
+        made = [positions, column, angles, op.Cos(angles), op.Sin(angles)]
+        if scaling != 1:
+            made += [op.Mul(table, scalar(scaling)) for table in made[-2:]]
+        self._tag(*made)
+        return made[-2], made[-1]
 
     def _packed_qkv(self, op, query_3d, key_3d, value_3d) -> ir.Value | None:
         """One MatMul (+ bias) with the three projections' weights side by side, or None.
@@ -523,18 +543,20 @@ class OnnxAttentionFusion(pattern.RewriteRuleClassBase):
 
 def rules(target: Target | str, max_positions: int | None = None, pack_qkv: bool = False) -> list[pattern.RewriteRule]:
     """The attention rules for ``target``; ``max_positions`` sizes GroupQueryAttention's rotary caches."""
-    if get_target(target).contrib_ops:
+    target = get_target(target)
+    if target.contrib_ops:
+        computed = target.computed_rotary_tables
         gqa = [GroupQueryAttentionFusion.rule(f"GroupQueryAttention{suffix}", repeat_kv=repeat, max_positions=max_positions,
-                                              pack_qkv=pack_qkv)
+                                              pack_qkv=pack_qkv, computed_tables=computed)
                for suffix, repeat in (("", True), ("NoRepeat", False))] if max_positions else []
         # After the plain rules (which take every Llama layer): layers with per-head q/k norms (Qwen3).
         normed = [GroupQueryAttentionNormedQKFusion.rule(f"GroupQueryAttention{suffix}/normed_qk", repeat_kv=repeat,
-                                                         max_positions=max_positions, pack_qkv=False)
+                                                         max_positions=max_positions, pack_qkv=False, computed_tables=computed)
                   for suffix, repeat in (("", True), ("NoRepeat", False))] if max_positions else []
         # gemma3_text / phi3: q/k norm, partial rotary, LongRoPE, sliding window (that module builds on this one).
         from graphopt.passes import fuse_attention_families
 
-        family = fuse_attention_families.rules(max_positions) if max_positions else []
+        family = fuse_attention_families.rules(max_positions, computed) if max_positions else []
         # Layers without RoPE (SmolLM3) last: the GPT-2 layout (no RoPE, no KV repeat) is MultiHeadAttention's,
         # which honours any mask; a position-free layer with as many KV heads as heads fuses to it as well.
         no_rotary = [GroupQueryAttentionNoRotaryFusion.rule(f"GroupQueryAttention{suffix}/no_rotary", repeat_kv=repeat)
@@ -561,6 +583,64 @@ class FuseAttention(RulePass):
         if any(self.counts.get(op, 0) for op in ("GroupQueryAttention", "MultiHeadAttention")):
             model.opset_imports.setdefault(CONTRIB_DOMAIN, 1)
         return result
+
+
+# The ops of computed rotary tables (``GroupQueryAttentionFusion._cos_sin``), evaluated with numpy.
+_TABLE_OPS = {"Range": lambda start, limit, delta: np.arange(start, limit, delta, dtype=start.dtype),
+              "Unsqueeze": lambda x, axes: np.expand_dims(x, tuple(int(axis) for axis in axes)),
+              "Mul": np.multiply, "Cos": np.cos, "Sin": np.sin}
+
+
+def _table_value(value: ir.Value) -> np.ndarray | None:
+    """The array a value computed only from constants by ``_TABLE_OPS`` holds, else None."""
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    node = value.producer()
+    if node is None:
+        return None
+    if node.op_type == "Constant" and "value" in node.attributes:
+        return node.attributes["value"].as_tensor().numpy()
+    if node.op_type not in _TABLE_OPS or node.domain not in ("", "ai.onnx"):
+        return None
+    arguments = [_table_value(argument) for argument in node.inputs]
+    if any(argument is None for argument in arguments):
+        return None
+    return np.asarray(_TABLE_OPS[node.op_type](*arguments)).astype(arguments[0].dtype)
+
+
+def store_rotary_tables(model: ir.Model) -> int:
+    """Computed cos/sin tables become initializers again; returns how many.
+
+    For a float16 conversion: positions past 2048 are not exact in float16, so the tables are
+    computed here in float32 and converted as stored tables are. LongRoPE's ``Where`` between two
+    tables keeps its (input-dependent) condition.
+    """
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    stored: dict[int, ir.Value] = {}  # computed value -> its initializer (the layers share tables)
+    for node in list(model.graph):
+        if node.op_type == "GroupQueryAttention" and node.domain == CONTRIB_DOMAIN:
+            indices = [7, 8]
+        elif node.op_type == "Where" and node.metadata_props.get("graphopt.rule", "").startswith("GroupQueryAttention"):
+            indices = [1, 2]
+        else:
+            continue
+        for index in indices:
+            value = node.inputs[index] if index < len(node.inputs) else None
+            if value is None or value.const_value is not None or value.producer() is None:
+                continue
+            if id(value) not in stored:
+                array = _table_value(value)
+                if array is None:
+                    continue
+                tensor = ir.tensor(array, name=f"rotary.table_{len(stored)}")
+                stored[id(value)] = ir.Value(name=tensor.name, shape=ir.Shape(array.shape),
+                                             type=ir.TensorType(tensor.dtype), const_value=tensor)
+                model.graph.register_initializer(stored[id(value)])
+            node.replace_input_with(index, stored[id(value)])
+    if stored:
+        RemoveUnusedNodesPass()(model)
+    return len(stored)
 
 
 def fused_attention_count(model: ir.Model) -> int:

@@ -115,8 +115,8 @@ class FamilyGroupQueryAttentionFusion(GroupQueryAttentionFusion):
     """norm? -> RoPE (full or partial, one or two frequency sets) -> cache -> attention (causal or
     sliding)  =>  GroupQueryAttention."""
 
-    def __init__(self, name: str, repeat_kv: bool, max_positions: int, partial: bool):
-        super().__init__(name, repeat_kv, max_positions)
+    def __init__(self, name: str, repeat_kv: bool, max_positions: int, partial: bool, computed_tables: bool = False):
+        super().__init__(name, repeat_kv, max_positions, computed_tables=computed_tables)
         self.partial = partial
 
     def pattern(self, op, query_bsnh, key_bsnh, value_3d, value_shape, cos, sin, past_key, past_value, mask, scale,
@@ -181,15 +181,8 @@ class FamilyGroupQueryAttentionFusion(GroupQueryAttentionFusion):
         key = ("rotary", short.tobytes(), None if long is None else long.tobytes(), float(scaling), id(cond))
         if key not in self._shared:
             index = sum(isinstance(k, tuple) for k in self._shared)
-            tables = []
-            for label, inv_freq in (("", short), (".long", long)):
-                if inv_freq is None:
-                    continue
-                angles = np.arange(self.max_positions, dtype=np.float32)[:, None] * inv_freq[None, :]
-                tables.append([op.initializer(ir.tensor((np.cos(angles) * scaling).astype(np.float32)),
-                                              name=f"rotary.{index}{label}.cos_cache"),
-                               op.initializer(ir.tensor((np.sin(angles) * scaling).astype(np.float32)),
-                                              name=f"rotary.{index}{label}.sin_cache")])
+            tables = [self._cos_sin(op, inv_freq, scaling, f"rotary.{index}{label}")
+                      for label, inv_freq in (("", short), (".long", long)) if inv_freq is not None]
             if long is not None:
                 tables = [[op.Where(cond, tables[1][i], tables[0][i]) for i in range(2)]]
                 self._tag(*tables[0])
@@ -218,9 +211,9 @@ class FamilyGroupQueryAttentionFusion(GroupQueryAttentionFusion):
         return _reshaped(op, output, output_shape, attention_output, heads * head_dim), present_key, present_value
 
 
-def rules(max_positions: int) -> list[pattern.RewriteRule]:
+def rules(max_positions: int, computed_tables: bool = False) -> list[pattern.RewriteRule]:
     """Every variant (KV repeat or not, full or partial rotary), counted as GroupQueryAttention."""
     return [FamilyGroupQueryAttentionFusion.rule(
                 f"GroupQueryAttention/family{'' if repeat else '_norepeat'}{'_partial' if partial else ''}",
-                repeat_kv=repeat, max_positions=max_positions, partial=partial)
+                repeat_kv=repeat, max_positions=max_positions, partial=partial, computed_tables=computed_tables)
             for repeat in (True, False) for partial in (False, True)]

@@ -26,8 +26,9 @@ CONTRIB_DOMAIN = "com.microsoft"
 QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulNBits",
                            "MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul", "DynamicQuantizeMatMul",
                            "GatherBlockQuantized", "QGemm"})
-# Rules whose float MatMuls belong to a quantized linear and are never sites themselves.
-MADE_BY_QUANTIZER = frozenset({"quantize_weights"})
+# Rules whose float MatMuls are never sites themselves: the offset term of a quantized linear, and
+# the small d x d matrix rotation puts in front of a tied head (kept exact: it scales every logit).
+MADE_BY_QUANTIZER = frozenset({"quantize_weights", "rotate_residual"})
 # Op types a site may be; anything else named in --op-types cannot be quantized by these passes.
 QUANTIZABLE_OPS = ("MatMul",)
 
@@ -94,6 +95,17 @@ def site_of(node: ir.Node) -> LinearSite | None:
     if site.source.const_value.dtype != ir.DataType.FLOAT:
         return None
     return site
+
+
+def is_gated_down(site: LinearSite) -> bool:
+    """A gated MLP's down projection: its input is ``act(gate) * up`` (a Mul of two computed values),
+    or that product after ``passes.rotate``'s online Hadamard. Found by structure, not by name."""
+    producer = site.activation.producer()
+    if producer is not None and producer.op_type == "Reshape" and producer.metadata_props.get("graphopt.rule") == "rotate_residual":
+        return True
+    return (producer is not None and producer.op_type == "Mul" and len(producer.inputs) == 2
+            and all(operand is not None and operand.const_value is None and operand.producer() is not None
+                    for operand in producer.inputs))
 
 
 def _normalized(name: str) -> str:

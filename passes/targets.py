@@ -22,10 +22,13 @@ class Target:
     name: str
     contrib_ops: bool  # may use ONNX Runtime's com.microsoft ops
     opset: int | None  # the default-domain opset the target's fused ops need, if above the export's
+    # GroupQueryAttention's cos/sin tables written as ops ONNX Runtime folds at session start, not
+    # stored (2.1 MB less for SmolLM2); stored for CUDA, whose graph capture path is measured that way.
+    computed_rotary_tables: bool = False
 
 
 TARGETS = {
-    "cpu": Target("cpu", contrib_ops=True, opset=None),
+    "cpu": Target("cpu", contrib_ops=True, opset=None, computed_rotary_tables=True),
     "cuda": Target("cuda", contrib_ops=True, opset=None),
     "tensorrt": Target("tensorrt", contrib_ops=False, opset=23),
     "onnx": Target("onnx", contrib_ops=False, opset=23),

@@ -14,17 +14,20 @@ import pathlib
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 import torch
 import transformers
 
 from graphopt import checkpoint as checkpoint_lib
+from graphopt import ir as graph_ir
 from graphopt.drafting import build_recipe
 from graphopt.errors import UnsupportedModelError
 from graphopt.export import export
 from graphopt.fusion import fuse
 from graphopt.modeldir import ModelDir
 from graphopt.models import adapter_for
+from graphopt.passes.fuse_attention import store_rotary_tables
 from graphopt.pruning import prune
 from graphopt.quantization import QuantizeConfig, quantize
 from graphopt.runtime import Decoder, Generator
@@ -161,10 +164,12 @@ def _ops(path: pathlib.Path) -> collections.Counter:
 
 
 EXPECTED_OPS = {
-    # 3 layers; q/k norms are SimplifiedLayerNormalization on the heads.
-    ("gemma3_text", "cpu"): {"GroupQueryAttention": 3, "FastGelu": 3, "Softmax": 0, "Tanh": 0, "Cos": 0, "Neg": 0},
+    # 3 layers; q/k norms are SimplifiedLayerNormalization on the heads. RoPE is gone (no Neg); the
+    # Cos ops left compute GroupQueryAttention's tables: local and global bases (Gemma 3), short and
+    # long factors (Phi-3's LongRoPE).
+    ("gemma3_text", "cpu"): {"GroupQueryAttention": 3, "FastGelu": 3, "Softmax": 0, "Tanh": 0, "Cos": 2, "Neg": 0},
     ("gemma3_text", "onnx"): {"Attention": 3, "RotaryEmbedding": 6, "Gelu": 3, "Softmax": 0, "Neg": 0},
-    ("phi3", "cpu"): {"GroupQueryAttention": 2, "SkipSimplifiedLayerNormalization": 4, "Softmax": 0, "Cos": 0,
+    ("phi3", "cpu"): {"GroupQueryAttention": 2, "SkipSimplifiedLayerNormalization": 4, "Softmax": 0, "Cos": 2,
                       "Neg": 0, "Expand": 0},
     # The LongRoPE attention factor scales cos/sin, which onnxscript's RotaryEmbedding rule does not
     # take: RoPE stays written out for the onnx target (attention is fused).
@@ -204,8 +209,11 @@ def test_phi3_gqa_switches_longrope_caches(fused_dirs):
     for node in (node for node in model.graph.node if node.op_type == "GroupQueryAttention"):
         where = producers[node.input[7]]
         assert where.op_type == "Where"
-        sizes = {init.name: tuple(init.dims) for init in model.graph.initializer}
-        assert sizes[where.input[1]] == sizes[where.input[2]] == (256, 8)  # partial: rotary_dim 16 of 32
+        assert producers[where.input[1]].op_type == producers[where.input[2]].op_type == "Mul"  # cos x factor
+    stored = graph_ir.load(fused_dirs("phi3", "cpu") / "model.onnx")
+    assert store_rotary_tables(stored) == 4  # cos and sin, short and long
+    where = next(node for node in stored.graph if node.op_type == "Where" and node.inputs[1].const_value is not None)
+    assert where.inputs[1].shape == where.inputs[2].shape == ir.Shape([256, 8])  # partial: rotary_dim 16 of 32
 
 
 @pytest.mark.parametrize("family", FAMILIES)

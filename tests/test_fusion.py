@@ -112,9 +112,35 @@ def test_gqa_derives_lengths_from_the_attention_mask(request, fused_dirs):
     assert attributes["num_heads"] == 4 and attributes["kv_num_heads"] == 2 and attributes["do_rotary"] == 1
     producers = {out: node for node in model.graph.node for out in node.output}
     assert producers[gqa.input[5]].op_type == "Cast" and producers[gqa.input[6]].op_type == "Cast"
-    assert [t.dims for t in model.graph.initializer if t.name == "rotary.cos_cache"] == [[256, 8]]
+    # The cos/sin tables are computed from the 8 frequencies (ONNX Runtime folds them at session start).
+    assert producers[gqa.input[7]].op_type == "Cos" and producers[gqa.input[8]].op_type == "Sin"
+    assert [t.dims for t in model.graph.initializer if t.name == "rotary.inv_freq"] == [[1, 8]]
+    assert not [t for t in model.graph.initializer if "cache" in t.name]
     manifest = ModelDir.open(output).manifest
     assert manifest.fusion["attention_mask"] == "right padding only"
+
+
+def test_computed_rotary_tables_equal_the_stored_ones(request, fused_dirs, tmp_path):
+    """The CPU target's computed tables give the logits of stored ones, and turn back into initializers
+    (as a float16 conversion needs them) holding the same numbers the cuda target stores."""
+    from graphopt.passes.fuse_attention import store_rotary_tables
+
+    output = fused_dirs(request, "llama", "cpu")
+    model = graph_ir.load(output / "model.onnx")
+    assert store_rotary_tables(model) == 2
+    assert not any(node.op_type in ("Cos", "Sin", "Range") for node in model.graph)
+    stored = model.graph.initializers
+    cuda_model = _plain(request, "llama")
+    fuse_model(cuda_model, "cuda", layers=2, max_positions=256)
+    cuda = cuda_model.graph.initializers
+    for table, name in (("rotary.table_0", "rotary.cos_cache"), ("rotary.table_1", "rotary.sin_cache")):
+        np.testing.assert_allclose(stored[table].const_value.numpy(), cuda[name].const_value.numpy(), atol=1e-6)
+    graph_ir.save(model, tmp_path / "model.onnx")
+    ids = np.random.default_rng(3).integers(0, 300, size=12).tolist()
+    for level in ("disable", "all"):  # computed on every run, or folded once
+        for a, b in zip(chunked_logits(output / "model.onnx", level, ids, (8, 9)),
+                        chunked_logits(tmp_path / "model.onnx", level, ids, (8, 9))):
+            assert np.abs(a - b).max() < 1e-5
 
 
 # -- numerical: fused vs plain export, then onnx.checker ------------------------------------------

@@ -198,7 +198,8 @@ def test_attention_matmul_is_not_a_site(tiny_llama_dir):
 
 
 def test_qdq_pass_runs_integer_kernels_in_ort(tiny_llama_dir, tmp_path):
-    result = quantize(tiny_llama_dir, tmp_path / "w8a8", QuantizeConfig(activations="int8", calib=FAST_CALIBRATION))
+    result = quantize(tiny_llama_dir, tmp_path / "w8a8", QuantizeConfig(activations="int8", down_proj="w8a8",
+                                                                         calib=FAST_CALIBRATION))
     model = graph_io.load(result.model_path)
     ops = op_counts(model)
     # 2 layers x (q/k/v share one input, gate/up one, o, down) + the head = 9 quantized activations.
@@ -273,7 +274,8 @@ def test_fuse_then_quantize(tiny_llama_dir, tmp_path):
     fusion = pytest.importorskip("graphopt.fusion")
     fused, _ = fusion.fuse(tiny_llama_dir, tmp_path / "fused", "cpu")
     sites = len(linear_sites(graph_io.load(fused.model_path).graph))
-    result = quantize(fused.path, tmp_path / "w8a8", QuantizeConfig(activations="int8", smooth=0.5, calib=FAST_CALIBRATION))
+    config = QuantizeConfig(activations="int8", smooth=0.5, rotation="none", down_proj="w8a8", calib=FAST_CALIBRATION)
+    result = quantize(fused.path, tmp_path / "w8a8", config)
     step = result.manifest.lineage[-1]
     assert step.figures["smooth_folded"]["norm"] == 4 and step.counts["MatMul"] == sites
     optimized = ort_ops(result.model_path, tmp_path)
@@ -284,6 +286,25 @@ def test_fuse_then_quantize(tiny_llama_dir, tmp_path):
     reference = logits(tiny_llama_dir / "model.onnx", IDS)
     error = np.sqrt(np.mean((logits(result.model_path, IDS) - reference) ** 2)) / np.sqrt(np.mean(reference**2))
     assert error < 0.20
+
+
+def test_w8a8_defaults_rotate_and_keep_down_proj_weight_only(tiny_llama_dir, tmp_path):
+    """The W8A8 defaults on a fused graph: the residual stream rotated, every down projection weight-only
+    int8 (MatMulNBits), the rest static QDQ; on the unfused graph no rotation (it needs fused norms)."""
+    fusion = pytest.importorskip("graphopt.fusion")
+    fused, _ = fusion.fuse(tiny_llama_dir, tmp_path / "fused", "cpu")
+    sites = len(linear_sites(graph_io.load(fused.model_path).graph))
+    result = quantize(fused.path, tmp_path / "w8a8", QuantizeConfig(activations="int8", calib=FAST_CALIBRATION))
+    step = result.manifest.lineage[-1]
+    assert step.parameters["rotation"] == "auto" and step.figures["rotated"]["norms"] == 5
+    assert step.figures["down_proj"] == {"int8-weights": 2} and step.counts["MatMulNBits(bits=8)"] == 2
+    optimized = ort_ops(result.model_path, tmp_path)
+    assert optimized["MatMulIntegerToFloat"] == sites - 2 and optimized["MatMulNBits"] == 2
+    reference = logits(tiny_llama_dir / "model.onnx", IDS)
+    error = np.sqrt(np.mean((logits(result.model_path, IDS) - reference) ** 2)) / np.sqrt(np.mean(reference**2))
+    assert error < 0.15  # the bound of the unfused W8A8 in test_quantized_logits_close_to_float
+    plain = quantize(tiny_llama_dir, tmp_path / "plain", QuantizeConfig(activations="int8", calib=FAST_CALIBRATION))
+    assert "rotated" not in plain.manifest.lineage[-1].figures
 
 
 # --- bad input through the CLI --------------------------------------------------------------------

@@ -10,7 +10,8 @@ import click
 from graphopt.commands import default
 from graphopt.commands._options import calibration_options, calibration_spec
 from graphopt.evaluate import DEFAULT_TEXT
-from graphopt.quantization import BLOCK_SIZES, EMBEDDING_CHOICES, HEAD_CHOICES, METHODS, QuantizeConfig
+from graphopt.quantization import (BLOCK_SIZES, DOWN_PROJ, EMBEDDING_CHOICES, HEAD_CHOICES, METHODS, ROTATIONS,
+                                   QuantizeConfig)
 from graphopt.ranges import METHODS as CALIBRATION_METHODS
 
 
@@ -63,6 +64,15 @@ def _default(name: str):
               help="Comma-separated op types to quantize (MatMul with a constant weight is what is supported).")
 @click.option("--smooth", type=float, default=None, metavar="ALPHA",
               help="W8A8: SmoothQuant migration strength (e.g. 0.5), folded into norms and up projections.")
+@click.option("--rotation", type=click.Choice(ROTATIONS), default=_default("rotation"), show_default=True,
+              help="Rotate first (QuaRot-style, lossless in float; spreads outlier channels): residual: the "
+                   "residual stream by a randomized Hadamard folded into the weights; online: also a Hadamard "
+                   "in the graph before each down_proj.")
+@click.option("--down-proj", type=click.Choice(DOWN_PROJ), default=_default("down_proj"), show_default=True,
+              help="W8A8: the gated MLP's down projection (found by structure). Its input carries token-wise "
+                   "massive activations (SmolLM2: 2,961 at the first position of layer 11, under 3 elsewhere) "
+                   "that no static range covers: int8-weights runs it as weight-only int8 (activations quantized "
+                   "per block at run time), float keeps it, w8a8 quantizes it like the rest.")
 @click.option("--max-ppl-increase", type=float, default=None, metavar="PERCENT",
               help="Keep the most sensitive layers in float (W8A8) or int8 (int4 weight-only) until the "
                    "perplexity on the calibration data rises at most this many percent.")
@@ -78,7 +88,8 @@ def command(model_dir, output, force, block_size, exclude, op_types, seed, measu
     Default: weight-only int8 (MatMulNBits, symmetric), the LM head int8 and a tied embedding table
     sharing its codes. --weights int4 alone: int4 linears with the affine method, head and embedding
     int8. Static W8A8 (int8 per-channel weights, uint8 activations, calibrated on sequences the
-    model samples itself): --weights int8 --activations int8.
+    model samples itself): --weights int8 --activations int8; on a fused graph it rotates the
+    residual stream first and runs the down projections as weight-only int8.
     """
     from graphopt.commands import report_step
     from graphopt.quantization import quantize
