@@ -41,7 +41,7 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits: a power of two, at least 16
 # worse than rtn on others: see passes/quantize_weights.py), rtn otherwise.
 METHODS = ("auto", "rtn", "mse", "affine", "gptq")
 ROTATIONS = ("auto", "none", "residual", "online")
-DOWN_PROJ = ("int8-weights", "float", "w8a8")
+DOWN_PROJ = ("auto", "int8-weights", "float", "w8a8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +70,9 @@ class QuantizeConfig(StepConfig):
     # W8A8 on a graph with fused RMS norms (it halves W8A8's loss on SmolLM2), none otherwise.
     rotation: str = "auto"
     # W8A8: a gated MLP's down projection, whose input carries token-wise massive activations that no
-    # static range covers: weight-only int8 (MatMulNBits), float, or static w8a8 like the rest.
-    down_proj: str = "int8-weights"
+    # static range covers: weight-only int8 (MatMulNBits), float, or static w8a8 like the rest; auto:
+    # int8-weights, except w8a8 in a graph fused for a standard-ONNX target (TensorRT: no contrib ops).
+    down_proj: str = "auto"
     max_ppl_increase: float | None = None
     calib: CalibrationSpec = CalibrationSpec()
     measure_windows: int | None = None
@@ -114,7 +115,7 @@ class QuantizeConfig(StepConfig):
             raise GraphoptError("--head int4 needs weight-only quantization (--activations none)")
         if scheme != "w8a8" and self.smooth is not None:
             raise GraphoptError("--smooth applies to W8A8 (--activations int8)")
-        if scheme != "w8a8" and self.down_proj != "int8-weights":
+        if scheme != "w8a8" and self.down_proj != "auto":
             raise GraphoptError("--down-proj applies to W8A8 (--activations int8)")
         if scheme == "int8" and self.max_ppl_increase is not None:
             raise GraphoptError("--max-ppl-increase applies to W8A8 (sites kept float) and int4 (linears kept int8)")
@@ -299,6 +300,7 @@ class QuantizeStep(Step):
             if config.needs_calibration:  # calibration runs the rotated model
                 model_path = _stage(model, work, "rotated")
         if config.scheme == "w8a8":
+            config = replace(config, down_proj=_down_proj(config, source))
             model, counts, figures = _w8a8(model_path, model, config, sequences, work)
         else:
             model, counts, figures = _weight_only(model_path, model, config, sequences, work)
@@ -319,6 +321,16 @@ def _rotation(config: QuantizeConfig, model: ir.Model) -> str:
 
     fused = any(node.op_type in RMS_NORMS for node in model.graph)
     return "residual" if config.scheme == "w8a8" and fused else "none"
+
+
+def _down_proj(config: QuantizeConfig, source: ModelDir) -> str:
+    """``auto``: weight-only int8, unless the graph is fused for a target without ONNX Runtime's contrib ops."""
+    if config.down_proj != "auto":
+        return config.down_proj
+    from graphopt.passes.targets import TARGETS
+
+    target = TARGETS.get((source.manifest.fusion or {}).get("target"))
+    return "w8a8" if target is not None and not target.contrib_ops else "int8-weights"
 
 
 def quantize(model_dir: str | pathlib.Path, output: str | pathlib.Path, config: QuantizeConfig = QuantizeConfig(),
@@ -367,8 +379,8 @@ def _w8a8(model_path: pathlib.Path, model: ir.Model, config: QuantizeConfig, seq
     params = {name: quantization_parameters(*collector.range(config.calibration, config.percentile, config.symmetric),
                                             symmetric=config.symmetric)
               for name, collector in collectors.items()}
-    down = [] if config.down_proj == "w8a8" else [site.name for site in linear_sites(model.graph) if is_gated_down(site)]
-    exclude = [*config.exclude, *down]
+    down = [site.name for site in linear_sites(model.graph) if is_gated_down(site)]
+    exclude = [*config.exclude, *(down if config.down_proj != "w8a8" else [])]
     if config.max_ppl_increase is not None:
         kept = _sensitive_sites(model, model_path, params, replace(config, exclude=tuple(exclude)), sequences, scratch, extra)
         exclude += kept

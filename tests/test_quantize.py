@@ -297,7 +297,8 @@ def test_w8a8_defaults_rotate_and_keep_down_proj_weight_only(tiny_llama_dir, tmp
     result = quantize(fused.path, tmp_path / "w8a8", QuantizeConfig(activations="int8", calib=FAST_CALIBRATION))
     step = result.manifest.lineage[-1]
     assert step.parameters["rotation"] == "auto" and step.figures["rotated"]["norms"] == 5
-    assert step.figures["down_proj"] == {"int8-weights": 2} and step.counts["MatMulNBits(bits=8)"] == 2
+    assert step.parameters["down_proj"] == "auto" and step.figures["down_proj"] == {"int8-weights": 2}
+    assert step.counts["MatMulNBits(bits=8)"] == 2
     optimized = ort_ops(result.model_path, tmp_path)
     assert optimized["MatMulIntegerToFloat"] == sites - 2 and optimized["MatMulNBits"] == 2
     reference = logits(tiny_llama_dir / "model.onnx", IDS)
@@ -305,6 +306,17 @@ def test_w8a8_defaults_rotate_and_keep_down_proj_weight_only(tiny_llama_dir, tmp
     assert error < 0.15  # the bound of the unfused W8A8 in test_quantized_logits_close_to_float
     plain = quantize(tiny_llama_dir, tmp_path / "plain", QuantizeConfig(activations="int8", calib=FAST_CALIBRATION))
     assert "rotated" not in plain.manifest.lineage[-1].figures
+
+
+def test_w8a8_defaults_stay_standard_onnx_for_a_standard_target(tiny_llama_dir, tmp_path):
+    """Fused for the onnx/tensorrt target (no contrib ops): the down projections are static QDQ like the
+    rest, and the opset-23 RMSNormalization graph is not rotated."""
+    fusion = pytest.importorskip("graphopt.fusion")
+    fused, _ = fusion.fuse(tiny_llama_dir, tmp_path / "fused", "onnx")
+    result = quantize(fused.path, tmp_path / "w8a8", QuantizeConfig(activations="int8", symmetric=True, calib=FAST_CALIBRATION))
+    step = result.manifest.lineage[-1]
+    assert step.figures["down_proj"] == {"w8a8": 2} and "rotated" not in step.figures
+    assert not [node for node in graph_io.load(result.model_path).graph if node.domain == "com.microsoft"]
 
 
 # --- bad input through the CLI --------------------------------------------------------------------

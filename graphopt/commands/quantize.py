@@ -72,7 +72,8 @@ def _default(name: str):
               help="W8A8: the gated MLP's down projection (found by structure). Its input carries token-wise "
                    "massive activations (SmolLM2: 2,961 at the first position of layer 11, under 3 elsewhere) "
                    "that no static range covers: int8-weights runs it as weight-only int8 (activations quantized "
-                   "per block at run time), float keeps it, w8a8 quantizes it like the rest.")
+                   "per block at run time), float keeps it, w8a8 quantizes it like the rest. auto: int8-weights, "
+                   "or w8a8 for a graph fused for tensorrt/onnx (no contrib ops there).")
 @click.option("--max-ppl-increase", type=float, default=None, metavar="PERCENT",
               help="Keep the most sensitive layers in float (W8A8) or int8 (int4 weight-only) until the "
                    "perplexity on the calibration data rises at most this many percent.")
