@@ -67,7 +67,8 @@ def _default(name: str):
 @click.option("--rotation", type=click.Choice(ROTATIONS), default=_default("rotation"), show_default=True,
               help="Rotate first (QuaRot-style, lossless in float; spreads outlier channels): residual: the "
                    "residual stream by a randomized Hadamard folded into the weights; online: also a Hadamard "
-                   "in the graph before each down_proj.")
+                   "in the graph before each down_proj. auto: residual for W8A8 on a fused Llama-family graph "
+                   "(+8.3% -> +2.5% on SmolLM2), none for weight-only (it cost int4 there).")
 @click.option("--down-proj", type=click.Choice(DOWN_PROJ), default=_default("down_proj"), show_default=True,
               help="W8A8: the gated MLP's down projection (found by structure). Its input carries token-wise "
                    "massive activations (SmolLM2: 2,961 at the first position of layer 11, under 3 elsewhere) "
