@@ -12,7 +12,6 @@ why; fused norms take SmoothQuant's factors through their scale input). Needs no
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import replace
 import logging
 import pathlib
 from typing import Callable
@@ -285,22 +284,11 @@ class QuantizeStep(Step):
             logger.info("calibration data: %s, %d x %d tokens", config.calib.describe()["source"], config.calib.samples,
                         config.calib.seq_len)
             sequences = calibration_sequences(source.path, config.calib)
-        model_path, rotation = source.model_path, {}
-        if _rotation(config, model) != "none":
-            from graphopt.passes.rotate import OnlineHadamardPass, RotateResidualPass
-
-            rotate = RotateResidualPass(config.calib.seed)
-            rotate(model)
-            rotation = {"rotated": {"rotation": rotate.rotation, **rotate.counts}}
-            if config.rotation == "online":
-                online = OnlineHadamardPass()
-                online(model)
-                rotation["rotated"]["online"] = online.counts["down_proj"]
-            logger.info(f"rotated ({rotate.rotation}): {rotation['rotated']}")
-            if config.needs_calibration:  # calibration runs the rotated model
-                model_path = _stage(model, work, "rotated")
+        model_path, rotation = source.model_path, _rotate(config, model)
+        if "rotated" in rotation and config.needs_calibration:  # calibration runs the rotated model
+            model_path = _stage(model, work, "rotated")
         if config.scheme == "w8a8":
-            config = replace(config, down_proj=_down_proj(config, source))
+            config = dataclasses.replace(config, down_proj=_down_proj(config, source))
             model, counts, figures = _w8a8(model_path, model, config, sequences, work)
         else:
             model, counts, figures = _weight_only(model_path, model, config, sequences, work)
@@ -313,14 +301,35 @@ class QuantizeStep(Step):
         return figures
 
 
-def _rotation(config: QuantizeConfig, model: ir.Model) -> str:
-    """The rotation to run: ``auto`` is residual for W8A8 where the graph has fused RMS norms."""
-    if config.rotation != "auto":
-        return config.rotation
-    from graphopt.passes.rotate import RMS_NORMS
+def _rotate(config: QuantizeConfig, model: ir.Model) -> dict:
+    """Run the rotation ``config`` asks for on ``model``; the figures for the lineage.
 
-    fused = any(node.op_type in RMS_NORMS for node in model.graph)
-    return "residual" if config.scheme == "w8a8" and fused else "none"
+    ``auto`` is residual for W8A8 where the graph has fused RMS norms, and a graph the pass refuses
+    (a family whose norms also sit elsewhere, e.g. Gemma 3's sandwich norms) is left unrotated.
+    """
+    from graphopt.passes.rotate import RMS_NORMS, OnlineHadamardPass, RotateResidualPass
+
+    wanted = config.rotation
+    if wanted == "auto":
+        fused = any(node.op_type in RMS_NORMS for node in model.graph)
+        wanted = "residual" if config.scheme == "w8a8" and fused else "none"
+    if wanted == "none":
+        return {}
+    rotate = RotateResidualPass(config.calib.seed)
+    try:
+        rotate(model)  # plans before it changes anything: a refusal leaves the model as it was
+    except GraphoptError as error:
+        if config.rotation != "auto":
+            raise
+        logger.info(f"not rotated: {error}")
+        return {"rotation_skipped": str(error)}
+    figures = {"rotation": rotate.rotation, **rotate.counts}
+    if wanted == "online":
+        online = OnlineHadamardPass()
+        online(model)
+        figures["online"] = online.counts["down_proj"]
+    logger.info(f"rotated: {figures}")
+    return {"rotated": figures}
 
 
 def _down_proj(config: QuantizeConfig, source: ModelDir) -> str:
@@ -382,7 +391,8 @@ def _w8a8(model_path: pathlib.Path, model: ir.Model, config: QuantizeConfig, seq
     down = [site.name for site in linear_sites(model.graph) if is_gated_down(site)]
     exclude = [*config.exclude, *(down if config.down_proj != "w8a8" else [])]
     if config.max_ppl_increase is not None:
-        kept = _sensitive_sites(model, model_path, params, replace(config, exclude=tuple(exclude)), sequences, scratch, extra)
+        kept = _sensitive_sites(model, model_path, params, dataclasses.replace(config, exclude=tuple(exclude)), sequences,
+                                scratch, extra)
         exclude += kept
         extra["kept_float"] = kept
     qdq = QDQQuantizePass(params, exclude, head=head, reduce_range=config.reduce_range)

@@ -21,6 +21,7 @@ import transformers
 
 from graphopt import checkpoint as checkpoint_lib
 from graphopt import ir as graph_ir
+from graphopt.calibration import CalibrationSpec
 from graphopt.drafting import build_recipe
 from graphopt.errors import UnsupportedModelError
 from graphopt.export import export
@@ -226,6 +227,21 @@ def test_int8_weight_only_runs_close_to_float(family_dirs, family, tmp_path):
     quantized = Decoder(result.model_path).forward(ids)
     error = np.sqrt(np.mean((quantized - reference) ** 2)) / np.sqrt(np.mean(reference**2))
     assert error < 0.10
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_w8a8_defaults_on_fused_families(fused_dirs, family_dirs, family, tmp_path):
+    """W8A8's defaults on each fused family: rotated where the pass takes the graph (Phi-3), left
+    unrotated with the reason where it does not (Gemma 3's norms on q/k heads and around each block)."""
+    ids = _ids(24, seed=5)
+    reference = Decoder(family_dirs[family][1] / "model.onnx").forward(ids)
+    config = QuantizeConfig(activations="int8", calib=CalibrationSpec(samples=3, seq_len=24))
+    result = quantize(fused_dirs(family, "cpu"), tmp_path / "w8a8", config)
+    figures = result.manifest.lineage[-1].figures
+    assert ("rotated" in figures) == (family == "phi3") and ("rotation_skipped" in figures) == (family == "gemma3_text")
+    quantized = Decoder(result.model_path).forward(ids)
+    error = np.sqrt(np.mean((quantized - reference) ** 2)) / np.sqrt(np.mean(reference**2))
+    assert error < 0.15  # the W8A8 bound of tests/test_quantize.py
 
 
 @pytest.fixture(scope="module")
