@@ -62,6 +62,7 @@ class QuantizeConfig(StepConfig):
     head: str = "auto"
     embedding: str = "auto"
     act_order: bool = False
+    awq: bool = False  # weight-only: activation-aware per-channel scales, searched on calibration data
     exclude: tuple[str, ...] = ()
     op_types: tuple[str, ...] = ("MatMul",)
     smooth: float | None = None
@@ -114,6 +115,8 @@ class QuantizeConfig(StepConfig):
             raise GraphoptError("--head int4 needs weight-only quantization (--activations none)")
         if scheme != "w8a8" and self.smooth is not None:
             raise GraphoptError("--smooth applies to W8A8 (--activations int8)")
+        if scheme == "w8a8" and self.awq:
+            raise GraphoptError("--awq applies to weight-only quantization (use --smooth for W8A8)")
         if scheme != "w8a8" and self.down_proj != "auto":
             raise GraphoptError("--down-proj applies to W8A8 (--activations int8)")
         if scheme == "int8" and self.max_ppl_increase is not None:
@@ -151,6 +154,8 @@ class QuantizeConfig(StepConfig):
             record["embedding"] = self.embedding
         if self.method == "gptq":
             record["act_order"] = self.act_order
+        if self.awq:
+            record["awq"] = True
         if self.scheme == "w8a8":
             record.update(symmetric=self.symmetric, reduce_range=self.reduce_range, calibration=self.calibration, smooth=self.smooth,
                           max_ppl_increase=self.max_ppl_increase, down_proj=self.down_proj)
@@ -183,7 +188,7 @@ class QuantizeConfig(StepConfig):
 
     @property
     def needs_calibration(self) -> bool:
-        return self.scheme == "w8a8" or self.method == "gptq" or self.max_ppl_increase is not None
+        return self.scheme == "w8a8" or self.method == "gptq" or self.awq or self.max_ppl_increase is not None
 
 
 def refuse_quantized(directory: ModelDir, model: ir.Model) -> None:
@@ -412,6 +417,54 @@ def _w8a8(model_path: pathlib.Path, model: ir.Model, config: QuantizeConfig, seq
     return model, counts, extra
 
 
+AWQ_ALPHAS = np.linspace(0.0, 1.0, 9)
+AWQ_TOKENS = 512  # calibration rows per activation the search multiplies through
+
+
+def awq_factors(model_path: pathlib.Path, model: ir.Model, config: QuantizeConfig, sequences) -> tuple[dict, dict]:
+    """AWQ (Lin et al. 2024): per input channel ``s = mean|x|^alpha``, alpha searched per activation.
+
+    For each activation feeding linears, the alpha in ``AWQ_ALPHAS`` whose ``W diag(s)`` rounded to
+    the method's grid (then divided back) gives the smallest output error ``||X (W_q - W)||`` summed
+    over its linears; alpha 0 (no scaling) is a candidate, so the search never makes the calibration
+    error worse. Returns ``({activation: s}, {activation: alpha})`` for the activations that scale.
+    """
+    from graphopt.passes.quantize_weights import snap_to_grid
+
+    bits = 8 if config.scheme == "int8" else 4
+    grid = {"affine": "affine", "mse": "mse", "gptq": "mse"}.get(config.method, "rtn")
+    groups: dict[str, list] = {}
+    for site in linear_sites(model.graph, config.exclude, head=False):
+        groups.setdefault(site.activation.name, []).append(site)
+    rows: dict[str, list[np.ndarray]] = {name: [] for name in groups}
+
+    def keep(name, values):
+        if sum(len(block) for block in rows[name]) < AWQ_TOKENS:
+            rows[name].append(values.reshape(-1, values.shape[-1]).astype(np.float32))
+
+    logger.info(f"AWQ: searching scales for {len(groups)} layer inputs on {AWQ_TOKENS} calibration tokens")
+    collect(model_path, list(groups), sequences, keep)
+    factors, alphas = {}, {}
+    for name, sites in groups.items():
+        x = np.concatenate(rows[name])[:AWQ_TOKENS]
+        magnitude = np.maximum(np.abs(x).mean(axis=0), 1e-6)
+        weights = [site.weight() for site in sites]
+
+        def error(scale):
+            return sum(float(np.sum((x @ (snap_to_grid(weight * scale[:, None], bits, config.weight_block_size, grid)
+                                          / scale[:, None] - weight)) ** 2)) for weight in weights)
+
+        best = min(AWQ_ALPHAS, key=lambda alpha: error(_awq_scale(magnitude, alpha)))
+        if best > 0:
+            factors[name], alphas[name] = _awq_scale(magnitude, best), round(float(best), 3)
+    return factors, alphas
+
+
+def _awq_scale(magnitude: np.ndarray, alpha: float) -> np.ndarray:
+    scale = magnitude.astype(np.float64) ** alpha
+    return (scale / np.sqrt(scale.max() * scale.min())).astype(np.float32)  # centred: weights keep their range
+
+
 def _weight_pass(config: QuantizeConfig, layer_hessians, site_bits: dict[str, int]):
     from graphopt.passes.quantize_weights import WeightOnlyQuantizePass
 
@@ -500,6 +553,16 @@ def _weight_only(model_path: pathlib.Path, model: ir.Model, config: QuantizeConf
     bits = 8 if config.scheme == "int8" else 4
     head_bits = config.head_bits()
     extra: dict = {}
+    if config.awq:
+        from graphopt.passes.smooth_quant import SmoothQuantPass
+
+        factors, alphas = awq_factors(model_path, model, config, sequences)
+        scaling = SmoothQuantPass(0.0, {}, factors=factors)
+        scaling(model)
+        # o_proj's input (the attention output) has no scale before it to fold into: not scaled.
+        extra["awq_alpha"] = {name: alpha for name, alpha in alphas.items() if name not in scaling.skipped}
+        extra["awq_folded"] = scaling.counts
+        model_path = _stage(model, scratch, "awq")  # what GPTQ and the sensitivity search then run
     layer_hessians = None
     if config.method == "gptq" or config.max_ppl_increase is not None:
         names = sorted({site.activation.name for site in linear_sites(model.graph, config.exclude, head=False)})

@@ -58,13 +58,16 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         activation_absmax: ``{activation value name: per-channel max |x|}`` from calibration.
     """
 
-    def __init__(self, alpha: float, activation_absmax: Mapping[str, np.ndarray]):
+    def __init__(self, alpha: float, activation_absmax: Mapping[str, np.ndarray],
+                 factors: Mapping[str, np.ndarray] | None = None):
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
             from graphopt.errors import GraphoptError
             raise GraphoptError(f"--smooth ALPHA must be in [0, 1], got {alpha}")
         self.alpha = alpha
         self.activation_absmax = dict(activation_absmax)
+        # Given factors (AWQ's searched scales) replace the alpha formula for their activations.
+        self.factors = dict(factors or {})
         self.counts: dict[str, int] = {}
         self.skipped: dict[str, str] = {}
 
@@ -74,7 +77,7 @@ class SmoothQuantPass(ir.passes.InPlacePass):
             # Smoothing twice with the same statistics would migrate twice; the model says it is done.
             return ir.passes.PassResult(model, modified=False)
         graph = model.graph
-        for name, absmax in self.activation_absmax.items():
+        for name in [*self.activation_absmax, *(name for name in self.factors if name not in self.activation_absmax)]:
             activation = next((value for node in graph for value in node.outputs if value.name == name), None)
             if activation is None:
                 continue
@@ -82,8 +85,11 @@ class SmoothQuantPass(ir.passes.InPlacePass):
             if not sites or any(site is None or site.transposed or not _single_use(site.weight_value) for site in sites):
                 self.skipped[name] = "a consumer is not a linear site with its own weight"
                 continue
-            weight_absmax = np.max([np.abs(site.weight()).max(axis=1) for site in sites], axis=0)
-            factors = smoothing_factors(absmax, weight_absmax, self.alpha)
+            if name in self.factors:
+                factors = self.factors[name]
+            else:
+                weight_absmax = np.max([np.abs(site.weight()).max(axis=1) for site in sites], axis=0)
+                factors = smoothing_factors(self.activation_absmax[name], weight_absmax, self.alpha)
             kind = self._fold_into_producer(activation, factors)
             if kind is None:
                 continue
@@ -92,7 +98,7 @@ class SmoothQuantPass(ir.passes.InPlacePass):
             self.counts[kind] += 1
         modified = any(self.counts.values())
         if modified:
-            model.metadata_props[MARKER] = str(self.alpha)
+            model.metadata_props[MARKER] = "awq" if self.factors else str(self.alpha)
         return ir.passes.PassResult(model, modified=modified)
 
     def _fold_into_producer(self, activation: ir.Value, factors: np.ndarray) -> str | None:

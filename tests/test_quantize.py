@@ -319,6 +319,34 @@ def test_w8a8_defaults_stay_standard_onnx_for_a_standard_target(tiny_llama_dir, 
     assert not [node for node in graph_io.load(result.model_path).graph if node.domain == "com.microsoft"]
 
 
+def test_awq_scales_are_folded_losslessly_and_recorded(tiny_llama_dir, tmp_path):
+    """AWQ: the searched per-channel scales, folded into the norms / up projections, leave the float
+    function unchanged; the quantized model records them and stays within the int4 bound."""
+    from graphopt.calibration import calibration_sequences
+    from graphopt.quantization import awq_factors
+
+    config = QuantizeConfig(weights="int4", method="rtn", awq=True, calib=FAST_CALIBRATION)
+    model = graph_io.load(tiny_llama_dir / "model.onnx")
+    factors, alphas = awq_factors(tiny_llama_dir / "model.onnx", model, config,
+                                  calibration_sequences(tiny_llama_dir, FAST_CALIBRATION))
+    assert factors and set(alphas) == set(factors) and all(0 < alpha <= 1 for alpha in alphas.values())
+    scaling = SmoothQuantPass(0.0, {}, factors=factors)
+    assert scaling(model).modified and not SmoothQuantPass(0.0, {}, factors=factors)(model).modified
+    graph_io.save(model, tmp_path / "scaled.onnx")
+    np.testing.assert_allclose(logits(tmp_path / "scaled.onnx", IDS), logits(tiny_llama_dir / "model.onnx", IDS),
+                               atol=1e-4, rtol=1e-4)
+    result = quantize(tiny_llama_dir, tmp_path / "awq", config)
+    figures = result.manifest.lineage[-1].figures
+    # every searched scale folds except o_proj's (the attention output has no scale before it)
+    assert figures["awq_alpha"].items() <= alphas.items() and figures["awq_folded"] == {"norm": 4, "up_proj": 2}
+    assert len(figures["awq_alpha"]) == 6
+    reference = logits(tiny_llama_dir / "model.onnx", IDS)
+    error = np.sqrt(np.mean((logits(result.model_path, IDS) - reference) ** 2)) / np.sqrt(np.mean(reference**2))
+    assert error < 0.5  # the int4 bound of test_quantized_logits_close_to_float
+    with pytest.raises(GraphoptError, match="--awq applies to weight-only"):
+        QuantizeConfig(activations="int8", awq=True)
+
+
 # --- bad input through the CLI --------------------------------------------------------------------
 
 def run(*args):

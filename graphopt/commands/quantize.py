@@ -52,6 +52,9 @@ def _default(name: str):
                    "minimizing the weight error; rtn: min/max range including zero; gptq: calibrated GPTQ on mse "
                    "blocks. int8 is always symmetric round to nearest.")
 @click.option("--act-order", is_flag=True, help="GPTQ: columns by decreasing Hessian diagonal within each block.")
+@click.option("--awq", is_flag=True,
+              help="Weight-only: activation-aware per-channel scales (AWQ), searched per layer input on the "
+                   "calibration data and folded into the norm or up projection before it.")
 @click.option("--head", type=click.Choice(HEAD_CHOICES), default=_default("head"), show_default=True,
               help="LM head precision (auto: int8).")
 @click.option("--embedding", type=click.Choice(EMBEDDING_CHOICES), default=_default("embedding"), show_default=True,
