@@ -157,7 +157,7 @@ def plot(results: list[dict], path: pathlib.Path) -> None:
     left.set_ylabel("perplexity (eval-gpl3, all windows of 512)")
     right.set_xlabel("decode tokens/s (128 greedy tokens)")
     right.set_ylabel("mean first divergence from fp32 (of 64 tokens)")
-    figure.suptitle("SmolLM2-135M-Instruct: weight-only quantization methods")
+    figure.suptitle("SmolLM2-135M-Instruct: quantization methods")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
