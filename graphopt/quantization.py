@@ -187,6 +187,11 @@ class QuantizeConfig(StepConfig):
         return None if bits is None else self.block_size or default_block_size(bits, head=True)
 
     @property
+    def error_grid(self) -> str:
+        """The grid ``snap_to_grid`` measures this method's rounding on (GPTQ rounds onto mse blocks)."""
+        return {"affine": "affine", "mse": "mse", "gptq": "mse"}.get(self.method, "rtn")
+
+    @property
     def needs_calibration(self) -> bool:
         return self.scheme == "w8a8" or self.method == "gptq" or self.awq or self.max_ppl_increase is not None
 
@@ -432,7 +437,7 @@ def awq_factors(model_path: pathlib.Path, model: ir.Model, config: QuantizeConfi
     from graphopt.passes.quantize_weights import snap_to_grid
 
     bits = 8 if config.scheme == "int8" else 4
-    grid = {"affine": "affine", "mse": "mse", "gptq": "mse"}.get(config.method, "rtn")
+    grid = config.error_grid
     groups: dict[str, list] = {}
     for site in linear_sites(model.graph, config.exclude, head=False):
         groups.setdefault(site.activation.name, []).append(site)
@@ -485,7 +490,7 @@ def _int8_linears(model_path: pathlib.Path, model: ir.Model, config: QuantizeCon
     """
     from graphopt.passes.quantize_weights import snap_to_grid
 
-    grid = {"affine": "affine", "mse": "mse", "gptq": "mse"}.get(config.method, "rtn")
+    grid = config.error_grid
     errors = {}
     for site in linear_sites(model.graph, config.exclude, head=False):
         weight = site.weight()

@@ -179,6 +179,11 @@ def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
+def set_float32(value: ir.Value, array: np.ndarray) -> None:
+    """Replace a constant's tensor by ``array`` as float32, keeping its name (folded scales, rotated weights)."""
+    value.const_value = ir.tensor(array.astype(np.float32), name=value.name)
+
+
 def drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
     """Remove an initializer, or a Transpose of one, that nothing reads any more."""
     if value.uses() or value in graph.outputs:

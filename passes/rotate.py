@@ -30,7 +30,7 @@ import onnx_ir as ir
 
 from graphopt.errors import GraphoptError
 from graphopt.ir import node_tag
-from graphopt.passes.quantize_common import add_initializer, site_of
+from graphopt.passes.quantize_common import add_initializer, set_float32, site_of
 
 logger = logging.getLogger(__name__)
 
@@ -82,10 +82,6 @@ def random_rotation(size: int, seed: int = 0) -> tuple[np.ndarray, str]:
     return q * np.sign(np.diag(r))[None, :], "random orthogonal"
 
 
-def _set(value: ir.Value, array: np.ndarray) -> None:
-    value.const_value = ir.tensor(array.astype(np.float32), name=value.name)
-
-
 def _constant(value: ir.Value) -> np.ndarray:
     return value.const_value.numpy().astype(np.float64)
 
@@ -124,15 +120,15 @@ class RotateResidualPass(ir.passes.InPlacePass):
         size = int(scale_of(norms[0]).const_value.numpy().size)
         rotation, self.rotation = random_rotation(size, self.seed)
         for constant in writers.values():
-            _set(constant, _constant(constant) @ rotation)
+            set_float32(constant, _constant(constant) @ rotation)
         for norm, sites in readers:
             scale = _constant(scale_of(norm))
             for site in sites:
                 if site.transposed:
                     _rotate_tied_head(model.graph, site, rotation.T @ (scale[:, None] * rotation))
                 else:
-                    _set(site.weight_value, rotation.T @ (scale[:, None] * _constant(site.weight_value)))
-            _set(scale_of(norm), np.ones_like(scale))
+                    set_float32(site.weight_value, rotation.T @ (scale[:, None] * _constant(site.weight_value)))
+            set_float32(scale_of(norm), np.ones_like(scale))
         self.counts = {"norms": len(norms), "readers": sum(len(sites) for _norm, sites in readers),
                        "writers": len(writers), "tied_head": sum(site.transposed for _norm, sites in readers for site in sites)}
         model.metadata_props[MARKER] = f"{self.rotation} {size}, seed {self.seed}"
@@ -243,7 +239,7 @@ class OnlineHadamardPass(ir.passes.InPlacePass):
                 continue
             a, b = factors
             self._insert(model.graph, node, a, b)
-            _set(site.weight_value, np.kron(hadamard(a), hadamard(b)).T / np.sqrt(size) @ _constant(site.weight_value))
+            set_float32(site.weight_value, np.kron(hadamard(a), hadamard(b)).T / np.sqrt(size) @ _constant(site.weight_value))
             self.counts["down_proj"] += 1
         return ir.passes.PassResult(model, modified=bool(self.counts["down_proj"]))
 

@@ -24,7 +24,7 @@ from typing import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.passes.quantize_common import site_of
+from graphopt.passes.quantize_common import set_float32, site_of
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +44,6 @@ def smoothing_factors(activation_absmax: np.ndarray, weight_absmax: np.ndarray, 
 
 def _single_use(value: ir.Value | None) -> bool:
     return value is not None and value.const_value is not None and len(value.uses()) == 1
-
-
-def _set(value: ir.Value, array: np.ndarray) -> None:
-    value.const_value = ir.tensor(array.astype(np.float32), name=value.name)
 
 
 class SmoothQuantPass(ir.passes.InPlacePass):
@@ -94,7 +90,7 @@ class SmoothQuantPass(ir.passes.InPlacePass):
             if kind is None:
                 continue
             for site in sites:
-                _set(site.weight_value, site.weight() * factors[:, None])
+                set_float32(site.weight_value, site.weight() * factors[:, None])
             self.counts[kind] += 1
         modified = any(self.counts.values())
         if modified:
@@ -114,21 +110,21 @@ class SmoothQuantPass(ir.passes.InPlacePass):
             if not _single_use(scale) or (bias is not None and not _single_use(bias)):
                 self.skipped[activation.name] = f"{producer.op_type} scale is shared or not constant"
                 return None
-            _set(scale, scale.const_value.numpy() / factors)
+            set_float32(scale, scale.const_value.numpy() / factors)
             if bias is not None:
-                _set(bias, bias.const_value.numpy() / factors)
+                set_float32(bias, bias.const_value.numpy() / factors)
             return "norm"
         if producer.op_type != "Mul":
             self.skipped[activation.name] = f"produced by {producer.op_type}, which has no scale to fold into"
             return None
         for index, operand in enumerate(producer.inputs):
             if _single_use(operand) and operand.shape is not None and tuple(operand.shape.numpy())[-1:] == factors.shape:
-                _set(operand, operand.const_value.numpy() / factors)
+                set_float32(operand, operand.const_value.numpy() / factors)
                 return "norm"
             up = operand.producer() if operand is not None else None
             site = site_of(up) if up is not None else None
             if site is not None and len(operand.uses()) == 1 and not site.transposed and _single_use(site.weight_value):
-                _set(site.weight_value, site.weight() / factors[None, :])
+                set_float32(site.weight_value, site.weight() / factors[None, :])
                 return "up_proj"
         self.skipped[activation.name] = "Mul without a constant scale or a linear operand"
         return None
