@@ -8,7 +8,8 @@ Variants: fp32 and fp16, unfused and fused (``--target cuda``), with the KV cach
 (numpy feeds, the naive path), on the device (IOBinding, growing each step) or in static buffers
 written in place (GroupQueryAttention's shared past/present), with and without CUDA graphs, and
 fused with the q/k/v projections packed into one MatMul (and that graph with an on-device ArgMax
-output, passes/greedy_head.py). Numerics: prefill and decode logits vs
+output, passes/greedy_head.py; with GroupQueryAttention's flash kernel switched off; quantized
+weight-only to int8 / int4 MatMulNBits with float16 scales). Numerics: prefill and decode logits vs
 the CPU fp32 model, and greedy tokens vs CPU fp32 greedy. Speed: 512-token prefill ms and 128-token
 greedy decode tokens/s, plain and speculative (a layer-truncated fp16 fused draft; ungraphed
 verify as before, and with the verify forward over gamma + 1 tokens and the draft's catch-up
@@ -17,14 +18,18 @@ tokens/s at batch 1, 8, 32), and the peers of tools/gpu_peers.py in the same pro
 card: transformers' eager ``generate``, its static cache + torch.compile (fp16, bf16) and
 onnxruntime-genai's CUDA build on its own builder's fp16 and int4 models. ``--stages`` picks parts
 (the device allows 10 minutes a command: transformers' compile runs best in a second call, its
-JSON joined with ``--merge``). The table is printed last; ``--out`` gets JSON and a PNG. Also runs
+JSON joined with ``--merge``; ``--brief`` keeps the static-cache + CUDA-graph rows; stage ``profile``
+lists a decode step's CUDA kernels and splits the graphed step's wall time into its host parts).
+The table is printed last; ``--out`` gets JSON and a PNG. Also runs
 on CPU (``--ep cpu``) with any checkpoint, to check the script itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import pathlib
 import platform
 import sys
@@ -75,7 +80,9 @@ def build_variants(src: str, work: pathlib.Path, skip_export: bool, errors: dict
     paths = {name: work / name for name in ("fp32", "fp32-fused", "fp16", "fp16-fused", "fp32-fused-packed",
                                             "fp16-fused-packed", "draft-fp32", "draft-fp32-fused",
                                             "draft-fp16-fused", "draft-fp32-fused-packed", "draft-fp16-fused-packed",
-                                            "fp16-fused-packed-argmax")}
+                                            "fp16-fused-packed-argmax", "int8-fused-packed", "int4-fused-packed",
+                                            "fp16-int8-packed", "fp16-int4-packed", "fp16-int8-packed-argmax",
+                                            "fp16-int4-packed-argmax")}
     if draft is not None:
         paths["draft-fp32"] = draft
     if not (skip_export and (paths["fp32"] / "model.onnx").is_file()):
@@ -105,6 +112,8 @@ def build_variants(src: str, work: pathlib.Path, skip_export: bool, errors: dict
         ("draft-fp16-fused-packed", lambda: convert(paths["draft-fp32-fused-packed"], paths["draft-fp16-fused-packed"],
                                                     dtype="fp16", force=True)),
     ]
+    for bits in ("int8", "int4"):
+        steps += _weight_only_steps(paths, bits)
     for name, build in steps:
         try:
             build()
@@ -112,6 +121,21 @@ def build_variants(src: str, work: pathlib.Path, skip_export: bool, errors: dict
             errors[name] = f"{type(error).__name__}: {error}"
             log(f"FAILED to build {name}: {errors[name]}")
     return {name: path for name, path in paths.items() if (path / "model.onnx").is_file()}
+
+
+def _weight_only_steps(paths: dict[str, pathlib.Path], bits: str) -> list:
+    """The packed fp32 graph quantized weight-only (RTN MatMulNBits, one kernel a linear as onnxruntime-genai's
+    int4; the LM head too), then float16 (the CUDA kernels' scale type), then the on-device ArgMax."""
+    from graphopt.convert import convert
+    from graphopt.quantization import QuantizeConfig, quantize
+
+    config = QuantizeConfig(weights=bits, activations="none", method="rtn", head=bits)
+    quantized, half, greedy = (paths[f"{bits}-fused-packed"], paths[f"fp16-{bits}-packed"],
+                               paths[f"fp16-{bits}-packed-argmax"])
+    return [(quantized.name, lambda: quantize(paths["fp32-fused-packed"], quantized, config, force=True)),
+            # convert's own check compares with the float32 int8-activation CPU kernels: the GPU rows say it.
+            (half.name, lambda: convert(quantized, half, dtype="fp16", force=True, validate=False)),
+            (greedy.name, lambda: _with_greedy_head(half, greedy))]
 
 
 def _with_greedy_head(source: pathlib.Path, output: pathlib.Path) -> None:
@@ -132,7 +156,7 @@ def greedy(generator, prompt_ids: list[int], tokens: int):
     return generator.generate(prompt_ids, max_new_tokens=tokens, stop_on_eos=False)
 
 
-STAGES = ("graphopt", "genai", "transformers")
+STAGES = ("graphopt", "genai", "transformers", "profile")
 
 
 def main() -> None:
@@ -147,6 +171,9 @@ def main() -> None:
     parser.add_argument("--skip-export", action="store_true", help="reuse WORK/fp32 if present")
     parser.add_argument("--draft", type=pathlib.Path, default=None,
                         help="a float32 draft model directory (e.g. distilled) instead of the half-layer cut")
+    parser.add_argument("--brief", action="store_true",
+                        help="batch-1 rows of static cache + CUDA graph only (the rest as measured before), "
+                             "speculative with gamma auto only")
     parser.add_argument("--stages", default=",".join(STAGES),
                         help=f"comma-separated parts to run, of {', '.join(STAGES)} (default: all)")
     parser.add_argument("--plot", type=pathlib.Path, default=None, metavar="JSON",
@@ -204,6 +231,13 @@ def main() -> None:
         except Exception as error:
             errors["onnxruntime-genai"] = f"{type(error).__name__}: {error}"
             log(f"FAILED onnxruntime-genai: {traceback.format_exc()}")
+    # Last: the profiler (CUPTI) stays attached to the process.
+    if "profile" in stages and "fp16-fused-packed-argmax" in paths:
+        try:
+            rows += profile_rows(paths["fp16-fused-packed-argmax"], prompt_ids, args)
+        except Exception as error:
+            errors["profile"] = f"{type(error).__name__}: {error}"
+            log(f"FAILED profile: {traceback.format_exc()}")
     if "transformers" in stages and args.ep == "cuda":
         try:
             rows += transformers_rows(args.src, prompt_ids, reference_tokens, args)
@@ -245,29 +279,37 @@ def graphopt_rows(paths, reference, prompt_ids, reference_tokens, errors, args) 
     long_prompt = (prompt_ids * (args.prefill // len(prompt_ids) + 1))[:args.prefill]
 
     rows = []
-    # (label, variant, cache, CUDA graphs)
-    plans = [("fp32 unfused, naive (host cache)", "fp32", "host", False),
+    # (label, variant, cache, CUDA graphs[, environment for the session])
+    graphed = [("fp16 fused, static + CUDA graph", "fp16-fused", "static", True),
+               ("fp16 fused qkv, static + graph", "fp16-fused-packed", "static", True),
+               ("fp16 fused qkv + device argmax, static + graph", "fp16-fused-packed-argmax", "static", True),
+               # GroupQueryAttention's memory-efficient kernel instead of flash attention (read at session start).
+               ("fp16 qkv + argmax, no flash attention, static + graph", "fp16-fused-packed-argmax", "static", True,
+                {"ORT_DISABLE_FLASH_ATTENTION": "1"}),
+               ("int8 weight-only (RTN) fp16 qkv + argmax, static + graph", "fp16-int8-packed-argmax", "static", True),
+               ("int4 weight-only (RTN) fp16 qkv + argmax, static + graph", "fp16-int4-packed-argmax", "static", True)]
+    plans = graphed if args.brief else [
+             ("fp32 unfused, naive (host cache)", "fp32", "host", False),
              ("fp32 unfused", "fp32", "device", False),
              ("fp32 fused", "fp32-fused", "device", False),
              ("fp16 unfused", "fp16", "device", False),
              ("fp16 fused", "fp16-fused", "device", False),
              ("fp16 fused, static cache", "fp16-fused", "static", False),
-             ("fp16 fused, static + CUDA graph", "fp16-fused", "static", True),
-             ("fp16 fused qkv, static + graph", "fp16-fused-packed", "static", True),
-             ("fp16 fused qkv + device argmax, static + graph", "fp16-fused-packed-argmax", "static", True)]
-    for label, name, cache, cuda_graph in plans:
+             *graphed]
+    for label, name, cache, cuda_graph, *environment in plans:
         if name not in paths:
             continue
         log(f"timing {label}")
         try:
-            rows.append(timed_row(label, paths[name], cache, cuda_graph, prompt_ids, reference_tokens,
-                                  reference_prefill, reference_decode, long_prompt, args))
+            with _environment(*environment):
+                rows.append(timed_row(label, paths[name], cache, cuda_graph, prompt_ids, reference_tokens,
+                                      reference_prefill, reference_decode, long_prompt, args))
         except Exception as error:  # keep going: one failing variant must not hide the others
             errors[label] = f"{type(error).__name__}: {error}"
             log(f"FAILED {label}: {traceback.format_exc()}")
 
     pair = ("fp16-fused", "draft-fp16-fused") if "draft-fp16-fused" in paths else ("fp32-fused", "draft-fp32-fused")
-    if all(name in paths for name in pair):
+    if all(name in paths for name in pair) and not args.brief:
         try:
             rows.append(speculative_row(paths, pair, prompt_ids, reference_tokens, args))
         except Exception as error:
@@ -290,6 +332,96 @@ def graphopt_rows(paths, reference, prompt_ids, reference_tokens, errors, args) 
     return rows
 
 
+@contextlib.contextmanager
+def _environment(variables: dict[str, str] | None = None):
+    """Environment variables set while a session is made (ONNX Runtime's kernels read theirs then)."""
+    saved = {name: os.environ.get(name) for name in variables or {}}
+    os.environ.update(variables or {})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def profile_rows(path, prompt_ids, args, steps: int = 32) -> list[dict]:
+    """Where a decode step's time goes: CUDA kernels per step (CUPTI, through torch.profiler, which records
+    every kernel of the process, ONNX Runtime's too) on the eager static-cache step, then the graphed
+    step's wall time split into its host parts (three input copies, the run, the 8-byte token read)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from graphopt.runtime import Generator
+
+    generator = Generator(path, ep=args.ep, cache="static", cuda_graph=False)
+    decoder = generator.decoder
+    decoder.reset()
+    decoder.forward_greedy(prompt_ids)
+    for _ in range(8):
+        decoder.forward_greedy([1])
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(steps):
+        decoder.forward_greedy([1])
+    eager_ms = (time.perf_counter() - started) * 1e3 / steps
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            decoder.forward_greedy([1])
+        torch.cuda.synchronize()
+    kernels: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels.setdefault(event.name, []).append(event.time_range.elapsed_us())
+    table = sorted(((name, len(times) / steps, sum(times) / steps) for name, times in kernels.items()),
+                   key=lambda item: -item[2])
+    per_step_us = sum(item[2] for item in table)
+    log(f"profile (eager static step, {steps} steps): {sum(item[1] for item in table):.0f} kernels and copies a "
+        f"step, {per_step_us:.0f} us of device time, {eager_ms * 1e3:.0f} us wall")
+    for name, count, micros in table[:30]:
+        log(f"  {micros:8.1f} us  {count:6.1f}x  {name[:110]}")
+    del generator
+
+    # The graphed step, split into its host parts.
+    generator = Generator(path, ep=args.ep, cache="static", cuda_graph=True)
+    decoder = generator.decoder
+    decoder.reset()
+    decoder.reserve(len(prompt_ids) + steps * 4 + 1)
+    decoder.forward_greedy(prompt_ids)
+    fixed = decoder._bindings[1]
+    parts = {"ids copy": 0.0, "positions copy": 0.0, "mask copy": 0.0, "run (graph replay)": 0.0, "token read": 0.0}
+    ids = np.ones((1, 1), dtype=np.int64)
+    for step in range(steps * 4):
+        start = decoder._length
+        decoder._mask[0, start] = 1
+        marks = [time.perf_counter()]
+        fixed["ids"].update_inplace(ids)
+        marks.append(time.perf_counter())
+        fixed["positions"].update_inplace(np.full((1, 1), start, dtype=np.int64))
+        marks.append(time.perf_counter())
+        decoder._step_mask.update_inplace(decoder._mask)
+        marks.append(time.perf_counter())
+        decoder.session.run_with_iobinding(fixed["binding"], fixed["options"])
+        marks.append(time.perf_counter())
+        fixed["tokens"].numpy()
+        marks.append(time.perf_counter())
+        decoder._length += 1
+        if step >= 8:
+            for name, before, after in zip(parts, marks, marks[1:]):
+                parts[name] += (after - before) * 1e6
+    counted = steps * 4 - 8
+    split = {name: micros / counted for name, micros in parts.items()}
+    log("graphed step, us: " + ", ".join(f"{name} {micros:.1f}" for name, micros in split.items())
+        + f"; total {sum(split.values()):.1f}")
+    return [{"variant": "profile: fp16 qkv + argmax, eager static step", "profile": True, "steps": steps,
+             "eager_step_us": eager_ms * 1e3, "device_us_per_step": per_step_us,
+             "kernels_per_step": sum(item[1] for item in table),
+             "kernels": [{"name": name, "per_step": count, "us_per_step": micros} for name, count, micros in table],
+             "graphed_step_us": split}]
+
+
 def graphed_speculative_rows(target_path, draft_path, prompt_ids, reference_tokens, args) -> list[dict]:
     """Speculative decoding with the target's verify and the draft's catch-up as CUDA graphs, per gamma.
 
@@ -306,7 +438,7 @@ def graphed_speculative_rows(target_path, draft_path, prompt_ids, reference_toke
     plain_tokens = plain_runs[0].token_ids
     del plain_generator
     rows = []
-    for gamma in (1, 2, 3, 4, "auto"):
+    for gamma in ("auto",) if args.brief else (1, 2, 3, 4, "auto"):
         label = f"fp16 qkv + speculative, graphed verify, gamma {gamma}"
         log(f"timing {label}")
         speculative = SpeculativeGenerator(target_path, draft_path, gamma=gamma, ep=args.ep, cache="static",

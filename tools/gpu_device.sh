@@ -10,7 +10,8 @@ site=/root/site
 if [[ ! -d $site/onnxruntime ]]; then
   mkdir -p "$site" && cat /root/parts/p* | xz -d -T16 | tar -xf - -C "$site"
 fi
-wheel=$(ls "$here"/whl/onnxruntime_genai_cuda-*.whl 2>/dev/null | head -1 || true)
+# The wheel travels in the tree's ignored whl/ (carried) or was copied to /root/whl by an earlier call.
+wheel=$(ls "$here"/whl/onnxruntime_genai_cuda-*.whl /root/whl/onnxruntime_genai_cuda-*.whl 2>/dev/null | head -1 || true)
 if [[ -n $wheel && ! -d $site/onnxruntime_genai ]]; then
   (cd "$site" && python3 -m zipfile -e "$wheel" .)
 fi
