@@ -22,7 +22,7 @@ quantize; fused or quantized students are refused.
 * QAT: ``quantize="int4"|"int8"`` trains through fake-quantized weights (straight-through
   estimator) on the exact grid of ``passes/quantize_weights.py`` that ``graphopt quantize
   --weights int4|int8`` will use: its default method (``affine`` for int4: ``min + scale x code``
-  per block, the offset rounded to float16 as the pass stores it; ``rtn`` selectable), its
+  per block, stored as an integer zero point plus a 4-bit residual, as the pass stores it; ``rtn`` selectable), its
   default block sizes, and its LM head (``auto``: int8; ``float``, ``int4``). The written weights
   are snapped onto that grid, so the weight-only pass afterwards reproduces them exactly.
 * GPU throughput: bf16 autocast over float32 master weights, TF32 for what stays in float32, a
@@ -462,9 +462,10 @@ def sample_data(teacher_dir: str | pathlib.Path | None, tokens: int, seq_len: in
 def fake_quantize(weight, bits: int, block_size: int, method: str = "affine"):
     """``weight`` (in, out) rounded onto quantize_weights' grid in the forward, identity in the backward.
 
-    ``method`` (4 bits): ``affine`` is the pass's affine form, ``w = offset + scale * (code - 8)`` with
-    ``offset = min + 8 * scale`` rounded to float16 (how the pass stores it; ``in`` must be whole
-    blocks); ``rtn`` the integer-zero-point grid. 8 bits is always symmetric (zero point 128).
+    ``method`` (4 bits): ``affine`` is the pass's affine form as it stores it (``in`` must be whole
+    blocks): codes over the block's min-max range, an integer zero point and the block's residual
+    offset on a 4-bit grid of its own (``quantize_weights.integer_affine``, mirrored here in torch);
+    ``rtn`` the integer-zero-point grid. 8 bits is always symmetric (zero point 128).
     """
     import torch
 
@@ -472,14 +473,13 @@ def fake_quantize(weight, bits: int, block_size: int, method: str = "affine"):
     rows, columns = weight_t.shape
     pad = (-columns) % block_size
     padded = torch.nn.functional.pad(weight_t, (0, pad)) if pad else weight_t
-    # float64 with float32 scales, as the pass computes: the same codes and float16 offsets, not 1 ulp off.
+    # float64 with float32 scales, as the pass computes: the same codes and residuals, not 1 ulp off.
     blocks = padded.reshape(rows, -1, block_size).detach().double()
     if bits == 4 and method == "affine":
         low, high = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
         scale = torch.where(high > low, (high - low) / 15.0, torch.ones_like(high)).float().double()
         codes = torch.clamp(torch.round((blocks - low) / scale), 0, 15)
-        offset = (low + 8.0 * scale).half().float()
-        dequantized = offset + scale * (codes - 8.0)
+        dequantized = _integer_affine(codes, scale.squeeze(-1), (low + 8.0 * scale).squeeze(-1), block_size)
     else:
         if bits == 8:
             amax = blocks.abs().amax(-1, keepdim=True)
@@ -496,6 +496,25 @@ def fake_quantize(weight, bits: int, block_size: int, method: str = "affine"):
         dequantized = (codes - zero) * scale
     dequantized = dequantized.reshape(rows, -1)[:, :columns].t().to(weight.dtype)
     return weight + (dequantized - weight).detach()
+
+
+def _integer_affine(codes, scale, offset, block_size: int):
+    """``quantize_weights.integer_affine`` folded back to ``[rows, blocks, block_size]`` weights, in torch (float64)."""
+    import torch
+
+    rows, blocks = scale.shape
+    unclipped = 8.0 - offset / scale
+    integer = torch.clamp(torch.round(unclipped), 0, 15)
+    residual = offset - (8.0 - integer) * scale
+    extra = -(-blocks // block_size)
+    padded = torch.nn.functional.pad(residual, (0, extra * block_size - blocks)).reshape(rows, extra, block_size)
+    largest = padded.abs().amax(-1)
+    residual_scale = torch.where(largest > 0, largest / 7, torch.ones_like(largest)).float().double()
+    steps = torch.round(padded / residual_scale.unsqueeze(-1)).reshape(rows, -1)[:, :blocks]
+    step = residual_scale.repeat_interleave(block_size, dim=1)[:, :blocks]
+    outward = ((steps * step).abs() > scale / 2) & (integer == torch.round(unclipped))
+    steps = torch.clamp(torch.where(outward, steps - torch.sign(steps), steps), -7, 7)
+    return (codes - integer.unsqueeze(-1)) * scale.unsqueeze(-1) + (steps * step).unsqueeze(-1)
 
 
 def fake_quantize_activations(x, block_size: int):

@@ -11,9 +11,8 @@ call. Packed, the layer pays them once per input instead of five times.
   builds for float graphs.
 * any other siblings (gate/up): one MatMulNBits with ``N = N1 + N2 + ...`` and a ``Split`` on the
   last axis that gives each old output back.
-* ``affine`` sites (quantize_weights: the MatMulNBits output plus ``block sums @ offsets``) pack
-  with their offset tables side by side too: one offset MatMul and one Add per packed node instead
-  of one per sibling, and q/k/v still reach GroupQueryAttention packed.
+* ``affine`` sites (quantize_weights.integer_affine) are plain MatMulNBits with zero points on a
+  shared ``[x, block sums of x]`` input: they pack like any other.
 
 Exact: each output column of MatMulNBits reads only its own row of ``B``, its scales and its zero
 points, so rows concatenated along N compute the same numbers (asserted bitwise in the tests).
@@ -25,7 +24,6 @@ decoders graphopt writes have no subgraphs or functions).
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 
 import numpy as np
@@ -68,46 +66,6 @@ def packable_signature(node: ir.Node) -> tuple | None:
             scales.shape.rank() if scales.shape is not None else None)
 
 
-@dataclasses.dataclass
-class _Site:
-    """A MatMulNBits and, for an ``affine`` site, its ``Add(output, MatMul(sums, offsets))`` tail."""
-
-    node: ir.Node
-    add: ir.Node | None = None
-    correction: ir.Node | None = None  # MatMul(sums, offsets)
-    offsets: np.ndarray | None = None  # [K / block, N], as stored (float16 behind a Cast, or float32)
-
-    @property
-    def output(self) -> ir.Value:
-        """What the rest of the graph reads: the Add's output for an affine site."""
-        return (self.add or self.node).outputs[0]
-
-    @property
-    def sums(self) -> ir.Value | None:
-        return self.correction.inputs[0] if self.correction is not None else None
-
-
-def _site(node: ir.Node) -> _Site:
-    """``node`` with its affine tail when its only reader is ``Add(node, MatMul(sums, [Cast](constant)))``."""
-    uses = node.outputs[0].uses()
-    if len(uses) != 1 or node.outputs[0].is_graph_output():
-        return _Site(node)
-    add, index = uses[0]
-    other = add.inputs[1 - index] if add.op_type == "Add" and len(add.inputs) == 2 else None
-    correction = other.producer() if other is not None else None
-    if index != 0 or correction is None or correction.op_type != "MatMul" or len(other.uses()) != 1:
-        return _Site(node)
-    table = correction.inputs[1]
-    source = table.producer()
-    if source is not None and source.op_type == "Cast" and len(table.uses()) == 1:
-        offsets = _constant(source.inputs[0])
-    else:
-        offsets = _constant(table)
-    if offsets is None or offsets.ndim != 2:
-        return _Site(node)
-    return _Site(node, add, correction, offsets)
-
-
 def merged_name(names: list[str], separator: str) -> str:
     """``a.q_proj.w``, ``a.k_proj.w``, ``a.v_proj.w`` -> ``a.qkv_proj.w``; ``gate_proj`` + ``up_proj`` -> ``gate_up_proj``.
 
@@ -146,35 +104,28 @@ class PackMatMulNBitsPass(ir.passes.InPlacePass):
             if signature is not None and node.inputs[0] is not None:
                 groups[(id(node.inputs[0]), signature)].append(node)
         for nodes in groups.values():
-            if len(nodes) < 2:
-                continue
-            # Affine sites pack with affine sites reading the same block sums, plain ones with plain ones.
-            kinds: dict[tuple, list[_Site]] = collections.defaultdict(list)
-            for site in map(_site, nodes):
-                kinds[(id(site.sums), site.offsets.dtype if site.offsets is not None else None)].append(site)
-            for siblings in kinds.values():
-                if len(siblings) >= 2:
-                    self._pack_group(graph, siblings)
+            if len(nodes) >= 2:
+                self._pack_group(graph, nodes)
         self.counts = dict(self.counts)
         return ir.passes.PassResult(model, modified=bool(self.counts))
 
-    def _pack_group(self, graph: ir.Graph, siblings: list[_Site]) -> None:
+    def _pack_group(self, graph: ir.Graph, siblings: list[ir.Node]) -> None:
         remaining = list(siblings)
         trio = self._attention_trio(remaining)
         if trio is not None:
             self._pack(graph, trio, attention=True)
             self.counts["q/k/v into GroupQueryAttention"] += 1
-            remaining = [site for site in remaining if site not in trio]
+            remaining = [node for node in remaining if node not in trio]
         if len(remaining) >= 2:
             self._pack(graph, remaining, attention=False)
             self.counts[f"{len(remaining)} siblings + Split"] += 1
 
     @staticmethod
-    def _attention_trio(siblings: list[_Site]) -> list[_Site] | None:
+    def _attention_trio(siblings: list[ir.Node]) -> list[ir.Node] | None:
         """The three siblings that feed one attention op's query, key and value (in that order), if any."""
-        by_output = {id(site.output): site for site in siblings}
-        for site in siblings:
-            for consumer, index in site.output.uses():
+        by_output = {id(node.outputs[0]): node for node in siblings}
+        for node in siblings:
+            for consumer, index in node.outputs[0].uses():
                 if consumer.op_type not in ATTENTION_OPS or consumer.domain != CONTRIB_DOMAIN or index != 0:
                     continue
                 inputs = consumer.inputs
@@ -182,13 +133,12 @@ class PackMatMulNBitsPass(ir.passes.InPlacePass):
                     continue
                 trio = [by_output[id(value)] for value in inputs[:3]]
                 if len({id(member) for member in trio}) == 3 and all(
-                        len(member.output.uses()) == 1 and not member.output.is_graph_output()
+                        len(member.outputs[0].uses()) == 1 and not member.outputs[0].is_graph_output()
                         for member in trio):
                     return trio
         return None
 
-    def _pack(self, graph: ir.Graph, sites: list[_Site], attention: bool) -> None:
-        siblings = [site.node for site in sites]
+    def _pack(self, graph: ir.Graph, siblings: list[ir.Node], attention: bool) -> None:
         first = siblings[0]
         widths = [_attribute(node, "N") for node in siblings]
         weight = np.concatenate([_constant(node.inputs[1]) for node in siblings], axis=0)
@@ -208,14 +158,11 @@ class PackMatMulNBitsPass(ir.passes.InPlacePass):
         node_tag(packed, RULE)
         graph.insert_before(first, packed)
         output = packed.outputs[0]
-        old_outputs = [site.output for site in sites]
+        old_outputs = [node.outputs[0] for node in siblings]
         output.name = unique_value_name(graph, f"{packed.name}/output_0")
         output.type = old_outputs[0].type
         if old_outputs[0].shape is not None:
             output.shape = ir.Shape([*list(old_outputs[0].shape.dims)[:-1], sum(widths)])
-        added = [packed]
-        if sites[0].add is not None:
-            output = self._add_offsets(graph, sites, packed, added)
         if attention:
             consumer = next(use for use, index in old_outputs[0].uses() if use.op_type in ATTENTION_OPS)
             consumer.replace_input_with(0, output)
@@ -226,44 +173,16 @@ class PackMatMulNBitsPass(ir.passes.InPlacePass):
             split = ir.node("Split", [output, split_sizes], attributes={"axis": -1}, num_outputs=len(siblings),
                             name=f"{packed.name}/Split")
             node_tag(split, RULE)
-            graph.insert_after(added[-1], split)
+            graph.insert_after(packed, split)
             for old, new in zip(old_outputs, split.outputs):
                 name = old.name
                 old.name = f"{name}.packed_away"
                 new.name, new.type, new.shape = name, old.type, old.shape
                 ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
-        for site in sites:
-            tail = [site.add, site.correction]
-            if site.correction is not None and site.correction.inputs[1].producer() is not None:
-                tail.append(site.correction.inputs[1].producer())  # the offsets' Cast
-            for node in [*tail, site.node]:
-                if node is None:
-                    continue
-                old_inputs = list(node.inputs)
-                graph.remove(node, safe=True)
-                for value in old_inputs:
-                    if value is not None and not value.uses() and value.name in graph.initializers:
-                        del graph.initializers[value.name]
+        for node in siblings:
+            old_inputs = list(node.inputs)
+            graph.remove(node, safe=True)
+            for value in old_inputs:
+                if value is not None and not value.uses() and value.name in graph.initializers:
+                    del graph.initializers[value.name]
         logger.debug("packed %s into %s", [node.name for node in siblings], packed.name)
-
-    @staticmethod
-    def _add_offsets(graph: ir.Graph, sites: list[_Site], packed: ir.Node, added: list[ir.Node]) -> ir.Value:
-        """One ``Add(packed, MatMul(sums, offsets side by side))`` for the affine sites; returns its output."""
-        offsets = np.concatenate([site.offsets for site in sites], axis=1)
-        table_names = [site.correction.inputs[1].name or "" for site in sites]
-        cast_source = sites[0].correction.inputs[1].producer()
-        table = add_initializer(graph, merged_name(table_names, "."), offsets)
-        if cast_source is not None:  # float16 offsets behind a Cast, as quantize_weights stores them
-            cast = ir.node("Cast", [table], attributes={"to": ir.DataType.FLOAT}, name=f"{packed.name}_offset_cast")
-            added.append(cast)
-            table = cast.outputs[0]
-        correction = ir.node("MatMul", [sites[0].sums, table], name=f"{packed.name}_offset")
-        total = ir.node("Add", [packed.outputs[0], correction.outputs[0]], name=f"{packed.name}_add")
-        added.extend((correction, total))
-        for node in added[1:]:
-            node_tag(node, RULE)
-        graph.insert_after(packed, added[1:])
-        total.outputs[0].name = unique_value_name(graph, f"{packed.name}/output_affine")
-        total.outputs[0].type = packed.outputs[0].type
-        total.outputs[0].shape = packed.outputs[0].shape
-        return total.outputs[0]

@@ -26,7 +26,7 @@ CONTRIB_DOMAIN = "com.microsoft"
 QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulNBits",
                            "MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul", "DynamicQuantizeMatMul",
                            "GatherBlockQuantized", "QGemm"})
-# Rules whose float MatMuls are never sites themselves: the offset term of a quantized linear, and
+# Rules whose float MatMuls are never sites themselves: the block sums of an affine int4 linear, and
 # the small d x d matrix rotation puts in front of a tied head (kept exact: it scales every logit).
 MADE_BY_QUANTIZER = frozenset({"quantize_weights", "rotate_residual"})
 # Op types a site may be; anything else named in --op-types cannot be quantized by these passes.
@@ -82,7 +82,7 @@ def site_of(node: ir.Node) -> LinearSite | None:
     if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
         return None
     if node.metadata_props.get("graphopt.rule") in MADE_BY_QUANTIZER:
-        return None  # e.g. the float offset term of an ``affine`` int4 linear: part of a quantized site
+        return None  # e.g. the block sums of an ``affine`` int4 linear: part of a quantized site
     weight = node.inputs[1]
     if weight is None:
         return None

@@ -59,27 +59,17 @@ def _embedding_gathers(graph: ir.Graph) -> list[ir.Node]:
     return gathers
 
 
-def _has_offsets(node: ir.Node) -> bool:
-    """Whether an ``affine`` offset term (``Add(output, MatMul(block sums, offsets))``) completes the weight."""
-    for use, _ in node.outputs[0].uses():
-        if use.op_type == "Add":
-            other = [value for value in use.inputs if value is not node.outputs[0]]
-            if any(value is not None and value.producer() is not None and value.producer().op_type == "MatMul"
-                   for value in other):
-                return True
-    return False
-
-
 def _symmetric_head(graph: ir.Graph, table_name: str) -> ir.Node | None:
-    """The MatMulNBits quantized from ``table_name`` without zero points or offsets, if any.
+    """The MatMulNBits quantized from ``table_name`` without zero points, if any.
 
-    An ``affine`` head's codes are only half of its weight (the per-block offsets live in a MatMul
-    beside it), so a Gather of its codes alone would read a different table: it gets its own codes.
+    An ``affine`` head has zero points and residual rows for its input's block sums
+    (quantize_weights.integer_affine): a Gather of its codes would read a different table, so the
+    table gets its own codes.
     """
     for node in graph:
         if (node.op_type == "MatMulNBits" and node.domain == CONTRIB_DOMAIN
                 and node.metadata_props.get("graphopt.weight_source") == table_name
-                and len([value for value in node.inputs if value is not None]) == 3 and not _has_offsets(node)):
+                and len([value for value in node.inputs if value is not None]) == 3):
             return node
     return None
 

@@ -23,10 +23,13 @@ Methods (4 bits; 8 bits is always symmetric round to nearest):
   by least squares for the chosen codes (MSE-optimal clipping, as llama.cpp's and AWQ's clip search);
 * ``affine``: ``w = min + scale * code`` per block with a *float* offset (what a Q4_1 GGUF
   stores). MatMulNBits' float zero points exist but ONNX Runtime 1.32's CPU kernel dequantizes the
-  whole weight on every call for them (~40x slower, measured), so the offset is applied as
-  ``ReduceSum(x over each block) @ offsets``: a ``[K / block, N]`` float MatMul beside the 4-bit one
-  (the block sums are shared by the linears reading one activation). On a model dequantized from
-  Q4_1 (the embedded SmolLM2) this reproduces the source weights exactly (to float32 rounding);
+  whole weight on every call for them (~40x slower, measured). So each block takes the integer
+  zero point nearest its offset, and what that leaves, a constant per block and output of at most
+  half a step, rides in the same MatMulNBits: its input is ``[x, block sums of x]`` (one small
+  MatMul by a 0/1 matrix and a Concat, shared by the linears reading one activation) and the
+  residuals are ``K / block`` more 4-bit rows (:func:`integer_affine`), quantized to within 1/28 of
+  a step. On a model dequantized from Q4_1 (the embedded SmolLM2) that reproduces the source
+  weights to 0.2-0.4% of their norm, in one MatMulNBits per linear;
 * ``gptq`` (GPTQ, Frantar et al. 2022: columns quantized in order, each one's error spread over the
   not yet quantized columns through the inverse Hessian ``H = sum x x^T`` of the layer's
   calibration inputs; needs ``hessians``), with ``mse`` block parameters and optionally activation
@@ -130,6 +133,63 @@ def quantize_affine(weight_t: np.ndarray, bits: int, block_size: int) -> tuple[n
     return codes.astype(np.uint8), scale, offset
 
 
+def integer_affine(codes: np.ndarray, scales: np.ndarray, zero: np.ndarray | None, offsets: np.ndarray,
+                   block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Affine 4-bit blocks ``w = (code - zero) * scale + offset`` as integer-zero-point MatMulNBits
+    blocks over the input ``[x, block sums of x]``.
+
+    Each block takes the integer zero point ``z`` nearest ``zero - offset / scale``; the residual
+    ``offset - (zero - z) * scale`` (at most half a step) is constant over the block, so it multiplies
+    the block's sum of ``x``: those ``K / block`` residuals per output become extra rows, quantized
+    (4 bits, symmetric) in blocks of ``block_size`` of their own, to within 1/28 of a step. Returns codes ``[N, blocks + extra,
+    block_size]``, scales and zero points ``[N, blocks + extra]`` for ``K + K / block`` inputs.
+    """
+    rows, blocks = scales.shape
+    scale = scales.astype(np.float64)
+    zero = np.full((rows, blocks), 8.0) if zero is None else zero.astype(np.float64)
+    unclipped = zero - offsets / scale
+    integer = np.clip(np.round(unclipped), 0, 15)
+    residual = offsets - (zero - integer) * scale
+    extra = -(-blocks // block_size)
+    padded = np.zeros((rows, extra * block_size))
+    padded[:, :blocks] = residual
+    padded = padded.reshape(rows, extra, block_size)
+    # Symmetric around zero point 8: padding decodes to exactly 0, and snapped weights snap to
+    # themselves again (the largest residual is exactly 7 steps), which QAT's grid relies on.
+    largest = np.abs(padded).max(axis=-1)
+    residual_scale = np.where(largest > 0, largest / 7, 1.0).astype(np.float32)
+    steps = np.round(padded / residual_scale[..., None]).reshape(rows, -1)[:, :blocks]
+    # A residual rounded past half its own block's step would pick another zero point when the
+    # weights are quantized again: those round toward zero instead (blocks whose zero point was not clipped).
+    outward = (np.abs(steps * residual_scale.repeat(block_size, axis=1)[:, :blocks]) > scale / 2) & (
+        integer == np.round(unclipped))
+    steps = np.where(outward, steps - np.sign(steps), steps)
+    residual_codes = np.full((rows, extra * block_size), 8.0)
+    residual_codes[:, :blocks] = np.clip(steps + 8, 1, 15)
+    residual_codes = residual_codes.reshape(rows, extra, block_size)
+    return (np.concatenate([codes, residual_codes.astype(np.uint8)], axis=1),
+            np.concatenate([scales.astype(np.float32), residual_scale], axis=1),
+            np.concatenate([integer, np.full((rows, extra), 8)], axis=1).astype(np.uint8))
+
+
+def block_weight(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int,
+                 in_features: int) -> np.ndarray:
+    """The ``[N, K]`` weight of unpacked codes ``[N, blocks, block_size]`` (zero points None: ``2^(bits-1)``)."""
+    zero = np.full(scales.shape, 2 ** (bits - 1)) if zero_points is None else zero_points.reshape(scales.shape)
+    weight = (codes.astype(np.float64) - zero[..., None]) * scales.astype(np.float64)[..., None]
+    return weight.reshape(weight.shape[0], -1)[:, :in_features]
+
+
+def integer_affine_weight(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray,
+                          in_features: int) -> np.ndarray:
+    """The ``[N, K]`` weight that :func:`integer_affine`'s blocks apply to ``x`` (residual rows folded back)."""
+    rows, total, block_size = codes.shape
+    blocks = -(-in_features // block_size)
+    weight = (codes.astype(np.float64) - zero_points[..., None]) * scales.astype(np.float64)[..., None]
+    residual = weight[:, blocks:].reshape(rows, -1)[:, :blocks]
+    return (weight[:, :blocks] + residual[..., None]).reshape(rows, -1)[:, :in_features]
+
+
 def quantize_rtn(weight_t: np.ndarray, bits: int, block_size: int,
                  parameters=block_parameters) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Round to nearest: ``[N, K]`` float -> codes ``[N, n_blocks, block_size]`` (uint8), scales, zero points.
@@ -207,12 +267,12 @@ def quantize_gptq(weight_t: np.ndarray, hessian: np.ndarray, bits: int, block_si
 
 def snap_to_grid(weight: np.ndarray, bits: int, block_size: int, method: str = "affine") -> np.ndarray:
     """``weight`` (in, out) replaced by its dequantized codes, with this pass's own math (``method``:
-    ``affine`` for 4 bits as the pass stores it, float16 offsets; ``mse`` its block search; else RTN)."""
+    ``affine`` for 4 bits as the pass stores it, :func:`integer_affine`; ``mse`` its block search; else RTN)."""
     weight_t = weight.T.astype(np.float32)
-    if bits == 4 and method == "affine":
+    if bits == 4 and method == "affine" and weight_t.shape[1] % block_size == 0:
         codes, scale, low = quantize_affine(weight_t, bits, block_size)
-        offset = (low.astype(np.float64) + 8.0 * scale.astype(np.float64)).astype(np.float16).astype(np.float64)
-        values = offset[..., None] + scale[..., None].astype(np.float64) * (codes.astype(np.float64) - 8.0)
+        stored = integer_affine(codes, scale, None, low.astype(np.float64) + 8.0 * scale, block_size)
+        return np.ascontiguousarray(integer_affine_weight(*stored, weight_t.shape[1]).T.astype(np.float32))
     else:
         parameters = mse_parameters if bits == 4 and method == "mse" else block_parameters
         codes, scale, zero = quantize_rtn(weight_t, bits, block_size, parameters)
@@ -326,10 +386,10 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         self.counts = {}
         self.errors = {}
         graph = model.graph
-        block_sums: dict[tuple[str, int], ir.Value] = {}
+        augmented: dict[tuple[str, int], ir.Value] = {}
         for site in linear_sites(graph, self.exclude, head=self.head_bits is not None):
             bits = self.head_bits if is_head(site) else self.site_bits.get(site.name, self.bits)
-            key = self._replace(graph, site, bits, block_sums)
+            key = self._replace(graph, site, bits, augmented)
             self.counts[key] = self.counts.get(key, 0) + 1
         modified = bool(self.counts)
         if modified:
@@ -337,12 +397,10 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=modified)
 
     def _affine_applies(self, site: LinearSite, bits: int, block_size: int) -> bool:
-        """``affine`` needs 4 bits, whole blocks and a rank-3 activation (the offset term reshapes it)."""
-        shape = site.activation.shape
-        return (self.method == "affine" and bits == 4 and site.shape[0] % block_size == 0
-                and shape is not None and len(shape) == 3)
+        """``affine`` needs 4 bits and whole blocks (each block's sum is one input of the residual rows)."""
+        return self.method == "affine" and bits == 4 and site.shape[0] % block_size == 0
 
-    def _replace(self, graph: ir.Graph, site: LinearSite, bits: int, block_sums: dict[tuple[str, int], ir.Value]) -> str:
+    def _replace(self, graph: ir.Graph, site: LinearSite, bits: int, augmented: dict[tuple[str, int], ir.Value]) -> str:
         in_features, out_features = site.shape
         block_size = self.head_block_size if is_head(site) else self.block_size
         weight_t = site.weight().T
@@ -357,9 +415,6 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
                 offsets = offsets[given.row_order] if offsets is not None else None
         elif self._affine_applies(site, bits, block_size):
             codes, scales, low = quantize_affine(weight_t, bits, block_size)
-            # Centered codes (MatMulNBits' default zero point 8) with the offset min + 8 * scale: with
-            # accuracy_level 4 the kernel rounds activations to int8, and centered weights make that
-            # rounding cost less (SmolLM2: +0.4% perplexity vs +1.6% with zero point 0 and offset min).
             offsets = low.astype(np.float64) + 8.0 * scales.astype(np.float64)
             zero_points = None
         elif self.method == "gptq" and hessian is not None and not is_head(site) and bits == 4:
@@ -369,69 +424,54 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         else:
             codes, scales, zero_points = quantize_rtn(weight_t, bits, block_size)
         block_size = codes.shape[-1]
+        activation, features = site.activation, in_features
+        if offsets is not None:
+            offsets = np.asarray(offsets, dtype=np.float64).reshape(scales.shape)
+            codes, scales, zero_points = integer_affine(codes, scales, zero_points, offsets, block_size)
+            activation = self._with_block_sums(graph, site, block_size, augmented)
+            features = in_features + in_features // block_size
         packed = pack(codes, bits)
-        inputs = [site.activation,
+        inputs = [activation,
                   add_initializer(graph, weight_name(site, f"q{bits}"), packed),
                   add_initializer(graph, weight_name(site, f"q{bits}_scales"), scales.reshape(-1).astype(np.float32))]
         if bits == 4 and zero_points is not None:
             inputs.append(add_initializer(graph, weight_name(site, f"q{bits}_zero_points"), pack_zero_points(zero_points)))
-        node = ir.node("MatMulNBits", inputs, attributes={"K": in_features, "N": out_features, "bits": bits,
+        node = ir.node("MatMulNBits", inputs, attributes={"K": features, "N": out_features, "bits": bits,
                                                           "block_size": block_size,
                                                           "accuracy_level": self.accuracy_level},
                        domain=CONTRIB_DOMAIN, name=f"{site.name}_Q{bits}")
         node_tag(node, RULE)
         # Which float initializer these codes came from: lets the embedding pass share a tied table.
         node.metadata_props["graphopt.weight_source"] = site.source.name or ""
-        self.errors[site.name] = weight_error(weight_t, packed, scales, zero_points, offsets, bits, block_size)
-        if offsets is None:
-            replace_node(graph, site.node, node)
-            return f"MatMulNBits(bits={bits})"
-        graph.insert_before(site.node, node)
-        sums = block_sums.get((site.activation.name, block_size))
-        if sums is None:
-            sums = _block_sums(graph, site, block_size, node)
-            block_sums[(site.activation.name, block_size)] = sums
-        step = scales.reshape(out_features, -1).T.astype(np.float64)
-        offsets = np.asarray(offsets, dtype=np.float64).reshape(out_features, -1).T
-        half = offsets.astype(np.float16)
-        extra_nodes = []
-        # float16 when that is exact (a Q4_1 source's minima) or moves no offset by more than 1% of its
-        # block's quantization step (4-bit rounding itself moves weights by up to 50%): half the bytes.
-        # ONNX Runtime folds the Cast once at session start.
-        exact = np.array_equal(half.astype(np.float64), offsets)
-        if exact or (given is None and np.all(np.abs(half.astype(np.float64) - offsets) <= 0.01 * step)
-                     and np.all(np.isfinite(half))):
-            stored = add_initializer(graph, weight_name(site, f"q{bits}_offsets_fp16"), half)
-            cast = ir.node("Cast", [stored], attributes={"to": ir.DataType.FLOAT}, name=f"{site.name}_Q{bits}_offset_cast")
-            extra_nodes.append(cast)
-            offset_value = cast.outputs[0]
-            stored_offsets = half
+        if offsets is not None:
+            restored = integer_affine_weight(codes, scales, zero_points, in_features)
         else:
-            offset_value = add_initializer(graph, weight_name(site, f"q{bits}_offsets"), offsets.astype(np.float32))
-            stored_offsets = offsets.astype(np.float32)
-        # The error of what is stored (float16 offsets included), not of the float64 ones.
-        self.errors[site.name] = weight_error(weight_t, packed, scales, zero_points, stored_offsets.T, bits, block_size)
-        correction = ir.node("MatMul", [sums, offset_value], name=f"{site.name}_Q{bits}_offset")
-        total = ir.node("Add", [node.outputs[0], correction.outputs[0]], name=f"{site.name}_Q{bits}_add")
-        for extra in (*extra_nodes, correction, total):
-            node_tag(extra, RULE)
-        graph.insert_after(node, [*extra_nodes, correction])
-        replace_node(graph, site.node, total)  # inserts ``total`` where the MatMul was, after ``correction``
-        return f"MatMulNBits(bits={bits}, affine)"
+            restored = block_weight(codes, scales, zero_points, bits, in_features)
+        self.errors[site.name] = weight_error(weight_t, restored)
+        replace_node(graph, site.node, node)
+        return f"MatMulNBits(bits={bits}, affine)" if offsets is not None else f"MatMulNBits(bits={bits})"
 
-
-def _block_sums(graph: ir.Graph, site: LinearSite, block_size: int, before: ir.Node) -> ir.Value:
-    """``ReduceSum`` of the activation over each block of ``block_size`` input features: ``[b, s, K / block]``."""
-    in_features = site.shape[0]
-    shape = add_initializer(graph, f"{weight_name(site, 'block_shape')}",
-                            np.array([0, 0, in_features // block_size, block_size], dtype=np.int64))
-    axes = add_initializer(graph, f"{weight_name(site, 'block_axes')}", np.array([-1], dtype=np.int64))
-    reshape = ir.node("Reshape", [site.activation, shape], name=f"{site.name}_blocks")
-    reduce = ir.node("ReduceSum", [reshape.outputs[0], axes], attributes={"keepdims": 0}, name=f"{site.name}_block_sums")
-    for node in (reshape, reduce):
-        node_tag(node, RULE)
-    graph.insert_before(before, [reshape, reduce])
-    return reduce.outputs[0]
+    @staticmethod
+    def _with_block_sums(graph: ir.Graph, site: LinearSite, block_size: int, augmented: dict) -> ir.Value:
+        """``Concat(x, x @ S)``, S the 0/1 ``[K, K / block]`` block-membership matrix (shared by equal K):
+        one per activation and block size, read by every affine linear on it."""
+        key = (site.activation.name, block_size)
+        if key not in augmented:
+            in_features = site.shape[0]
+            name = f"block_sum_matrix_{in_features}_{block_size}"
+            matrix = graph.initializers.get(name)
+            if matrix is None:
+                members = np.zeros((in_features, in_features // block_size), dtype=np.float32)
+                members[np.arange(in_features), np.arange(in_features) // block_size] = 1.0
+                matrix = add_initializer(graph, name, members)
+            sums = ir.node("MatMul", [site.activation, matrix], name=f"{site.name}_block_sums")
+            joined = ir.node("Concat", [site.activation, sums.outputs[0]], attributes={"axis": -1},
+                             name=f"{site.name}_with_block_sums")
+            for node in (sums, joined):
+                node_tag(node, RULE)
+            graph.insert_before(site.node, [sums, joined])
+            augmented[key] = joined.outputs[0]
+        return augmented[key]
 
 
 def quantize_rtn_chunked(weight_t: np.ndarray, bits: int, block_size: int, parameters,
@@ -442,19 +482,8 @@ def quantize_rtn_chunked(weight_t: np.ndarray, bits: int, block_size: int, param
     return tuple(np.concatenate([part[index] for part in parts]) for index in range(3))
 
 
-def weight_error(weight_t: np.ndarray, packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None,
-                 offsets: np.ndarray | None, bits: int, block_size: int) -> float:
-    """Relative Frobenius error of the stored weight against the float one (what the lineage reports)."""
-    rows, in_features = weight_t.shape
-    codes = unpack(packed, bits).astype(np.float64)
-    if zero_points is None:
-        zero = np.full(scales.shape, 2 ** (bits - 1), dtype=np.float64)
-    else:
-        zero = zero_points.astype(np.float64).reshape(scales.shape)
-    restored = (codes - zero[..., None]) * scales.astype(np.float64)[..., None]
-    if offsets is not None:
-        restored = restored + offsets.astype(np.float64)[..., None]
-    restored = restored.reshape(rows, -1)[:, :in_features]
+def weight_error(weight_t: np.ndarray, restored: np.ndarray) -> float:
+    """Relative Frobenius error of the stored weight ``[N, K]`` against the float one (what the lineage reports)."""
     norm = float(np.linalg.norm(weight_t))
     return float(np.linalg.norm(restored - weight_t)) / norm if norm > 0 else 0.0
 

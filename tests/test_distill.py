@@ -248,7 +248,7 @@ def test_two_process_ddp_matches_one_process(student_dir, teacher_dir, tmp_path)
 def test_fake_quantize_is_the_weight_only_grid(bits, method):
     weight = np.random.default_rng(bits).normal(size=(96, 40)).astype(np.float32)
     weight[:, 3] = np.abs(weight[:, 3])  # a block of one sign: zero point at the edge
-    weight[32:64, 5] = 0.3  # a constant block (affine: scale 1, the offset rounded to float16)
+    weight[32:64, 5] = 0.3  # a constant block (affine: scale 1, the offset in the residual rows)
     ours = fake_quantize(torch.from_numpy(weight), bits, 32, method).numpy()
     snapped = snap_to_grid(weight, bits, 32, method)
     np.testing.assert_allclose(ours, snapped, rtol=0, atol=1e-6)
@@ -303,22 +303,20 @@ def test_fake_quantized_inputs_are_what_the_cpu_kernel_computes(bits):
 
 
 def _affine_weights(model: ir.Model) -> dict[str, np.ndarray]:
-    """Each affine MatMulNBits' weight as the graph computes it: scale * (code - 8) + its block's offset."""
-    from graphopt.passes.quantize_weights import dequantize
+    """Each affine MatMulNBits' weight ``[K, N]`` as the graph computes it (its residual rows folded back)."""
+    from graphopt.passes.quantize_weights import integer_affine_weight, unpack
 
-    nodes = {node.name: node for node in model.graph}
     weights = {}
     for node in model.graph:
-        if node.op_type != "MatMulNBits" or f"{node.name}_offset" not in nodes:
+        producer = node.inputs[0].producer() if node.op_type == "MatMulNBits" else None
+        if producer is None or not producer.name.endswith("_with_block_sums"):
             continue
-        packed, scales = (value.const_value.numpy() for value in node.inputs[1:3])
-        in_features, block = node.attributes["K"].as_int(), node.attributes["block_size"].as_int()
-        weight = dequantize(packed, scales, None, 4, in_features).astype(np.float64)
-        offsets = nodes[f"{node.name}_offset"].inputs[1]
-        if offsets.const_value is None:  # float16 offsets behind a Cast
-            offsets = offsets.producer().inputs[0]
-        offsets = offsets.const_value.numpy().astype(np.float64)
-        weights[node.metadata_props["graphopt.weight_source"]] = weight + np.repeat(offsets, block, axis=0)
+        packed, scales, zero_points = (value.const_value.numpy() for value in node.inputs[1:4])
+        rows, blocks = packed.shape[:2]
+        in_features = producer.inputs[0].shape[-1]
+        zero = unpack(zero_points.reshape(rows, -1), 4)[:, :blocks].astype(np.float64)
+        weight = integer_affine_weight(unpack(packed, 4), scales.reshape(rows, blocks), zero, in_features)
+        weights[node.metadata_props["graphopt.weight_source"]] = weight.T
     return weights
 
 

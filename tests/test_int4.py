@@ -16,8 +16,8 @@ from graphopt.cli import main
 from graphopt.modeldir import ModelDir
 from graphopt.passes.quantize_common import linear_sites
 from graphopt.passes.quantize_embedding import EmbeddingQuantizePass
-from graphopt.passes.quantize_weights import (WeightOnlyQuantizePass, block_parameters, mse_parameters, quantize_rtn,
-                                              weight_error)
+from graphopt.passes.quantize_weights import (WeightOnlyQuantizePass, block_parameters, block_weight, mse_parameters,
+                                              quantize_rtn, weight_error)
 from graphopt.runtime.decoder import Decoder
 
 gguf = pytest.importorskip("gguf")
@@ -68,29 +68,50 @@ def test_mse_parameters_beat_min_max_rtn():
     errors = {}
     for name, parameters in (("rtn", block_parameters), ("mse", mse_parameters)):
         codes, scales, zero_points = quantize_rtn(weights, 4, 32, parameters)
-        packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
-        errors[name] = weight_error(weights, packed, scales, zero_points, None, 4, 32)
+        errors[name] = weight_error(weights, block_weight(codes, scales, zero_points, 4, weights.shape[1]))
     # A modest gain (~3% here), but never a loss: the plain range is one of the candidates.
     assert errors["mse"] < 0.98 * errors["rtn"], errors
 
 
-def test_affine_is_exact_on_q4_1_weights_and_idempotent(tiny_llama_dir, tmp_path):
+def test_affine_reproduces_q4_1_weights_and_is_idempotent(tiny_llama_dir, tmp_path):
     model = q41_model(tiny_llama_dir)
     reference = save(model, tmp_path / "float", tiny_llama_dir)
     quantizer = WeightOnlyQuantizePass(bits=4, block_size=32, method="affine", head_bits=None, accuracy_level=0)
     assert quantizer(model).modified
-    # 2 layers x 7 linears; block sums shared: q/k/v read one input, gate/up one.
+    # 2 layers x 7 linears, one MatMulNBits each; block sums shared: q/k/v read one input, gate/up one.
     assert quantizer.counts == {"MatMulNBits(bits=4, affine)": 14}
     counts = ops(model)
-    assert counts["MatMulNBits"] == 14 and counts["ReduceSum"] == 8
-    # Offsets min + 8*scale stored in float16 (within 1% of a step): weights within ~1e-4, not bitwise.
-    assert max(quantizer.errors.values()) < 1e-3
+    joined = [node for node in model.graph if node.name.endswith("_with_block_sums")]
+    assert counts["MatMulNBits"] == 14 and len(joined) == 8 and all(node.op_type == "Concat" for node in joined)
+    assert "ReduceSum" not in counts
+    # Integer zero points and the block residuals as 4-bit rows (within 1/28 of a step): 0.2-0.5% of the weights.
+    assert max(quantizer.errors.values()) < 5e-3, quantizer.errors
     assert not WeightOnlyQuantizePass(bits=4, method="affine", head_bits=None, accuracy_level=0)(model).modified
     quantized = save(model, tmp_path / "affine", tiny_llama_dir)
     onnx.checker.check_model(onnx.load(str(quantized / "model.onnx")), full_check=True)
-    # The same weights; float32 sums in another order: not bitwise, within 1e-4.
-    difference = np.abs(logits(quantized / "model.onnx") - logits(reference / "model.onnx")).max()
-    assert difference < 1e-4, difference
+    # A random model amplifies weight error: seen 2% of the logits' largest magnitude here.
+    expected = logits(reference / "model.onnx")
+    difference = np.abs(logits(quantized / "model.onnx") - expected).max()
+    assert difference < 3e-2 * np.abs(expected).max(), (difference, np.abs(expected).max())
+
+
+def test_integer_affine_round_trip():
+    """integer_affine's blocks, applied to [x, block sums of x], equal its folded weight; residuals within 1/28 step."""
+    from graphopt.passes.quantize_weights import integer_affine, integer_affine_weight, quantize_affine
+
+    rng = np.random.default_rng(1)
+    weight = rng.standard_normal((48, 96)).astype(np.float32)  # [N, K]: 3 blocks of 32
+    codes, scales, low = quantize_affine(weight, 4, 32)
+    offsets = low.astype(np.float64) + 8.0 * scales
+    exact = (codes - 8.0) * scales[..., None] + offsets[..., None]
+    stored = integer_affine(codes, scales, None, offsets, 32)
+    assert stored[0].shape == (48, 4, 32) and stored[2].max() <= 15
+    folded = integer_affine_weight(*stored, 96)
+    assert np.abs(folded - exact.reshape(48, 96)).max() <= scales.max() / 28 + 1e-6
+    x = rng.standard_normal((5, 96))
+    joined = np.concatenate([x, x.reshape(5, 3, 32).sum(-1)], axis=1)
+    unfolded = block_weight(*stored, 4, 99)
+    np.testing.assert_allclose(joined @ unfolded.T, x @ folded.T, rtol=1e-9, atol=1e-9)
 
 
 def test_integer_zero_points_cannot_reproduce_q4_1(tiny_llama_dir):
@@ -273,12 +294,15 @@ def test_gguf_import_equals_the_dequantized_pytorch_model(tmp_path, types, exact
     imported = import_quantization(exported.path, gguf_file, tmp_path / "kept", accuracy_level=0)
     step = imported.manifest.lineage[-1]
     figures = step.figures
-    assert figures["exact"] == exact and figures["exact_max_relative_error"] == 0.0
+    assert figures["exact"] == exact
+    # Q4_1's float minimum: an integer zero point plus 4-bit residual rows (quantize_weights.integer_affine).
+    assert figures["exact_max_relative_error"] == 0.0 if "Q4_1" not in exact else figures["exact_max_relative_error"] < 5e-3
     assert not figures["requantized"] and not figures["unmatched"]
     assert not linear_sites(graph_io.load(imported.model_path).graph)  # no float linear left
-    # Weights identical to llama.cpp's dequantization; only float32 summation order differs.
-    difference = np.abs(logits(imported.model_path) - torch_logits(model)).max()
-    assert difference < 1e-4, difference
+    # Weights identical to llama.cpp's dequantization (Q4_1: within 1/28 of a step); float32 summation order differs.
+    reference = torch_logits(model)
+    difference = np.abs(logits(imported.model_path) - reference).max()
+    assert difference < (1e-4 if "Q4_1" not in exact else 1e-2 * np.abs(reference).max()), difference
     # Stored once: the Q8_0 table serves the Gather and the head.
     assert step.counts["GatherBlockQuantized(bits=8, shared with the head)"] == 1
 

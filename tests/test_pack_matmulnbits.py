@@ -114,10 +114,10 @@ def test_quantize_defaults_pack_and_use_the_kernel_block_size(fused_dir, tmp_pat
     assert step["parameters"]["head_block_size"] == DEFAULT_HEAD_BLOCK_SIZE[8]  # the head is int8 by default
     model = graph_io.load(result.model_path)
     layers = counts(model)["GroupQueryAttention"]
-    # int4's affine offset tables pack beside the codes: q/k/v reach attention packed in both.
+    # int4's affine sites share their [x, block sums] input: q/k/v reach attention packed in both.
     assert step["figures"]["packed"] == {"q/k/v into GroupQueryAttention": layers, "2 siblings + Split": layers}
-    if bits == 4:  # one offset MatMul + Add per MatMulNBits, not per projection
-        assert counts(model)["Add"] == counts(model)["MatMulNBits"] - 1  # the LM head is int8: no offsets
+    if bits == 4:  # one block-sum MatMul + Concat per packed MatMulNBits; the int8 LM head has none
+        assert counts(model)["Concat"] == counts(model)["MatMulNBits"] - 1 and "Add" not in counts(model)
     blocks = {node.name.rsplit("/", 2)[-2]: node.attributes["block_size"].as_int() for node in model.graph
               if node.op_type == "MatMulNBits"}
     assert blocks.pop("lm_head") == DEFAULT_HEAD_BLOCK_SIZE[8]

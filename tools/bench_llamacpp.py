@@ -61,7 +61,9 @@ PROMPTS = (
 )
 # llama.cpp file types (llama.h's llama_ftype) made from the source GGUF.
 LLAMA_FTYPES = {"F32": 0, "Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15}
-GRAPHOPT_VARIANTS = {"fp32": None, "int8": "int8", "int4": "int4"}
+# graphopt quantize options per model key (None: the fused float model itself).
+GRAPHOPT_VARIANTS = {"fp32": None, "int8": ["--weights", "int8"], "int4": ["--weights", "int4"],
+                     "int4-rtn-awq": ["--weights", "int4", "--method", "rtn", "--awq"]}
 # Rows of the table, in order: (name, runtime, model key); pairs at the same bits sit together.
 VARIANTS = (
     ("graphopt fp32 (fused)", "graphopt", "fp32"),
@@ -71,6 +73,9 @@ VARIANTS = (
     ("graphopt int4 (default)", "graphopt", "int4"),
     ("llama.cpp Q4_0", "llama", "Q4_0"),
     ("llama.cpp Q4_K_M", "llama", "Q4_K_M"),
+    # The source file as shipped: graphopt's default int4 reproduces its Q4_1 grid exactly.
+    ("llama.cpp Q4_1 (the source GGUF)", "llama", "source"),
+    ("graphopt int4 --method rtn --awq", "graphopt", "int4-rtn-awq"),
 )
 
 
@@ -93,18 +98,19 @@ def make_llama_models(source: pathlib.Path, work: pathlib.Path) -> dict[str, pat
                 raise SystemExit(f"llama_model_quantize to {name} failed with code {code}")
             partial.rename(path)
         paths[name] = path
+    paths["source"] = source
     return paths
 
 
 def make_graphopt_models(fused: pathlib.Path, work: pathlib.Path) -> dict[str, pathlib.Path]:
     paths = {"fp32": fused}
-    for name, weights in GRAPHOPT_VARIANTS.items():
-        if weights is None:
+    for name, options in GRAPHOPT_VARIANTS.items():
+        if options is None:
             continue
         path = work / f"graphopt-{name}"
         if not (path / "graphopt.json").is_file():
             subprocess.run([sys.executable, "-m", "graphopt", "quantize", str(fused), "-o", str(path), "--force",
-                            "--weights", weights, "--activations", "none"], check=True)
+                            *options, "--activations", "none"], check=True)
         paths[name] = path
     return paths
 
@@ -365,7 +371,8 @@ def main() -> None:
 
     by_key = {row["model"]: row for row in rows}
     ratios = {}
-    for mine, theirs in (("int8", "Q8_0"), ("int4", "Q4_0"), ("int4", "Q4_K_M")):
+    for mine, theirs in (("int8", "Q8_0"), ("int4", "Q4_0"), ("int4", "Q4_K_M"), ("int4", "source"),
+                         ("int4-rtn-awq", "Q4_0")):
         if mine in by_key and theirs in by_key:
             ratios[f"graphopt {mine} / llama.cpp {theirs}"] = (
                 by_key[mine]["decode_tokens_per_s"] / by_key[theirs]["decode_tokens_per_s"])
@@ -378,10 +385,10 @@ def main() -> None:
               f"{len(prefill_ids)} tokens; perplexity on graphopt's token ids for both runtimes ({len(text_ids)} tokens; "
               f"llama.cpp's own tokenizer gives {'the same ids' if same_ids else f'{len(llama_ids)}, merging whitespace runs'})")
     print("\n" + header)
-    print(f"{'model':<26}{'decode tok/s':>13}{'prefill ms':>11}{'TTFT s':>8}{'perplexity':>11}{'vs fp32':>9}"
+    print(f"{'model':<34}{'decode tok/s':>13}{'prefill ms':>11}{'TTFT s':>8}{'perplexity':>11}{'vs fp32':>9}"
           f"{'same tokens':>12}{'MB':>8}")
     for row in rows:
-        print(f"{row['name']:<26}{row['decode_tokens_per_s']:>13.1f}{row['prefill_ms']:>11.0f}"
+        print(f"{row['name']:<34}{row['decode_tokens_per_s']:>13.1f}{row['prefill_ms']:>11.0f}"
               f"{row['time_to_first_token_s']:>8.2f}{row.get('perplexity', float('nan')):>11.3f}"
               f"{row.get('perplexity_increase_percent', float('nan')):>+8.1f}%"
               f"{row.get('first_divergence_from_fp32_mean', float('nan')):>12.1f}{row['size_mb']:>8.1f}")

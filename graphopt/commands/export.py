@@ -21,7 +21,7 @@ from graphopt.passes.targets import TARGETS
               help="Also fuse attention for this target (as `graphopt fuse`), in one step.")
 @click.option("--keep-quantization", is_flag=True,
               help="GGUF source: keep its quantized linears as MatMulNBits with no float round trip (Q8_0, Q4_0 "
-                   "exactly; Q4_1 exactly through a float offset term); other types are requantized and their "
+                   "exactly; Q4_1's codes as they are, offsets within 1/28 of a step); others are requantized and their "
                    "error reported. The tied embedding is stored once, quantized.")
 def command(src: str, output: str, force: bool, validate: bool, tolerance: float, opset: int,
             fuse_target: str | None, keep_quantization: bool) -> None:

@@ -46,9 +46,10 @@ def _default(name: str):
               help="Weight-only: pack the q/k/v and the gate/up MatMulNBits of each layer into one (same numbers, "
                    "fewer kernel calls).")
 @click.option("--method", type=click.Choice(METHODS), default=_default("method"), show_default=True,
-              help="Weight-only int4 rounding. auto: affine. affine: per-block min + scale x code with a float "
-                   "offset (exact on models dequantized from Q4_1, like the embedded SmolLM2; +0.6% perplexity "
-                   "there, where integer zero points lose 24-27%); mse: per-block range and integer zero point "
+              help="Weight-only int4 rounding. auto: affine. affine: per-block min + scale x code, the offset as "
+                   "an integer zero point plus 4-bit residual rows (near exact on models dequantized from Q4_1, "
+                   "like the embedded SmolLM2; +0.3% perplexity there, where integer zero points alone lose "
+                   "24-27%); mse: per-block range and integer zero point "
                    "minimizing the weight error; rtn: min/max range including zero; gptq: calibrated GPTQ on mse "
                    "blocks. int8 is always symmetric round to nearest.")
 @click.option("--act-order", is_flag=True, help="GPTQ: columns by decreasing Hessian diagonal within each block.")
