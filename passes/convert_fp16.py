@@ -42,14 +42,11 @@ FLOAT32_OUTPUTS = ("logits",)
 
 
 def is_float16(model: ir.Model) -> bool:
-    """True when the graph already carries float16 activations (a cache input or a float16 initializer).
-
-    Initializers read only through a Cast (weight-only int4's float16-stored offsets) do not count.
-    """
-    if any(value.dtype == ir.DataType.FLOAT16 for value in model.graph.inputs):
-        return True
-    return any(value.dtype == ir.DataType.FLOAT16 and any(user.op_type != "Cast" for user, _ in value.uses())
-               for value in model.graph.initializers.values())
+    """True when the graph already carries float16 activations (a cache input or any float16 initializer)."""
+    for value in [*model.graph.inputs, *model.graph.initializers.values()]:
+        if value.dtype == ir.DataType.FLOAT16:
+            return True
+    return False
 
 
 def sensitive_nodes(graph: ir.Graph, keep_softmax: bool = True, keep_norms: bool = True) -> dict[str, list[str]]:

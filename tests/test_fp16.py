@@ -120,7 +120,7 @@ def test_fused_then_fp16_runs_on_cpu(tiny_llama_dir, tmp_path):
     assert figures["argmax_agreement"] == 1.0
 
 
-@pytest.mark.parametrize("weights,method", [("int4", "rtn"), ("int8", "rtn")])
+@pytest.mark.parametrize("weights,method", [("int4", "rtn"), ("int4", "affine"), ("int8", "rtn")])
 def test_weight_only_quantized_graph_converts(tiny_llama_dir, tmp_path, weights, method):
     """int4/int8 MatMulNBits take float16 scales (the CUDA kernels' type); static QDQ stays refused.
 
