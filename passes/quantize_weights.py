@@ -310,17 +310,11 @@ def pack_zero_points(zero_points: np.ndarray) -> np.ndarray:
 def dequantize(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int,
                in_features: int) -> np.ndarray:
     """MatMulNBits' weight as ``[K, N]`` float32 (what the kernel multiplies by), for tests and checks."""
-    codes = unpack(packed, bits).astype(np.float64)
+    codes = unpack(packed, bits)
     rows, n_blocks, _ = codes.shape
-    scales = scales.reshape(rows, n_blocks).astype(np.float64)
-    if zero_points is None:
-        zero = np.full((rows, n_blocks), 2 ** (bits - 1), dtype=np.float64)
-    elif bits == 4:
-        zero = unpack(zero_points.reshape(rows, -1), 4)[:, :n_blocks].astype(np.float64)
-    else:
-        zero = zero_points.reshape(rows, n_blocks).astype(np.float64)
-    weight = (codes - zero[..., None]) * scales[..., None]
-    return weight.reshape(rows, -1)[:, :in_features].T.astype(np.float32)
+    if zero_points is not None and bits == 4:
+        zero_points = unpack(zero_points.reshape(rows, -1), 4)[:, :n_blocks]
+    return block_weight(codes, scales.reshape(rows, n_blocks), zero_points, bits, in_features).T.astype(np.float32)
 
 
 @dataclasses.dataclass
