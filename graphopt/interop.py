@@ -171,7 +171,10 @@ def genai_config(manifest: Manifest, facts: dict[str, Any], ids: dict[str, Any],
             "bos_token_id": ids["bos"] if ids["bos"] is not None else (eos[0] if eos else 0),
             "context_length": manifest.max_positions,
             "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": provider_options},
+                # genai runs one intra-op thread unless told; 0 asks ONNX Runtime for one per
+                # physical core, as graphopt's runtime does (SmolLM2 int4, 2 cores: 75 -> 132 tok/s).
+                "session_options": {"log_id": "onnxruntime-genai", "intra_op_num_threads": 0,
+                                    "provider_options": provider_options},
                 "filename": manifest.model_file,
                 "head_size": manifest.head_dim,
                 "hidden_size": manifest.hidden_size or manifest.heads * manifest.head_dim,

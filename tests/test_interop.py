@@ -98,6 +98,8 @@ def test_export_writes_genai_and_transformers_configs(tiny_llama_dir):
             decoder["head_size"], decoder["hidden_size"]) == (2, 4, 2, 16, 64)
     assert decoder["inputs"]["past_key_names"] == "past_key_values.%d.key"
     assert decoder["outputs"]["present_value_names"] == "present.%d.value"
+    # genai's own default is one intra-op thread; 0 is ONNX Runtime's one per physical core.
+    assert decoder["session_options"]["intra_op_num_threads"] == 0
     assert genai["model"]["vocab_size"] == ModelDir.open(tiny_llama_dir).manifest.vocab_size
     # The unfused graph concatenates past and new keys: genai must not share the buffer.
     assert genai["search"]["past_present_share_buffer"] is False

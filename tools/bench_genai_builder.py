@@ -4,7 +4,8 @@
     python tools/bench_genai_builder.py GRAPHOPT_DIR BUILT [--windows 4] [--window 512] [--rounds 3]
         [--json tools/results/genai_builder.json]
 
-Both models run in onnxruntime-genai, so the comparison is of the graphs alone. Perplexity: the
+Both models run in onnxruntime-genai, each with the genai_config.json its tool wrote; a third row
+runs the builder's graph with graphopt's session options, so the graphs are also compared alone. Perplexity: the
 logits of windows of ``window + 1`` tokens of graphopt's evaluation text (the same text and windows
 as `graphopt eval`), each scored from an empty cache through genai's ``get_output("logits")``.
 Speed: greedy chat answers (up to 64 new tokens), the two models interleaved in each round, medians
@@ -69,8 +70,15 @@ def main() -> None:
     windows = text_windows(tokenizer.encode(read_text(DEFAULT_TEXT)), args.window, args.windows)
     prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": prompt}]))
                for prompt in PROMPTS]
-    labels = {"graphopt int4": args.graphopt_dir, "genai builder int4": args.built_dir}
-    models = {label: og.Model(str(path)) for label, path in labels.items()}
+    labels = {"graphopt int4": args.graphopt_dir, "genai builder int4": args.built_dir,
+              "genai builder int4, intra_op_num_threads 0": args.built_dir}
+    models = {label: og.Model(str(path)) for label, path in list(labels.items())[:2]}
+    # The builder's genai_config.json leaves genai's default of one intra-op thread; graphopt's asks
+    # for one per core. The third row runs the builder's graph with graphopt's session options, so
+    # the graphs are compared apart from the configs.
+    config = og.Config(str(args.built_dir))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": 0}}}}))
+    models["genai builder int4, intra_op_num_threads 0"] = og.Model(config)
     load = [os.getloadavg()[0]]
     results = {label: {"size_mb": round(size_mb(path), 1), "perplexity": genai_perplexity(models[label], windows)}
                for label, path in labels.items()}
