@@ -190,7 +190,7 @@ def _optimize(source: pathlib.Path, out: pathlib.Path, *options: str) -> None:
 def test_optimize_target_and_draft_load_in_genai(checkpoints, tmp_path):
     """`graphopt optimize`'s target/ and draft/ carry the files (every stage runs through the step runner)."""
     out = tmp_path / "out"
-    _optimize(checkpoints["llama"], out, "--no-reference", "--eval-windows", "1", "--window", "64", "--tokens", "8",
+    _optimize(checkpoints["llama"], out, "--no-reference", "--eval-windows", "4", "--window", "64", "--tokens", "8",
               "--keep-draft")
     for part in ("target", "draft"):
         runtimes = ModelDir.open(out / part).manifest.runtimes

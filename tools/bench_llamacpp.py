@@ -2,7 +2,7 @@
 
     python tools/bench_llamacpp.py --gguf SRC.gguf --fused FUSED_DIR --work WORK [--threads 2] [--rounds 3]
         [--tokens 128] [--prefill 512] [--windows N] [--json tools/results/bench_llamacpp.json]
-        [--png docs/bench_llamacpp.png] [--variants NAME ...]
+        [--png docs/bench_llamacpp.png] [--variants NAME ...] [--genai-int4 BUILT]
 
 Models (made once under WORK, reused when present):
 
@@ -12,6 +12,8 @@ Models (made once under WORK, reused when present):
   float weights as graphopt's export of that GGUF.
 * graphopt: ``graphopt quantize FUSED --weights int8|int4 --activations none`` with every other
   option at its default (what a user gets), and the fused float model itself.
+* onnxruntime-genai (with ``--genai-int4``): its builder's int4 model of the same checkpoint, run by
+  genai at the same thread count (perplexity through genai's logits).
 
 Measured, for each model:
 
@@ -63,6 +65,7 @@ PROMPTS = (
 LLAMA_FTYPES = {"F32": 0, "Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15}
 # graphopt quantize options per model key (None: the fused float model itself).
 GRAPHOPT_VARIANTS = {"fp32": None, "int8": ["--weights", "int8"], "int4": ["--weights", "int4"],
+                     "int8-norot": ["--weights", "int8", "--rotation", "none"],
                      "int4-rtn-awq": ["--weights", "int4", "--method", "rtn", "--awq"]}
 # Rows of the table, in order: (name, runtime, model key); pairs at the same bits sit together.
 VARIANTS = (
@@ -70,12 +73,16 @@ VARIANTS = (
     ("llama.cpp F32", "llama", "F32"),
     ("graphopt int8 (default)", "graphopt", "int8"),
     ("llama.cpp Q8_0", "llama", "Q8_0"),
+    # The int8 default before it rotated (online Hadamard): what the rotation buys, in the same run.
+    ("graphopt int8 --rotation none", "graphopt", "int8-norot"),
     ("graphopt int4 (default)", "graphopt", "int4"),
     ("llama.cpp Q4_0", "llama", "Q4_0"),
     ("llama.cpp Q4_K_M", "llama", "Q4_K_M"),
     # The source file as shipped: graphopt's default int4 reproduces its Q4_1 grid exactly.
     ("llama.cpp Q4_1 (the source GGUF)", "llama", "source"),
     ("graphopt int4 --method rtn --awq", "graphopt", "int4-rtn-awq"),
+    # onnxruntime-genai's builder (`-p int4 -e cpu`) on the same checkpoint, run by genai: with --genai-int4.
+    ("onnxruntime-genai builder int4", "genai", "genai-int4"),
 )
 
 
@@ -157,13 +164,35 @@ class LlamaRunner:
         self.llm.reset()
 
 
+class GenaiRunner:
+    """onnxruntime-genai on its own builder's model (``--genai-int4``), at the same thread count."""
+
+    def __init__(self, model_dir: str, threads: int):
+        import onnxruntime_genai as og
+
+        config = og.Config(model_dir)
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+        self.og, self.model, self.generator = og, og.Model(config), None
+
+    def forward_last(self, ids: list[int]) -> np.ndarray:
+        self.generator.append_tokens(ids)
+        return np.asarray(self.generator.get_output("logits"))[0, -1]
+
+    def reset(self, capacity: int) -> None:
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=capacity, do_sample=False)
+        self.generator = self.og.Generator(self.model, params)
+
+
+RUNNERS = {"graphopt": lambda spec: GraphoptRunner(spec["path"], spec["threads"]),
+           "genai": lambda spec: GenaiRunner(spec["path"], spec["threads"]),
+           "llama": lambda spec: LlamaRunner(spec["path"], spec["threads"], n_ctx=max(1024, spec["prefill"] + 8))}
+
+
 def worker(args) -> None:
     """Runs in a fresh process: first token of the first prompt, then the timed work; prints one JSON line."""
     spec = json.loads(args.worker)
-    if spec["runtime"] == "graphopt":
-        runner = GraphoptRunner(spec["path"], spec["threads"])
-    else:
-        runner = LlamaRunner(spec["path"], spec["threads"], n_ctx=max(1024, spec["prefill"] + 8))
+    runner = RUNNERS[spec["runtime"]](spec)
     prompts, tokens = spec["prompts"], spec["tokens"]
     runner.reset(len(prompts[0]) + tokens + 1)
     first_token = int(np.argmax(runner.forward_last(prompts[0])))
@@ -227,6 +256,20 @@ def llama_perplexity(gguf: pathlib.Path, windows: list[list[int]], threads: int)
     return float(np.exp(total / count))
 
 
+def genai_perplexity(model_dir: pathlib.Path, windows: list[list[int]], threads: int) -> float:
+    from graphopt.evaluate import log_softmax
+
+    runner = GenaiRunner(str(model_dir), threads)
+    total, count = 0.0, 0
+    for ids in windows:
+        runner.reset(len(ids) + 1)
+        runner.generator.append_tokens(ids[:-1])
+        logprobs = log_softmax(np.asarray(runner.generator.get_output("logits"))[0])
+        total -= float(logprobs[np.arange(len(ids) - 1), ids[1:]].sum())
+        count += len(ids) - 1
+    return float(np.exp(total / count))
+
+
 def llama_token_ids(gguf: pathlib.Path, text: str) -> list[int]:
     import llama_cpp
 
@@ -258,7 +301,8 @@ def plot(rows: list[dict], path: pathlib.Path, title: str) -> None:
 
     figure, (speed_axis, quality_axis) = plt.subplots(1, 2, figsize=(11, 0.8 + 0.5 * len(rows)), sharey=True)
     labels = [row["name"] for row in rows][::-1]
-    colors = ["tab:blue" if row["runtime"] == "graphopt" else "tab:orange" for row in rows][::-1]
+    palette = {"graphopt": "tab:blue", "llama": "tab:orange", "genai": "tab:green"}
+    colors = [palette[row["runtime"]] for row in rows][::-1]
     speed_axis.barh(labels, [row["decode_tokens_per_s"] for row in rows][::-1], color=colors)
     for position, row in enumerate(rows[::-1]):
         speed_axis.text(row["decode_tokens_per_s"], position, f" {row['decode_tokens_per_s']:.0f}", va="center",
@@ -287,6 +331,10 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--windows", type=int, default=None, help="perplexity windows (default: all of the text)")
     parser.add_argument("--variants", nargs="*", default=None, help="names of rows to run (default: all)")
+    parser.add_argument("--genai-int4", type=pathlib.Path, default=None, metavar="BUILT",
+                        help="onnxruntime-genai builder's int4 model of the same checkpoint (python -m "
+                             "onnxruntime_genai.models.builder -i CKPT -o BUILT -p int4 -e cpu); its row is "
+                             "left out without it")
     parser.add_argument("--no-perplexity", action="store_true")
     parser.add_argument("--json", type=pathlib.Path, default=None)
     parser.add_argument("--png", type=pathlib.Path, default=None)
@@ -306,9 +354,11 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     llama_paths = make_llama_models(args.gguf, args.work)
     graphopt_paths = make_graphopt_models(args.fused, args.work)
-    variants = [variant for variant in VARIANTS if args.variants is None or variant[0] in args.variants
-                or variant[2] in args.variants]
-    paths = {name: (graphopt_paths if runtime == "graphopt" else llama_paths)[key] for name, runtime, key in variants}
+    genai_paths = {"genai-int4": args.genai_int4} if args.genai_int4 else {}
+    variants = [variant for variant in VARIANTS if (args.variants is None or variant[0] in args.variants
+                or variant[2] in args.variants) and (variant[1] != "genai" or variant[2] in genai_paths)]
+    sources = {"graphopt": graphopt_paths, "genai": genai_paths, "llama": llama_paths}
+    paths = {name: sources[runtime][key] for name, runtime, key in variants}
 
     tokenizer = Tokenizer(args.fused)
     prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}]))
@@ -341,6 +391,8 @@ def main() -> None:
             if key not in cache:
                 if runtime == "graphopt":
                     cache[key] = evaluate(paths[name], DEFAULT_TEXT, window=512, max_windows=args.windows).perplexity
+                elif runtime == "genai":
+                    cache[key] = genai_perplexity(paths[name], windows, args.threads)
                 else:
                     cache[key] = llama_perplexity(paths[name], windows, args.threads)
                 cache_path.write_text(json.dumps(cache, indent=1) + "\n")
@@ -372,9 +424,9 @@ def main() -> None:
     by_key = {row["model"]: row for row in rows}
     ratios = {}
     for mine, theirs in (("int8", "Q8_0"), ("int4", "Q4_0"), ("int4", "Q4_K_M"), ("int4", "source"),
-                         ("int4-rtn-awq", "Q4_0")):
+                         ("int4-rtn-awq", "Q4_0"), ("int8", "int8-norot"), ("int4", "genai-int4")):
         if mine in by_key and theirs in by_key:
-            ratios[f"graphopt {mine} / llama.cpp {theirs}"] = (
+            ratios[f"graphopt {mine} / {by_key[theirs]['name']}"] = (
                 by_key[mine]["decode_tokens_per_s"] / by_key[theirs]["decode_tokens_per_s"])
     cpu = next((line.split(":", 1)[1].strip() for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if pathlib.Path("/proc/cpuinfo").exists() else ""
