@@ -29,7 +29,8 @@ Measured, for each model:
   from an empty cache, 512 scored predictions per window, for both runtimes on the same token ids
   (graphopt's token ids are fed to both; the table says whether llama.cpp's own tokenizer agrees);
 * greedy tokens identical to the graphopt float model's: mean over the prompts of the first position
-  where a model's greedy answer differs from fp32's (``--tokens`` when it never does);
+  where a model's greedy answer differs from fp32's (``--tokens`` when it never does); and "kept
+  8x64", the same over ``tools/bench_int4.py``'s 8 chat prompts and 64 tokens (untimed, one process);
 * file size: the GGUF file; the graphopt model directory's ``model.onnx`` + ``model.onnx.data``.
 
 Speed is measured in ``--rounds`` interleaved rounds (every model once per round, in turn, each in
@@ -54,6 +55,8 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+ANSWER_TOKENS = 64
 
 PROMPTS = (
     "What is the capital of France?",
@@ -284,6 +287,19 @@ def cache_key(path: pathlib.Path, windows: int | None) -> str:
     return f"{path.resolve()}|{status.st_size}|{int(status.st_mtime)}|windows={windows or 'all'}"
 
 
+def answers(runtime: str, path: pathlib.Path, threads: int, prompts: list[list[int]], tokens: int) -> list[list[int]]:
+    """Greedy answers of ``tokens`` tokens to each prompt (untimed, in this process)."""
+    runner = RUNNERS[runtime]({"path": str(path), "threads": threads, "prefill": max(map(len, prompts)) + tokens})
+    result = []
+    for prompt in prompts:
+        runner.reset(len(prompt) + tokens + 1)
+        generated = [int(np.argmax(runner.forward_last(prompt)))]
+        while len(generated) < tokens:
+            generated.append(int(np.argmax(runner.forward_last(generated[-1:]))))
+        result.append(generated)
+    return result
+
+
 def first_divergence(answer: list[int], reference: list[int]) -> int:
     for index, (left, right) in enumerate(zip(answer, reference)):
         if left != right:
@@ -398,6 +414,14 @@ def main() -> None:
                 cache_path.write_text(json.dumps(cache, indent=1) + "\n")
             perplexities[name] = cache[key]
             print(f"perplexity {name}: {perplexities[name]:.3f}", flush=True)
+    # Answers kept, as the int4-quality issue defines it: the 8 chat prompts of tools/bench_int4.py,
+    # 64 greedy tokens, mean index of the first token that differs from the fp32 model's.
+    from bench_int4 import CHAT_PROMPTS
+
+    answer_prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}]))
+                      for text in CHAT_PROMPTS]
+    kept_answers = {name: answers(runtime, paths[name], args.threads, answer_prompts, ANSWER_TOKENS)
+                    for name, runtime, _ in variants}
     load_end = os.getloadavg()
 
     reference_name = next((name for name, runtime, key in variants if runtime == "graphopt" and key == "fp32"), None)
@@ -419,6 +443,9 @@ def main() -> None:
             divergences = [first_divergence(answer, reference) for answer, reference
                            in zip(runs[0]["answers"], reference_answers)]
             row["first_divergence_from_fp32_mean"] = statistics.mean(divergences)
+            row["answers_kept_8x64"] = statistics.mean(
+                first_divergence(answer, reference)
+                for answer, reference in zip(kept_answers[name], kept_answers[reference_name]))
         rows.append(row)
 
     by_key = {row["model"]: row for row in rows}
@@ -438,12 +465,13 @@ def main() -> None:
               f"llama.cpp's own tokenizer gives {'the same ids' if same_ids else f'{len(llama_ids)}, merging whitespace runs'})")
     print("\n" + header)
     print(f"{'model':<34}{'decode tok/s':>13}{'prefill ms':>11}{'TTFT s':>8}{'perplexity':>11}{'vs fp32':>9}"
-          f"{'same tokens':>12}{'MB':>8}")
+          f"{'same tokens':>12}{'kept 8x64':>10}{'MB':>8}")
     for row in rows:
         print(f"{row['name']:<34}{row['decode_tokens_per_s']:>13.1f}{row['prefill_ms']:>11.0f}"
               f"{row['time_to_first_token_s']:>8.2f}{row.get('perplexity', float('nan')):>11.3f}"
               f"{row.get('perplexity_increase_percent', float('nan')):>+8.1f}%"
-              f"{row.get('first_divergence_from_fp32_mean', float('nan')):>12.1f}{row['size_mb']:>8.1f}")
+              f"{row.get('first_divergence_from_fp32_mean', float('nan')):>12.1f}"
+              f"{row.get('answers_kept_8x64', float('nan')):>10.1f}{row['size_mb']:>8.1f}")
     for label, ratio in ratios.items():
         print(f"{label}: {ratio:.2f}x decode")
     if args.json:
