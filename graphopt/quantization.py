@@ -68,7 +68,7 @@ class QuantizeConfig(StepConfig):
     smooth: float | None = None
     # passes.rotate first: none, residual, online (+ a Hadamard before down_proj); auto, on a graph
     # with fused RMS norms: residual for W8A8 (it halves W8A8's loss on SmolLM2), online for int8
-    # weight-only (the kernel's int8 activations: +0.71% -> -0.01% on SmolLM2, same speed), none
+    # weight-only (the kernel's int8 activations: +0.71% -> -0.01% on SmolLM2, at 0.95x decode), none
     # otherwise (int4's affine grid is the source GGUF's, which a rotation would move off).
     rotation: str = "auto"
     # W8A8: a gated MLP's down projection, whose input carries token-wise massive activations that no

@@ -73,7 +73,7 @@ def _default(name: str):
                    "residual stream by a randomized Hadamard folded into the weights; online: also a Hadamard "
                    "in the graph before each down_proj. auto, on a fused Llama-family graph: residual for W8A8 "
                    "(+8.3% -> +2.5% on SmolLM2), online for weight-only int8 (the kernel's int8 activations: "
-                   "+0.71% -> -0.01%, same speed), none for int4 (it cost int4 there).")
+                   "+0.71% -> -0.01%, at 0.95x decode), none for int4 (it cost int4 there).")
 @click.option("--down-proj", type=click.Choice(DOWN_PROJ), default=_default("down_proj"), show_default=True,
               help="W8A8: the gated MLP's down projection (found by structure). Its input carries token-wise "
                    "massive activations (SmolLM2: 2,961 at the first position of layer 11, under 3 elsewhere) "
