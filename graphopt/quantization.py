@@ -296,7 +296,7 @@ class QuantizeStep(Step):
             logger.info("calibration data: %s, %d x %d tokens", config.calib.describe()["source"], config.calib.samples,
                         config.calib.seq_len)
             sequences = calibration_sequences(source.path, config.calib)
-        model_path, rotation = source.model_path, _rotate(config, model)
+        model_path, rotation = source.model_path, _rotate(config, model, source)
         if "rotated" in rotation and config.needs_calibration:  # calibration runs the rotated model
             model_path = _stage(model, work, "rotated")
         if config.scheme == "w8a8":
@@ -313,11 +313,13 @@ class QuantizeStep(Step):
         return figures
 
 
-def _rotate(config: QuantizeConfig, model: ir.Model) -> dict:
+def _rotate(config: QuantizeConfig, model: ir.Model, source: ModelDir) -> dict:
     """Run the rotation ``config`` asks for on ``model``; the figures for the lineage.
 
-    ``auto`` is residual for W8A8 where the graph has fused RMS norms, and a graph the pass refuses
-    (a family whose norms also sit elsewhere, e.g. Gemma 3's sandwich norms) is left unrotated.
+    ``auto`` is residual for W8A8 and online for weight-only int8 where the graph has fused RMS
+    norms, except on weights trained for int8's grid (``graphopt distill --quantize int8``), which a
+    rotation would move off it; a graph the pass refuses (a family whose norms also sit elsewhere,
+    e.g. Gemma 3's sandwich norms) is left unrotated.
     """
     from graphopt.passes.rotate import RMS_NORMS, OnlineHadamardPass, RotateResidualPass
 
@@ -325,6 +327,11 @@ def _rotate(config: QuantizeConfig, model: ir.Model) -> dict:
     if wanted == "auto":
         fused = any(node.op_type in RMS_NORMS for node in model.graph)
         wanted = {"w8a8": "residual", "int8": "online"}.get(config.scheme, "none") if fused else "none"
+        trained = any(step.name == "distill" and step.parameters.get("quantize") == config.scheme
+                      for step in source.manifest.lineage)
+        if trained:
+            logger.info(f"not rotated: the weights were trained on {config.scheme}'s grid (QAT)")
+            return {"rotation_skipped": f"trained on {config.scheme}'s grid (distill --quantize)"}
     if wanted == "none":
         return {}
     rotate = RotateResidualPass(config.calib.seed)

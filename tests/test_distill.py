@@ -371,6 +371,34 @@ def test_qat_rtn_grid_stays_selectable(student_dir, teacher_dir, tmp_path):
     assert checked == 7 * 3
 
 
+def test_int8_qat_weights_are_not_rotated_off_their_grid(teacher_dir, tmp_path):
+    """int8 on a fused graph rotates by default, except weights QAT trained on int8's own grid:
+    after distill --quantize int8 -> fuse -> quantize int8 every linear runs the trained weights."""
+    from graphopt.fusion import fuse
+    from graphopt.passes.quantize_weights import dequantize
+    from graphopt.quantization import QuantizeConfig, quantize
+
+    trained = distill(teacher_dir, teacher_dir, tmp_path / "qat", _config(quantize="int8"))
+    float_weights = _weights(trained.model_dir.path)
+    rotated = quantize(fuse(teacher_dir, tmp_path / "fused-ptq")[0].path, tmp_path / "ptq",
+                       QuantizeConfig(weights="int8", pack=False))
+    assert "rotated" in rotated.manifest.lineage[-1].figures  # the control: PTQ weights rotate
+    written = quantize(fuse(trained.model_dir.path, tmp_path / "fused")[0].path, tmp_path / "int8",
+                       QuantizeConfig(weights="int8", pack=False))
+    assert "rotation_skipped" in written.manifest.lineage[-1].figures
+    checked = 0
+    for node in ir.load(str(tmp_path / "int8" / "model.onnx")).graph:
+        if node.op_type != "MatMulNBits":
+            continue
+        packed, scales = (value.const_value.numpy() for value in node.inputs[1:3])
+        weight = dequantize(packed, scales, None, 8, node.attributes["K"].as_int())
+        source = node.metadata_props["graphopt.weight_source"]
+        if source.startswith("model.layers."):  # (the tied head is checked by the int4 test above)
+            np.testing.assert_allclose(weight, float_weights[source], rtol=1e-5, atol=1e-6, err_msg=source)
+            checked += 1
+    assert checked == 7 * 4
+
+
 def test_affine_qat_refuses_partial_blocks(student_dir, teacher_dir, tmp_path):
     with pytest.raises(GraphoptError, match="whole blocks"):
         distill(student_dir, teacher_dir, tmp_path / "qat", _config(quantize="int4", block_size=16))
