@@ -329,7 +329,7 @@ def _rotate(config: QuantizeConfig, model: ir.Model, source: ModelDir) -> dict:
         wanted = {"w8a8": "residual", "int8": "online"}.get(config.scheme, "none") if fused else "none"
         trained = any(step.name == "distill" and step.parameters.get("quantize") == config.scheme
                       for step in source.manifest.lineage)
-        if trained:
+        if trained and wanted != "none":
             logger.info(f"not rotated: the weights were trained on {config.scheme}'s grid (QAT)")
             return {"rotation_skipped": f"trained on {config.scheme}'s grid (distill --quantize)"}
     if wanted == "none":

@@ -186,7 +186,7 @@ def integer_affine_weight(codes: np.ndarray, scales: np.ndarray, zero_points: np
     """The ``[N, K]`` weight that :func:`integer_affine`'s blocks apply to ``x`` (residual rows folded back)."""
     rows, total, block_size = codes.shape
     blocks = -(-in_features // block_size)
-    weight = (codes.astype(np.float64) - zero_points[..., None]) * scales.astype(np.float64)[..., None]
+    weight = block_weight(codes, scales, zero_points, 4, total * block_size).reshape(rows, total, block_size)
     residual = weight[:, blocks:].reshape(rows, -1)[:, :blocks]
     return (weight[:, :blocks] + residual[..., None]).reshape(rows, -1)[:, :in_features]
 

@@ -259,20 +259,6 @@ def llama_perplexity(gguf: pathlib.Path, windows: list[list[int]], threads: int)
     return float(np.exp(total / count))
 
 
-def genai_perplexity(model_dir: pathlib.Path, windows: list[list[int]], threads: int) -> float:
-    from graphopt.evaluate import log_softmax
-
-    runner = GenaiRunner(str(model_dir), threads)
-    total, count = 0.0, 0
-    for ids in windows:
-        runner.reset(len(ids) + 1)
-        runner.generator.append_tokens(ids[:-1])
-        logprobs = log_softmax(np.asarray(runner.generator.get_output("logits"))[0])
-        total -= float(logprobs[np.arange(len(ids) - 1), ids[1:]].sum())
-        count += len(ids) - 1
-    return float(np.exp(total / count))
-
-
 def llama_token_ids(gguf: pathlib.Path, text: str) -> list[int]:
     import llama_cpp
 
@@ -408,7 +394,9 @@ def main() -> None:
                 if runtime == "graphopt":
                     cache[key] = evaluate(paths[name], DEFAULT_TEXT, window=512, max_windows=args.windows).perplexity
                 elif runtime == "genai":
-                    cache[key] = genai_perplexity(paths[name], windows, args.threads)
+                    from bench_genai_builder import genai_perplexity
+
+                    cache[key] = genai_perplexity(GenaiRunner(str(paths[name]), args.threads).model, windows)
                 else:
                     cache[key] = llama_perplexity(paths[name], windows, args.threads)
                 cache_path.write_text(json.dumps(cache, indent=1) + "\n")
