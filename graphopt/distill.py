@@ -502,19 +502,29 @@ def _integer_affine(codes, scale, offset, block_size: int):
     """``quantize_weights.integer_affine`` folded back to ``[rows, blocks, block_size]`` weights, in torch (float64)."""
     import torch
 
+    from graphopt.passes.quantize_weights import SECOND_DIGIT, residual_inputs
+
     rows, blocks = scale.shape
     unclipped = 8.0 - offset / scale
     integer = torch.clamp(torch.round(unclipped), 0, 15)
+    nearest = integer == torch.round(unclipped)
     residual = offset - (8.0 - integer) * scale
     extra = -(-blocks // block_size)
     padded = torch.nn.functional.pad(residual, (0, extra * block_size - blocks)).reshape(rows, extra, block_size)
     largest = padded.abs().amax(-1)
     residual_scale = torch.where(largest > 0, largest / 7, torch.ones_like(largest)).float().double()
-    steps = torch.round(padded / residual_scale.unsqueeze(-1)).reshape(rows, -1)[:, :blocks]
     step = residual_scale.repeat_interleave(block_size, dim=1)[:, :blocks]
-    outward = ((steps * step).abs() > scale / 2) & (integer == torch.round(unclipped))
+    steps = torch.round(residual / step)
+    outward = ((steps * step).abs() > scale / 2) & nearest
     steps = torch.clamp(torch.where(outward, steps - torch.sign(steps), steps), -7, 7)
-    return (codes - integer.unsqueeze(-1)) * scale.unsqueeze(-1) + (steps * step).unsqueeze(-1)
+    _, seconds = residual_inputs(blocks * block_size, block_size)
+    first = step[:, seconds]
+    fine = torch.clamp(torch.round((residual[:, seconds] - steps[:, seconds] * first) * SECOND_DIGIT / first), -6, 6)
+    fine = torch.where((((steps[:, seconds] + fine / SECOND_DIGIT) * first).abs() > scale[:, seconds] / 2)
+                       & nearest[:, seconds], torch.zeros_like(fine), fine)
+    snapped = steps * step
+    snapped[:, seconds] += fine * first / SECOND_DIGIT
+    return (codes - integer.unsqueeze(-1)) * scale.unsqueeze(-1) + snapped.unsqueeze(-1)
 
 
 def fake_quantize_activations(x, block_size: int):

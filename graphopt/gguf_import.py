@@ -11,7 +11,8 @@ This module reads the GGUF's blocks themselves and hands them to the weight-only
 * ``Q4_1`` (``d``, ``m``, nibbles; ``w = d q + m``): the fractional offset has no integer zero point,
   and ONNX Runtime's float zero points run ~40x slower, so it becomes the ``affine`` form of
   ``passes.quantize_weights`` (the nearest integer zero point, the rest of ``m`` as 4-bit rows over
-  the input's block sums): the same codes, weights within 1/28 of a step (reported as the error);
+  the input's block sums, a second digit where they have room): the same codes, the offsets within
+  1/28 of a step, most of them within 1/364 (reported as the error);
 * anything else (F16, Q5_*, K-quants, ...) is not mapped: those linears are requantized from the
   dequantized float weights by the default method, and the caller reports their error.
 

@@ -62,14 +62,19 @@ class ExportStage(StepConfig):
 
 @dataclasses.dataclass(frozen=True)
 class ValidateStage(StepConfig):
-    """Bounds on the target against the float32 export: token agreement, perplexity increase (percent)."""
+    """Bounds on the target against the float32 export: token agreement, perplexity increase (percent),
+    and answers kept (mean index of the first greedy token that leaves the export's answer to
+    ``graphopt.optimize.ANSWER_PROMPTS``; measured and reported always, bounded when above 0)."""
 
     min_token_agreement: float = 0.9
     max_perplexity_increase: float = 5.0
+    min_answers_kept: float = 0.0
 
     def __post_init__(self):
         if not 0.0 <= self.min_token_agreement <= 1.0:
             raise GraphoptError(f"min_token_agreement must be in [0, 1], got {self.min_token_agreement}")
+        if self.min_answers_kept < 0:
+            raise GraphoptError(f"min_answers_kept is a number of tokens of at least 0, got {self.min_answers_kept}")
 
 
 @dataclasses.dataclass(frozen=True)

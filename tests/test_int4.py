@@ -96,22 +96,32 @@ def test_affine_reproduces_q4_1_weights_and_is_idempotent(tiny_llama_dir, tmp_pa
 
 
 def test_integer_affine_round_trip():
-    """integer_affine's blocks, applied to [x, block sums of x], equal its folded weight; residuals within 1/28 step."""
-    from graphopt.passes.quantize_weights import integer_affine, integer_affine_weight, quantize_affine
+    """integer_affine's blocks, applied to [x, block sums of x, the second digits' sums / 13], equal its
+    folded weight; residuals within 1/28 of a step, and within 1/26 of the residual step with a second digit."""
+    from graphopt.passes.quantize_weights import (SECOND_DIGIT, integer_affine, integer_affine_weight, quantize_affine,
+                                                  residual_inputs)
 
     rng = np.random.default_rng(1)
     weight = rng.standard_normal((48, 96)).astype(np.float32)  # [N, K]: 3 blocks of 32
     codes, scales, low = quantize_affine(weight, 4, 32)
     offsets = low.astype(np.float64) + 8.0 * scales
-    exact = (codes - 8.0) * scales[..., None] + offsets[..., None]
+    exact = ((codes - 8.0) * scales[..., None] + offsets[..., None]).reshape(48, 96)
     stored = integer_affine(codes, scales, None, offsets, 32)
     assert stored[0].shape == (48, 4, 32) and stored[2].max() <= 15
+    blocks, seconds = residual_inputs(96, 32)
+    assert (blocks, seconds) == (3, slice(0, 3))
     folded = integer_affine_weight(*stored, 96)
-    assert np.abs(folded - exact.reshape(48, 96)).max() <= scales.max() / 28 + 1e-6
+    error = np.abs(folded - exact).reshape(48, 3, 32).max(-1)
+    assert error.max() <= scales.max() / 28 + 1e-6
+    residual_step = stored[1][:, 3].astype(np.float64)
+    assert (error <= residual_step[:, None] / 26 + 1e-9).mean() > 0.95  # the guards zero a few second digits
     x = rng.standard_normal((5, 96))
-    joined = np.concatenate([x, x.reshape(5, 3, 32).sum(-1)], axis=1)
-    unfolded = block_weight(*stored, 4, 99)
+    sums = x.reshape(5, 3, 32).sum(-1)
+    joined = np.concatenate([x, sums, sums[:, seconds] / SECOND_DIGIT], axis=1)
+    unfolded = block_weight(*stored, 4, 102)
     np.testing.assert_allclose(joined @ unfolded.T, x @ folded.T, rtol=1e-9, atol=1e-9)
+    # One digit only where the last row block has no room: K = 32 blocks of 32 fills it.
+    assert residual_inputs(1024, 32) == (32, slice(0, 0)) and residual_inputs(1536, 32) == (48, slice(32, 48))
 
 
 def test_integer_zero_points_cannot_reproduce_q4_1(tiny_llama_dir):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import types
 import warnings
 
 import pytest
@@ -108,6 +109,9 @@ def test_cpu_int8_end_to_end_from_a_tiny_checkpoint(checkpoints, tmp_path):
     assert rows["quantize"]["size_bytes"] < rows["export"]["size_bytes"]
     assert "| quantize |" in (out / "report.md").read_text()
     assert (out / "report.png").stat().st_size > 10_000
+    # Answers kept: the target's greedy answers to the validate prompts against the export's, 8 tokens each.
+    validate = next(stage for stage in report["stages"] if stage["stage"].startswith("validate"))
+    assert 0 <= validate["figures"]["answers_kept"] <= 8
 
 
 def test_a_draft_slower_than_its_target_is_reported_not_written(checkpoints, tmp_path, monkeypatch):
@@ -152,6 +156,38 @@ def test_failed_validation_exits_2_and_writes_nothing(tiny_llama_dir, tmp_path, 
     result = run("optimize", tiny_llama_dir, "-o", tmp_path / "out", "--recipe", "strict", *FAST)
     assert_one_line_error(result, "perplexity increase over the recipe's -50.0%")
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_answers_kept_below_the_bound_fails_validation(tiny_llama_dir, tmp_path, monkeypatch):
+    """A bound above the answer length (8 tokens with FAST) cannot be met: the answers are measured and checked."""
+    strict = Recipe("strict", "", "cpu", (Stage("export"), Stage("fuse", {"target": "cpu"}),
+                                          Stage("validate", {"min_token_agreement": 0.0, "min_answers_kept": 9})))
+    monkeypatch.setitem(recipes.RECIPES, "strict", strict)
+    result = run("optimize", tiny_llama_dir, "-o", tmp_path / "out", "--recipe", "strict", *FAST)
+    assert_one_line_error(result, "answers kept 8.0 tokens; answers kept below the recipe's 9 tokens")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_answers_kept_counts_the_first_differing_token(tiny_llama_dir, monkeypatch):
+    """Mean over the prompts of the first index where the answers differ; an answer equal to the end counts whole."""
+    settings = optimize_lib.MeasureSettings(tokens=6)
+    directory = ModelDir.open(tiny_llama_dir)
+    assert optimize_lib.answers_kept(directory, directory, settings) == 6
+    monkeypatch.setattr(optimize_lib, "ANSWER_PROMPTS", ("a", "b"))
+    answers = iter([[1, 2, 3, 4, 5, 6], [1, 9, 9, 9, 9, 9], [1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]])
+
+    class Scripted:
+        def __init__(self, path, ep):
+            pass
+
+        def encode_prompt(self, prompt, chat):
+            return [0]
+
+        def generate(self, ids, max_new_tokens, stop_on_eos):
+            return types.SimpleNamespace(token_ids=next(answers))
+
+    monkeypatch.setattr("graphopt.runtime.Generator", Scripted)
+    assert optimize_lib.answers_kept(directory, directory, settings) == (6 + 1) / 2
 
 
 def test_existing_output_needs_force(tiny_llama_dir, tmp_path):
@@ -207,6 +243,7 @@ def test_smollm2_cpu_int8_passes_its_validation_and_answers(smollm2_dir, tmp_pat
     (Stage("quantize", {"weights": "int4", "activations": "none", "block_size": 7}), "--block-size must be one of"),
     (Stage("fuse", {"target": "gpu"}), "unknown fusion target 'gpu'"),
     (Stage("prune", {"params": 1.5}), "--params must be a fraction"),
+    (Stage("validate", {"min_answers_kept": -1}), "min_answers_kept is a number of tokens of at least 0"),
 ])
 def test_bad_value_in_a_recipe_fails_before_any_work(tmp_path, monkeypatch, stage, message):
     """Every parameter is validated by its config type, so a bad value fails in a second, not after export."""

@@ -47,7 +47,8 @@ def _default(name: str):
                    "fewer kernel calls).")
 @click.option("--method", type=click.Choice(METHODS), default=_default("method"), show_default=True,
               help="Weight-only int4 rounding. auto: affine. affine: per-block min + scale x code, the offset as "
-                   "an integer zero point plus 4-bit residual rows (near exact on models dequantized from Q4_1, "
+                   "an integer zero point plus 4-bit residual rows, a second digit where they have room (near "
+                   "exact on models dequantized from Q4_1, "
                    "like the embedded SmolLM2; +0.3% perplexity there, where integer zero points alone lose "
                    "24-27%); mse: per-block range and integer zero point "
                    "minimizing the weight error; rtn: min/max range including zero; gptq: calibrated GPTQ on mse "
