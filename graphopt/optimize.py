@@ -111,7 +111,7 @@ def answers_kept(directory: ModelDir, reference: ModelDir, settings: MeasureSett
     (``settings.tokens`` tokens, EOS ignored) leaves ``reference``'s (``settings.tokens`` when it never does).
 
     Teacher-forced agreement on prose misses what users see: a near-tie flipped early changes the
-    whole answer (an int8 SmolLM2 answered "What is the capital of France?" with "L'Étoile" at 96%
+    whole answer (an int8 SmolLM2 answered "What is the capital of France?" with "L'Étoile" at 94%
     agreement on prose)."""
     from graphopt.runtime import Generator
 

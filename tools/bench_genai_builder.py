@@ -27,22 +27,27 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_interop import PROMPTS, run_genai  # noqa: E402
 
 
-def genai_perplexity(model, windows: list[list[int]]) -> float:
+def genai_logprobs(model, windows: list[list[int]]):
+    """Per window of ids, genai's log-probabilities of each next token (``[len - 1, vocab]``), one
+    generator per window from an empty cache."""
     import onnxruntime_genai as og
 
     from graphopt.evaluate import log_softmax
 
-    total, count = 0.0, 0
     for ids in windows:
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(ids) + 1)
         generator = og.Generator(model, params)
         generator.append_tokens(ids[:-1])
-        logits = np.asarray(generator.get_output("logits"))[0]
-        logprobs = log_softmax(logits)
+        yield log_softmax(np.asarray(generator.get_output("logits"))[0])
+        del generator
+
+
+def genai_perplexity(model, windows: list[list[int]]) -> float:
+    total, count = 0.0, 0
+    for ids, logprobs in zip(windows, genai_logprobs(model, windows)):
         total -= float(logprobs[np.arange(len(ids) - 1), ids[1:]].sum())
         count += len(ids) - 1
-        del generator
     return float(np.exp(total / count))
 
 

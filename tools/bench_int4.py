@@ -104,16 +104,12 @@ def decode_speeds(rows: dict[str, tuple[str, pathlib.Path]], prompt: list[int], 
 def genai_quality(built: pathlib.Path, windows: list[list[int]], reference_argmax: list[np.ndarray],
                   threads: int) -> tuple[float, float]:
     """Perplexity and token agreement of an onnxruntime-genai model on ``windows`` (genai's logits)."""
+    from bench_genai_builder import genai_logprobs
     from bench_llamacpp import GenaiRunner
 
-    from graphopt.evaluate import log_softmax
-
-    runner = GenaiRunner(str(built), threads)
     total, agreeing, count = 0.0, 0, 0
-    for ids, expected in zip(windows, reference_argmax):
-        runner.reset(len(ids) + 1)
-        runner.generator.append_tokens(ids[:-1])
-        logprobs = log_softmax(np.asarray(runner.generator.get_output("logits"))[0])
+    for ids, expected, logprobs in zip(windows, reference_argmax,
+                                       genai_logprobs(GenaiRunner(str(built), threads).model, windows)):
         total -= float(logprobs[np.arange(len(ids) - 1), ids[1:]].sum())
         agreeing += int((logprobs.argmax(-1) == expected).sum())
         count += len(ids) - 1
