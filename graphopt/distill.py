@@ -725,8 +725,10 @@ def _save_pool(pool: np.ndarray, path: pathlib.Path) -> None:
 
 def _same_tokenizer(student: ModelDir, teacher: ModelDir) -> None:
     student_tok, teacher_tok = student.path / "tokenizer.json", teacher.path / "tokenizer.json"
+    # Parsed, not bytes: directories exported before graphopt wrote tokenizer.json compact hold it indented.
     if student.manifest.vocab_size != teacher.manifest.vocab_size or (
-            student_tok.is_file() and teacher_tok.is_file() and student_tok.read_bytes() != teacher_tok.read_bytes()):
+            student_tok.is_file() and teacher_tok.is_file()
+            and json.loads(student_tok.read_text(encoding="utf-8")) != json.loads(teacher_tok.read_text(encoding="utf-8"))):
         raise GraphoptError("the student and the teacher tokenize differently; distill between models of one tokenizer")
 
 

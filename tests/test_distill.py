@@ -569,3 +569,24 @@ def test_weights_shipped_from_a_gpu_run_land_here(teacher_dir, tmp_path, monkeyp
     with pytest.raises(SystemExit, match="checksum"):
         tool.land(args(tmp_path / "tampered"))
     assert not (tmp_path / "tampered").exists()
+
+
+def test_same_tokenizer_compares_the_json_not_its_layout(teacher_dir, tmp_path):
+    """A directory exported before tokenizer.json was written compact (indented) is the same tokenizer;
+    a different vocabulary is refused."""
+    import json
+    import shutil
+
+    from graphopt.distill import _same_tokenizer
+    from graphopt.modeldir import ModelDir
+
+    indented = tmp_path / "indented"
+    shutil.copytree(teacher_dir, indented)
+    tokenizer = json.loads((indented / "tokenizer.json").read_text())
+    (indented / "tokenizer.json").write_text(json.dumps(tokenizer, indent=2))
+    _same_tokenizer(ModelDir.open(indented), ModelDir.open(teacher_dir))
+    token = next(iter(tokenizer["model"]["vocab"]))
+    tokenizer["model"]["vocab"][token + "x"] = tokenizer["model"]["vocab"].pop(token)
+    (indented / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(GraphoptError, match="tokenize differently"):
+        _same_tokenizer(ModelDir.open(indented), ModelDir.open(teacher_dir))

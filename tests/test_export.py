@@ -43,7 +43,8 @@ def test_manifest_describes_the_graph(exported):
     step = manifest.lineage[0]
     assert step.name == "export" and step.figures["greedy_steps_agreeing"] == 32
     assert manifest.source["kind"] == "huggingface" and len(manifest.source["sha256"]) == 64
-    assert (directory.path / "tokenizer.json").is_file()
+    tokenizer_text = (directory.path / "tokenizer.json").read_text(encoding="utf-8")
+    assert tokenizer_text == json.dumps(json.loads(tokenizer_text), ensure_ascii=False, separators=(",", ":"))  # compact
     onnx.checker.check_model(str(directory.model_path), full_check=True)
 
 
