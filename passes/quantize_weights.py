@@ -212,7 +212,8 @@ def integer_affine_weight(codes: np.ndarray, scales: np.ndarray, zero_points: np
                           in_features: int) -> np.ndarray:
     """The ``[N, K]`` weight that :func:`integer_affine`'s blocks apply to ``x`` (residual rows folded back)."""
     rows, total, block_size = codes.shape
-    blocks, seconds = residual_inputs(in_features, block_size)
+    blocks = -(-in_features // block_size)  # as integer_affine counts them (the scales' blocks)
+    _, seconds = residual_inputs(blocks * block_size, block_size)
     weight = block_weight(codes, scales, zero_points, 4, total * block_size).reshape(rows, total, block_size)
     digits = weight[:, blocks:].reshape(rows, -1)
     residual = digits[:, :blocks].copy()

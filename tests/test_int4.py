@@ -122,6 +122,12 @@ def test_integer_affine_round_trip():
     np.testing.assert_allclose(joined @ unfolded.T, x @ folded.T, rtol=1e-9, atol=1e-9)
     # One digit only where the last row block has no room: K = 32 blocks of 32 fills it.
     assert residual_inputs(1024, 32) == (32, slice(0, 0)) and residual_inputs(1536, 32) == (48, slice(32, 48))
+    # K not a whole number of blocks (snap_to_grid's affine grid pads the last block): decoded as encoded.
+    codes, scales, low = quantize_affine(weight[:, :80], 4, 32)
+    offsets = low.astype(np.float64) + 8.0 * scales
+    exact = ((codes - 8.0) * scales[..., None] + offsets[..., None]).reshape(48, 96)[:, :80]
+    folded = integer_affine_weight(*integer_affine(codes, scales, None, offsets, 32), 80)
+    assert folded.shape == (48, 80) and np.abs(folded - exact).max() <= scales.max() / 28 + 1e-6
 
 
 def test_integer_zero_points_cannot_reproduce_q4_1(tiny_llama_dir):
