@@ -113,15 +113,26 @@ def answers_kept(directory: ModelDir, reference: ModelDir, settings: MeasureSett
     Teacher-forced agreement on prose misses what users see: a near-tie flipped early changes the
     whole answer (an int8 SmolLM2 answered "What is the capital of France?" with "L'Étoile" at 94%
     agreement on prose)."""
+    answers, expected = (greedy_answers(model.path, ANSWER_PROMPTS, settings.tokens, settings.ep)
+                         for model in (directory, reference))
+    kept = [kept_tokens(answer, reference_answer) for answer, reference_answer in zip(answers, expected)]
+    return sum(kept) / len(kept)
+
+
+def greedy_answers(model_dir: str | os.PathLike, prompts, tokens: int, ep: str = "cpu") -> list[list[int]]:
+    """The model's greedy answers to chat ``prompts``, ``tokens`` each (EOS ignored)."""
     from graphopt.runtime import Generator
 
-    answers = []
-    for model in (directory, reference):
-        generator = Generator(model.path, ep=settings.ep)
-        answers.append([generator.generate(generator.encode_prompt(prompt, chat=True), max_new_tokens=settings.tokens,
-                                           stop_on_eos=False).token_ids for prompt in ANSWER_PROMPTS])
-    kept = [_first_divergence(answer, expected) for answer, expected in zip(*answers)]
-    return sum(len(answer) if index is None else index for index, answer in zip(kept, answers[1])) / len(kept)
+    generator = Generator(model_dir, ep=ep)
+    return [generator.generate(generator.encode_prompt(prompt, chat=True), max_new_tokens=tokens,
+                               stop_on_eos=False).token_ids for prompt in prompts]
+
+
+def kept_tokens(answer: list[int], reference: list[int]) -> int:
+    """How many tokens ``answer`` keeps of ``reference``: the index of the first that differs (the
+    shorter length when none does)."""
+    index = _first_divergence(answer, reference)
+    return min(len(answer), len(reference)) if index is None else index
 
 
 # --- measuring ------------------------------------------------------------------------------

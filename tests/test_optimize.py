@@ -258,6 +258,7 @@ def test_first_divergence():
     assert optimize_lib._first_divergence([1, 2, 3], [1, 2, 3]) is None
     assert optimize_lib._first_divergence([1, 2, 4], [1, 2, 3]) == 2
     assert optimize_lib._first_divergence([1, 2], [1, 2, 3]) == 2
+    assert optimize_lib.kept_tokens([1, 2, 3], [1, 2, 3]) == 3 and optimize_lib.kept_tokens([1, 2, 4], [1, 2, 3]) == 2
 
 
 def test_cuda_recipe_ships_no_draft_its_measurement_rejected():

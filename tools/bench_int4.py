@@ -40,6 +40,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
+from graphopt import optimize  # noqa: E402
 from graphopt.optimize import ANSWER_PROMPTS  # noqa: E402
 
 # The first 8 are graphopt optimize's validate prompts and the int4-quality issue's measure (at least
@@ -69,18 +70,7 @@ def directory_size(path: pathlib.Path) -> int:
 
 
 def greedy_answers(model_dir: pathlib.Path, tokens: int) -> list[list[int]]:
-    from graphopt.runtime import Generator
-
-    generator = Generator(model_dir)
-    return [generator.generate(generator.encode_prompt(prompt, chat=True), max_new_tokens=tokens,
-                               stop_on_eos=False).token_ids for prompt in CHAT_PROMPTS]
-
-
-def first_divergence(answer: list[int], reference: list[int]) -> int:
-    for index, (token, expected) in enumerate(zip(answer, reference)):
-        if token != expected:
-            return index
-    return min(len(answer), len(reference))
+    return optimize.greedy_answers(model_dir, CHAT_PROMPTS, tokens)
 
 
 def decode_speeds(rows: dict[str, tuple[str, pathlib.Path]], prompt: list[int], rounds: int, threads: int,
@@ -165,7 +155,7 @@ def main() -> int:
                 del decoder
             perplexity, agreement = genai_quality(directory, windows, reference_argmax, args.threads)
             answers = runner_answers("genai", directory, args.threads, chat_prompts, args.tokens)
-        divergences = [first_divergence(answer, expected) for answer, expected in zip(answers, reference_answers)]
+        divergences = [optimize.kept_tokens(answer, expected) for answer, expected in zip(answers, reference_answers)]
         results.append({"variant": name, "runtime": runtime, "directory": str(directory), "perplexity": perplexity,
                         "token_agreement": agreement, "windows": len(windows), "tokens": sum(len(w) - 1 for w in windows),
                         "first_divergence": divergences, "mean_first_divergence": sum(divergences) / len(divergences),

@@ -287,13 +287,6 @@ def answers(runtime: str, path: pathlib.Path, threads: int, prompts: list[list[i
     return result
 
 
-def first_divergence(answer: list[int], reference: list[int]) -> int:
-    for index, (left, right) in enumerate(zip(answer, reference)):
-        if left != right:
-            return index
-    return min(len(answer), len(reference))
-
-
 # --- report ---------------------------------------------------------------------------------------
 
 def plot(rows: list[dict], path: pathlib.Path, title: str) -> None:
@@ -407,6 +400,8 @@ def main() -> None:
     # 64 greedy tokens, mean index of the first token that differs from the fp32 model's.
     from bench_int4 import CHAT_PROMPTS, FIRST
 
+    from graphopt.optimize import kept_tokens
+
     answer_prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}]))
                       for text in CHAT_PROMPTS]
     kept_answers = {name: answers(runtime, paths[name], args.threads, answer_prompts, ANSWER_TOKENS)
@@ -429,10 +424,10 @@ def main() -> None:
             if reference_perplexity:
                 row["perplexity_increase_percent"] = 100 * (perplexities[name] / reference_perplexity - 1)
         if reference_answers is not None:
-            divergences = [first_divergence(answer, reference) for answer, reference
+            divergences = [kept_tokens(answer, reference) for answer, reference
                            in zip(runs[0]["answers"], reference_answers)]
             row["first_divergence_from_fp32_mean"] = statistics.mean(divergences)
-            kept = [first_divergence(answer, reference)
+            kept = [kept_tokens(answer, reference)
                     for answer, reference in zip(kept_answers[name], kept_answers[reference_name])]
             row["answers_kept_32x64"] = statistics.mean(kept)
             row["answers_kept_first8"] = statistics.mean(kept[:FIRST])
