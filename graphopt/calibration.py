@@ -16,6 +16,8 @@ import numpy as np
 from graphopt.errors import GraphoptError
 from graphopt.evaluate import read_text, text_windows
 from graphopt.modeldir import ModelDir
+from graphopt.runtime import Generator, Sampling
+from graphopt.runtime.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +63,6 @@ def calibration_sequences(model_dir: str | pathlib.Path, spec: CalibrationSpec) 
 
 
 def _from_text(model_dir, spec: CalibrationSpec) -> list[list[int]]:
-    from graphopt.runtime.tokenizer import Tokenizer
-
     token_ids = Tokenizer(ModelDir.open(model_dir).path).encode(read_text(spec.text))
     windows = [window[:spec.seq_len] for window in text_windows(token_ids, spec.seq_len)]
     if not windows:
@@ -82,17 +82,14 @@ def _from_npz(spec: CalibrationSpec, vocab_size: int) -> list[list[int]]:
         raise GraphoptError(f"{path}: no such file")
     try:
         archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise GraphoptError(f"{path}: not an .npz archive (a plain .npy array? save it with numpy.savez)")
+        with archive:
+            if not archive.files:
+                raise GraphoptError(f"{path}: the archive holds no array")
+            ids = np.asarray(archive["input_ids" if "input_ids" in archive.files else archive.files[0]])
     except (ValueError, OSError, EOFError) as error:
         raise GraphoptError(f"{path}: not a readable .npz of token ids ({str(error).splitlines()[0]})") from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise GraphoptError(f"{path}: not an .npz archive (a plain .npy array? save it with numpy.savez)")
-    with archive:
-        if not archive.files:
-            raise GraphoptError(f"{path}: the archive holds no array")
-        try:
-            ids = np.asarray(archive["input_ids" if "input_ids" in archive.files else archive.files[0]])
-        except (ValueError, OSError) as error:
-            raise GraphoptError(f"{path}: not a readable .npz of token ids ({str(error).splitlines()[0]})") from None
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
         raise GraphoptError(f"{path}: expected an integer array (samples, seq_len), got {ids.dtype} {ids.shape}")
     if ids.shape[0] == 0 or ids.shape[1] < 2:
@@ -105,8 +102,6 @@ def _from_npz(spec: CalibrationSpec, vocab_size: int) -> list[list[int]]:
 
 def _self_generated(model_dir, spec: CalibrationSpec) -> list[list[int]]:
     """Sample continuations from the model itself (temperature 1, top-p 0.95) from seed prompts."""
-    from graphopt.runtime import Generator, Sampling
-
     generator = Generator(model_dir)
     sequences = []
     for index in range(spec.samples):

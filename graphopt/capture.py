@@ -18,9 +18,12 @@ from graphopt.errors import GraphoptError
 logger = logging.getLogger(__name__)
 
 
-def _with_outputs(model_path: pathlib.Path, names: list[str]):
+def session_with_outputs(model_path: str | pathlib.Path, names: list[str]):
+    """An ORT session over ``model_path`` whose outputs also include ``names``."""
     import onnx
+    import onnxruntime as ort
 
+    model_path = pathlib.Path(model_path)
     model = onnx.load(str(model_path), load_external_data=False)
     known = {value.name: value for value in model.graph.value_info}
     known.update({value.name: value for value in model.graph.input})
@@ -30,21 +33,8 @@ def _with_outputs(model_path: pathlib.Path, names: list[str]):
     if missing:
         raise GraphoptError(f"{model_path}: no values named {missing[:3]} in the graph")
     for name in names:
-        if name in existing:
-            continue
-        if name in known:
-            model.graph.output.append(known[name])
-        else:
-            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    return model
-
-
-def session_with_outputs(model_path: str | pathlib.Path, names: list[str]):
-    """An ORT session over ``model_path`` whose outputs also include ``names``."""
-    import onnxruntime as ort
-
-    model_path = pathlib.Path(model_path)
-    model = _with_outputs(model_path, names)
+        if name not in existing:
+            model.graph.output.append(known[name] if name in known else onnx.helper.make_empty_tensor_value_info(name))
     options = ort.SessionOptions()
     # Keep every requested value as the graph computes it (no fusion may swallow it).
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC

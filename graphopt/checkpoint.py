@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import logging
@@ -103,8 +104,6 @@ def greedy_tokens(model, prompt_ids: list[int], steps: int) -> list[int]:
     model wants to stop; with no EOS id, generate keeps the plain argmax and runs on, as graphopt's
     generator does with ``stop_on_eos=False``.
     """
-    import copy
-
     import torch
 
     config = copy.deepcopy(model.generation_config)

@@ -1,9 +1,7 @@
 """The `graphopt` command line. Each command lives in its own module under ``graphopt.commands``.
 
-User mistakes (bad paths or options, unsupported or damaged models, failed validation) print one
-line and exit with 2. SIGTERM and SIGHUP stop a command the way Ctrl-C does: the exception unwinds
-through every temporary directory, so nothing is left half written and an old output stays intact.
-Progress comes from the ``graphopt`` loggers, shown on stderr.
+SIGTERM and SIGHUP stop a command the way Ctrl-C does: the exception unwinds through every
+temporary directory, so nothing is left half written and an old output stays intact.
 """
 
 from __future__ import annotations
@@ -38,11 +36,6 @@ def _raise_terminated(signum, _frame) -> None:
     raise Terminated(signum)
 
 
-def handle_termination_signals() -> None:
-    for number in _TERMINATION_SIGNALS:
-        signal.signal(number, _raise_terminated)
-
-
 # `graphopt` alone prints the help (click >= 8.2 signals it with this UsageError subclass).
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
@@ -58,7 +51,8 @@ class GraphoptGroup(click.Group):
     """One line and exit 2 for a GraphoptError or a bad option anywhere below; 128+N for signal N."""
 
     def main(self, *args, **kwargs):
-        handle_termination_signals()
+        for number in _TERMINATION_SIGNALS:
+            signal.signal(number, _raise_terminated)
         kwargs.pop("standalone_mode", None)
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)

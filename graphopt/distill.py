@@ -52,7 +52,7 @@ from graphopt.manifest import LineageStep
 from graphopt.modeldir import ModelDir, atomic_output, check_output, derive
 from graphopt.passes.quantize_weights import snap_to_grid
 from graphopt.runtime.generator import encode_prompt
-from graphopt.steps import StepConfig
+from graphopt.steps import StepConfig, check_choice
 
 logger = logging.getLogger(__name__)
 
@@ -197,20 +197,16 @@ class DistillConfig(StepConfig):
             raise GraphoptError("--temperature must be positive and --ce-weight in [0, 1]")
         if self.lr <= 0:
             raise GraphoptError(f"--lr must be positive, got {self.lr}")
-        if self.quantize is not None and self.quantize not in QUANTIZE_CHOICES:
-            raise GraphoptError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {self.quantize!r}")
+        if self.quantize is not None:
+            check_choice("--quantize", self.quantize, QUANTIZE_CHOICES)
         if self.block_size is not None and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
             raise GraphoptError(f"--block-size must be a power of two of at least 16, got {self.block_size}")
-        if self.quantize_method not in QAT_METHODS:
-            raise GraphoptError(f"--quantize-method must be one of {', '.join(QAT_METHODS)}, got {self.quantize_method!r}")
-        if self.head not in HEAD_CHOICES:
-            raise GraphoptError(f"--head must be one of {', '.join(HEAD_CHOICES)}, got {self.head!r}")
+        check_choice("--quantize-method", self.quantize_method, QAT_METHODS)
+        check_choice("--head", self.head, HEAD_CHOICES)
         if self.kl_chunk_tokens < 1:
             raise GraphoptError(f"kl_chunk_tokens must be positive, got {self.kl_chunk_tokens}")
-        if self.precision not in PRECISIONS:
-            raise GraphoptError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.teacher_runtime not in TEACHER_RUNTIMES:
-            raise GraphoptError(f"--teacher-runtime must be one of {', '.join(TEACHER_RUNTIMES)}")
+        check_choice("--precision", self.precision, PRECISIONS)
+        check_choice("--teacher-runtime", self.teacher_runtime, TEACHER_RUNTIMES)
 
     def describe(self) -> dict:
         unrecorded = ("resume", "checkpoint_dir", "stop_after_steps", "stop_after_minutes")

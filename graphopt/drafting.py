@@ -16,9 +16,12 @@ import tempfile
 import time
 from typing import Any
 
+from graphopt.distill import DistillConfig, recipe_stage
 from graphopt.errors import GraphoptError
 from graphopt.modeldir import ModelDir, atomic_output, check_output
 from graphopt.recipes import DRAFT_RECIPES, Stage, run_stage
+from graphopt.runtime import Generator
+from graphopt.runtime.speculative import SpeculativeGenerator
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +47,6 @@ def _run_draft_stages(stages: tuple[Stage, ...], target: ModelDir, work: pathlib
         logger.info("%s: [%d/%d] %s", label, index, len(stages), stage.describe())
         destination = work / f"{index:02d}-{stage.kind}"
         if stage.kind == "distill":
-            from graphopt.distill import DistillConfig, recipe_stage
-
             parameters = dict(stage.parameters)
             if distill_minutes is not None:
                 parameters["max_minutes"] = distill_minutes
@@ -66,18 +67,13 @@ def build_recipe(target: ModelDir, output: pathlib.Path, recipe: str, force: boo
         built = _run_draft_stages(DRAFT_RECIPES[recipe].stages, target, pathlib.Path(work), recipe, distill_minutes)
         scratch.rmdir()
         os.rename(built.path, scratch)
-        draft = ModelDir(scratch)
-        draft.write_manifest(built.manifest.replace(extra={**built.manifest.extra, "draft_of": str(target.path),
-                                                            "draft_recipe": recipe}))
+        ModelDir(scratch, built.manifest).update_extra(draft_of=str(target.path), draft_recipe=recipe)
     return ModelDir(output)
 
 
 def measure(target: ModelDir, draft: ModelDir | None, prompts=CALIBRATION_PROMPTS, max_new_tokens: int = 32,
             ep: str = "cpu") -> dict[str, float]:
     """Greedy decode tokens/s (and acceptance) on ``prompts``; plain target decoding when ``draft`` is None."""
-    from graphopt.runtime import Generator
-    from graphopt.runtime.speculative import SpeculativeGenerator
-
     generator = Generator(target.path, ep=ep) if draft is None else SpeculativeGenerator(target.path, draft.path, ep=ep)
     generator.generate(generator.encode_prompt(prompts[0]), max_new_tokens=4)  # warm up both sessions
     tokens, seconds, proposed, accepted = 0, 0.0, 0, 0

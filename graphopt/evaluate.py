@@ -160,9 +160,6 @@ def evaluate(model_dir: str | pathlib.Path, text_path: str | pathlib.Path = DEFA
             kl_total += float((np.exp(reference_logprobs) * (reference_logprobs - logprobs)).sum())
         scored += len(ids) - 1
         logger.info("perplexity window %d/%d", index + 1, len(windows))
-    result = Evaluation(perplexity=float(np.exp(negative_log_likelihood / scored)), tokens=scored,
-                        windows=len(windows), window=window)
-    if reference is not None:
-        result.token_agreement = agreeing / scored
-        result.mean_kl = kl_total / scored
-    return result
+    return Evaluation(perplexity=float(np.exp(negative_log_likelihood / scored)), tokens=scored, windows=len(windows),
+                      window=window, token_agreement=None if reference is None else agreeing / scored,
+                      mean_kl=None if reference is None else kl_total / scored)

@@ -21,9 +21,12 @@ import numpy as np
 import graphopt
 from graphopt import checkpoint as checkpoint_lib
 from graphopt import interop
+from graphopt import ir as graphopt_ir
 from graphopt.errors import ValidationError
+from graphopt.evaluate import forward_chunks
 from graphopt.manifest import LineageStep, Manifest, io_names
 from graphopt.modeldir import MODEL_FILE, ModelDir, atomic_output, check_output
+from graphopt.runtime.decoder import Decoder
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +59,6 @@ def export_module(module, facts: dict, path: pathlib.Path, opset: int = DEFAULT_
         program = torch.onnx.export(module, example, dynamo=True, dynamic_shapes=dynamic_shapes, input_names=inputs,
                                     output_names=outputs, opset_version=opset, optimize=True, verbose=False)
     tidy(program.model)
-    from graphopt import ir as graphopt_ir
-
     graphopt_ir.save(program.model, path)
 
 
@@ -126,9 +127,6 @@ def validate(model_dir: pathlib.Path, hf_model, prompt_ids: list[int], vocab_siz
     """
     import torch
 
-    from graphopt.evaluate import forward_chunks
-    from graphopt.runtime.decoder import Decoder
-
     decoder = Decoder(model_dir / MODEL_FILE, ep="cpu")
     rng = np.random.default_rng(seed)
     random_ids = rng.integers(0, vocab_size, size=12).tolist()
@@ -146,8 +144,6 @@ def validate(model_dir: pathlib.Path, hf_model, prompt_ids: list[int], vocab_siz
         raise ValidationError(f"export does not match PyTorch: max |logits diff| {worst:.3g} > tolerance {tolerance:g}")
 
     expected = checkpoint_lib.greedy_tokens(hf_model, prompt_ids, greedy_steps)
-    # Step through the reference's greedy sequence. Where ORT's argmax differs, it is accepted only
-    # as a numerical tie: the reference's own logits for the two tokens within ``tolerance``.
     decoder.reset()
     logits = decoder.forward(prompt_ids)[-1]
     agreeing, ties = 0, 0

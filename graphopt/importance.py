@@ -55,10 +55,8 @@ def measured_importance(model_path, model: ir.Model, sequences: list[list[int]])
         wanted[f"{layer.index}.attn"] = layer.o.node.inputs[0].name
         wanted[f"{layer.index}.mlp"] = layer.down.node.inputs[0].name
     layouts = [head_layout(graph, layer) for layer in layers]
-    o_weights = []
-    for layer, (heads, _kv, head_dim) in zip(layers, layouts):
-        o_weight = _weight(layer.o.weight).reshape(heads, head_dim, -1)
-        o_weights.append(o_weight)
+    o_weights = [_weight(layer.o.weight).reshape(heads, head_dim, -1)
+                 for layer, (heads, _kv, head_dim) in zip(layers, layouts)]
     down_norms = [np.linalg.norm(_weight(layer.down.weight), axis=1) for layer in layers]
 
     head_sums = [np.zeros(layout[0]) for layout in layouts]

@@ -11,18 +11,14 @@ import onnx_ir as ir
 
 logger = logging.getLogger(__name__)
 
-EXTERNAL_DATA_FILE = "model.onnx.data"
-
-
 def load(path: str | os.PathLike) -> ir.Model:
     """Load a model with its external data resolved relative to its own directory."""
     return ir.load(str(path))
 
 
 def save(model: ir.Model, path: str | os.PathLike) -> None:
-    """Save ``model`` to ``path`` with initializers over 1 KiB in one external data file beside it."""
-    path = pathlib.Path(path)
-    ir.save(model, str(path), external_data=EXTERNAL_DATA_FILE, size_threshold_bytes=1024)
+    """Save ``model`` to ``path`` with initializers over 1 KiB in one external data file beside it (``path`` + .data)."""
+    ir.save(model, str(path), external_data=f"{pathlib.Path(path).name}.data", size_threshold_bytes=1024)
 
 
 def parameter_count(model) -> int:

@@ -1,17 +1,13 @@
 """The model directory: ``model.onnx`` (+ external data), tokenizer files and ``graphopt.json``.
 
-Every command reads one model directory and writes a new one. A model directory may come from a
-stranger, so opening one checks it (:meth:`ModelDir.open`): a typed, valid manifest
-(:mod:`graphopt.manifest`), a graph whose inputs, outputs and vocabulary agree with it, external
-data that is present, of the right size and inside the folder, tokenizer files that parse and
-are not links out of the folder. Every failure is one line (``GraphoptError``).
-
-Writes are atomic: the new directory is built beside the target under a hidden name and renamed
-into place at the end, so an interrupted or failed command (an exception, Ctrl-C, or SIGTERM /
-SIGHUP, which the CLI turns into an exception) leaves nothing half written. ``--force`` replaces
-only a directory graphopt wrote, never one that holds a source of the command or the current
-directory. This module needs no torch; the graph check uses ``onnx`` when it is installed (the
-torch-free runtime may run without it, and then relies on ONNX Runtime's own load errors).
+Every command reads one model directory and writes a new one (atomically: :func:`atomic_output`).
+A model directory may come from a stranger, so opening one checks it (:meth:`ModelDir.open`): a
+typed, valid manifest (:mod:`graphopt.manifest`), a graph whose inputs, outputs and vocabulary
+agree with it, external data that is present, of the right size and inside the folder, tokenizer
+files that parse and are not links out of the folder. Every failure is one line
+(``GraphoptError``). This module needs no torch; the graph check uses ``onnx`` when it is
+installed (the torch-free runtime may run without it, and then relies on ONNX Runtime's own
+load errors).
 """
 
 from __future__ import annotations
@@ -49,11 +45,7 @@ class ModelDir:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "ModelDir":
-        """Open and check an existing model directory (see the module docstring).
-
-        Raises:
-            GraphoptError: it is missing, not a model directory, or damaged; the message says how.
-        """
+        """Open and check an existing model directory (see the module docstring); GraphoptError says what is wrong."""
         directory = cls(path)
         if not directory.path.exists():
             raise GraphoptError(f"{directory.path}: no such directory")
@@ -93,6 +85,10 @@ class ModelDir:
     def write_manifest(self, manifest: Manifest) -> None:
         manifest_io.write(manifest, self.manifest_path)
         self._manifest = manifest
+
+    def update_extra(self, **values) -> None:
+        """Rewrite the manifest with ``values`` added to its free-form ``extra`` facts."""
+        self.write_manifest(self.manifest.replace(extra={**self.manifest.extra, **values}))
 
     def tokenizer_files(self) -> list[pathlib.Path]:
         """The tokenizer files present; a link that leads out of the directory is refused."""
@@ -165,11 +161,6 @@ def _external_tensors(graph) -> Iterator:
                 yield attribute.t
 
 
-def graphopt_wrote(path: pathlib.Path) -> bool:
-    """A model directory, or a `graphopt optimize` output (report and target)."""
-    return (path / MANIFEST_FILE).is_file() or ((path / REPORT_FILE).is_file() and (path / "target").is_dir())
-
-
 def check_output(path: str | os.PathLike, force: bool, sources: Iterable[str | os.PathLike | None] = ()) -> pathlib.Path:
     """Refuse an output that cannot be (re)placed; return the target path. Run it before any work.
 
@@ -193,7 +184,8 @@ def check_output(path: str | os.PathLike, force: bool, sources: Iterable[str | o
         raise GraphoptError(f"{target} already exists (use --force to replace it)")
     if target.is_symlink() or not target.is_dir():
         raise GraphoptError(f"{target} exists and is not a directory; --force replaces only directories graphopt wrote")
-    if not graphopt_wrote(target):
+    # A model directory, or a `graphopt optimize` output (report and target).
+    if not (target / MANIFEST_FILE).is_file() and not ((target / REPORT_FILE).is_file() and (target / "target").is_dir()):
         raise GraphoptError(f"{target} exists and is not a graphopt output (no {MANIFEST_FILE} or {REPORT_FILE}); "
                             "--force replaces only directories graphopt wrote")
     return target
@@ -237,15 +229,11 @@ def atomic_output(path: str | os.PathLike, force: bool = False,
         raise
 
 
-def copy_tokenizer(source: ModelDir, destination: pathlib.Path) -> None:
-    for file in source.tokenizer_files():
-        shutil.copyfile(file, destination / file.name)
-
-
 def derive(source: ModelDir, destination: pathlib.Path, step: LineageStep, **changes) -> Manifest:
     """Write ``destination``'s manifest: the source's, with ``changes`` and one more lineage step."""
     manifest = source.manifest.with_step(step, **changes)
-    copy_tokenizer(source, destination)
+    for file in source.tokenizer_files():
+        shutil.copyfile(file, destination / file.name)
     manifest = interop.write_runtime_files(destination, manifest, source=source.path)
     ModelDir(destination).write_manifest(manifest)
     return manifest

@@ -1,22 +1,11 @@
 """`graphopt optimize`: a recipe's stages from checkpoint to a deployable, measured target and draft.
 
-``optimize(src, output, recipe)`` runs the recipe (``graphopt.recipes``) stage by stage, each stage
-writing a model directory under a work folder inside the output's scratch directory, and measures
-every model it makes on the same protocol:
-
-* size on disk, parameters (logical weights: a 4-bit MatMulNBits weight counts K x N);
-* decode tokens/s and prefill ms: greedy, ``tokens`` new tokens after a fixed chat prompt, EOS
-  ignored, after one warm-up generation, on the recipe's execution provider (CPU fallback noted);
-* perplexity on ``graphopt/data/eval-gpl3.txt`` over ``eval_windows`` windows (``graphopt.evaluate``'s
-  protocol) and teacher-forced greedy token agreement with the float32 export;
-* for the target and its draft: speculative decode tokens/s and acceptance rate.
-
-Reference tools measured on the same machine go into the report and plot beside the stages:
-transformers' ``generate`` on the checkpoint (when SRC is a checkpoint), and with ``with_peers``
-onnxruntime.quantization's ``quantize_dynamic`` on the float export.
-
-OUT (written atomically) gets ``target/`` and ``draft/`` (model directories), ``report.md``,
-``report.json`` and ``report.png``.
+``optimize(src, output, recipe)`` runs the recipe (``graphopt.recipes``) stage by stage in a work
+folder inside OUT's scratch directory. Every model it makes, the target with its draft, and the
+reference tools (transformers' ``generate`` on a checkpoint SRC; with ``with_peers``,
+onnxruntime.quantization's ``quantize_dynamic`` on the float export) are measured on one protocol,
+which :func:`report_markdown` states. OUT (written atomically) gets ``target/`` and ``draft/``
+(model directories), ``report.md``, ``report.json`` and ``report.png``.
 """
 
 from __future__ import annotations
@@ -32,11 +21,19 @@ import shutil
 import time
 from typing import Any
 
+from graphopt import checkpoint as checkpoint_lib
+from graphopt import ir as graph_ir
+from graphopt.distill import recipe_stage
+from graphopt.drafting import build_draft
 from graphopt.errors import GraphoptError, ValidationError
+from graphopt.evaluate import DEFAULT_TEXT, evaluate, fitting_window, perplexity, read_text, text_windows
+from graphopt.export import export
 from graphopt.modeldir import MANIFEST_FILE, MODEL_FILE, ModelDir, atomic_output, check_output, derive
 from graphopt.manifest import LineageStep
 from graphopt.recipes import (MODEL_STAGES, STEPS, ExportStage, Recipe, ValidateStage, check_order, check_parameters,
                               get_recipe, run_stage)
+from graphopt.runtime.speculative import SpeculativeGenerator
+from graphopt.runtime.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +73,6 @@ def export_stage(src: str, destination: pathlib.Path, config: ExportStage) -> Mo
             raise GraphoptError(f"{src}: optimize starts from a float32 model directory or a checkpoint")
         logger.info("using the model directory %s as the export", directory.path)
         return directory
-    from graphopt.export import export
-
     return export(src, destination, run_validation=True, opset=config.opset)
 
 
@@ -92,15 +87,14 @@ def validate_stage(target: dict, reference: dict, config: ValidateStage, answers
                "answers_kept": answers_kept, "provider": target["provider"]}
     measured = (f"token agreement with float32 {target['token_agreement']:.1%}, perplexity {target['perplexity']:.3f} "
                 f"vs {reference['perplexity']:.3f} ({increase:+.1f}%), answers kept {answers_kept:.1f} tokens")
-    if answers_kept < config.min_answers_kept:
-        raise ValidationError(f"target fails validation: {measured}; answers kept below the recipe's "
-                              f"{config.min_answers_kept:g} tokens")
-    if target["token_agreement"] < config.min_token_agreement:
-        raise ValidationError(f"target fails validation: {measured}; agreement below the recipe's "
-                              f"{config.min_token_agreement:.0%}")
-    if increase > config.max_perplexity_increase:
-        raise ValidationError(f"target fails validation: {measured}; perplexity increase over the recipe's "
-                              f"{config.max_perplexity_increase}%")
+    for failed, reason in (
+            (answers_kept < config.min_answers_kept, f"answers kept below the recipe's {config.min_answers_kept:g} tokens"),
+            (target["token_agreement"] < config.min_token_agreement,
+             f"agreement below the recipe's {config.min_token_agreement:.0%}"),
+            (increase > config.max_perplexity_increase,
+             f"perplexity increase over the recipe's {config.max_perplexity_increase}%")):
+        if failed:
+            raise ValidationError(f"target fails validation: {measured}; {reason}")
     logger.info("validated: token agreement %.1f%%, perplexity %+.2f%%, answers kept %.1f tokens",
                 100 * target["token_agreement"], increase, answers_kept)
     return figures
@@ -131,8 +125,7 @@ def greedy_answers(model_dir: str | os.PathLike, prompts, tokens: int, ep: str =
 def kept_tokens(answer: list[int], reference: list[int]) -> int:
     """How many tokens ``answer`` keeps of ``reference``: the index of the first that differs (the
     shorter length when none does)."""
-    index = _first_divergence(answer, reference)
-    return min(len(answer), len(reference)) if index is None else index
+    return next((index for index, (a, b) in enumerate(zip(answer, reference)) if a != b), min(len(answer), len(reference)))
 
 
 # --- measuring ------------------------------------------------------------------------------
@@ -145,8 +138,6 @@ def is_model_dir(src: str) -> bool:
 
 def logical_parameters(model_path: pathlib.Path) -> int:
     """Weights as the float model counts them: packed 4/8-bit MatMulNBits weights count K x N, scales not."""
-    from graphopt import ir as graph_ir
-
     model = graph_ir.load(model_path)
     skipped: set[str] = set()
     count = 0
@@ -164,7 +155,6 @@ def logical_parameters(model_path: pathlib.Path) -> int:
 
 def measure_model(directory: ModelDir, reference: ModelDir | None, settings: MeasureSettings) -> dict[str, Any]:
     """Size, parameters, decode tokens/s, prefill ms, perplexity and token agreement of one model."""
-    from graphopt.evaluate import DEFAULT_TEXT, evaluate, fitting_window
     from graphopt.runtime import Generator
 
     generator = Generator(directory.path, ep=settings.ep)
@@ -190,8 +180,6 @@ def _timed_decode(generator, settings: MeasureSettings):
 
 def measure_pair(target: ModelDir, draft: ModelDir, settings: MeasureSettings) -> dict[str, Any]:
     """Greedy speculative decoding of the target with its draft, same prompt and length as the stages."""
-    from graphopt.runtime.speculative import SpeculativeGenerator
-
     _, run = _timed_decode(SpeculativeGenerator(target.path, draft.path, ep=settings.ep), settings)
     return {"decode_tokens_per_s": run.decode_tokens_per_s, "prefill_ms": run.prefill_ms,
             "acceptance_rate": run.extra.get("acceptance_rate"), "token_ids": run.token_ids}
@@ -200,15 +188,10 @@ def measure_pair(target: ModelDir, draft: ModelDir, settings: MeasureSettings) -
 def measure_transformers(src: str, reference: ModelDir, settings: MeasureSettings) -> dict[str, Any]:
     """transformers' generate (greedy, same prompt and length) and a PyTorch perplexity on the same windows."""
     import torch
-
-    from graphopt.checkpoint import load
-    from graphopt.evaluate import DEFAULT_TEXT, fitting_window, perplexity, read_text, text_windows
-    from graphopt.runtime.tokenizer import Tokenizer
-
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # the GGUF loader's bar would break the progress lines
-    model = load(src).model.eval()
+    model = checkpoint_lib.load(src).model.eval()
     tokenizer = Tokenizer(reference.path)
     prompt_ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}]))
     ids = torch.tensor([prompt_ids])
@@ -310,8 +293,6 @@ def optimize(src: str, output: str | os.PathLike, recipe: str, force: bool = Fal
                 current = export_stage(src, destination, stage.config())
                 figures = {"given": True} if current.path != destination else {}
             elif stage.kind == "distill":
-                from graphopt.distill import recipe_stage
-
                 current, figures = recipe_stage(current.path, models["export"].path, destination,
                                                 stage.config())
             elif stage.kind == "validate":
@@ -323,8 +304,6 @@ def optimize(src: str, output: str | os.PathLike, recipe: str, force: bool = Fal
                 config = stage.config()
                 if config.source not in models:
                     raise GraphoptError(f"recipe {chosen.name}: draft source {config.source!r} is not an earlier stage")
-                from graphopt.drafting import build_draft
-
                 draft, report = build_draft(models[config.source].path, scratch / "draft", recipe=config.recipe,
                                             ep=chosen.ep)
                 figures = {"draft_recipe": report.get("recipe", config.recipe)}
@@ -358,9 +337,10 @@ def optimize(src: str, output: str | os.PathLike, recipe: str, force: bool = Fal
                             **{key: value for key, value in row.figures.items() if key != "token_ids"}} for row in rows],
                   "seconds": round(time.perf_counter() - started, 1)}
         (scratch / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        (scratch / "report.md").write_text(report_markdown(chosen, src, settings, rows, stage_figures, report))
+        (scratch / "report.md").write_text(report_markdown(chosen, settings, rows, report))
         plot(rows, scratch / "report.png", f"{chosen.name}: decode speed vs perplexity ({machine()['short']})")
-        _record_in_manifest(target, chosen)
+        ModelDir(target).update_extra(optimize={"recipe": chosen.name, "ep": chosen.ep,
+                                                "stages": [stage.describe() for stage in chosen.stages]})
         logger.info("report: %s", pathlib.Path(output) / "report.md")
     return pathlib.Path(output)
 
@@ -383,10 +363,7 @@ def _pair_note(figures: dict, tokens: int) -> str:
 
 def _first_divergence(tokens: list[int], reference: list[int]) -> int | None:
     """Index of the first token where ``tokens`` leaves ``reference``; None when they are equal."""
-    if tokens == reference:
-        return None
-    return next((index for index, (a, b) in enumerate(zip(tokens, reference)) if a != b),
-                min(len(tokens), len(reference)))
+    return None if tokens == reference else kept_tokens(tokens, reference)
 
 
 def _counts_note(figures: dict) -> str:
@@ -403,13 +380,6 @@ def _place_target(current: ModelDir, target: pathlib.Path, work: pathlib.Path) -
         os.rename(current.path, target)
     else:
         shutil.copytree(current.path, target)
-
-
-def _record_in_manifest(target: pathlib.Path, recipe: Recipe) -> None:
-    directory = ModelDir(target)
-    manifest = directory.manifest
-    optimize = {"recipe": recipe.name, "ep": recipe.ep, "stages": [stage.describe() for stage in recipe.stages]}
-    directory.write_manifest(manifest.replace(extra={**manifest.extra, "optimize": optimize}))
 
 
 def reference_rows(src: str, export: ModelDir, work: pathlib.Path, settings: MeasureSettings) -> list[Row]:
@@ -448,13 +418,12 @@ def machine() -> dict[str, str]:
             "load_average_1min": f"{load:.1f}", "short": f"{platform.machine()}, {os.cpu_count()} cores, load {load:.1f}"}
 
 
-def report_markdown(recipe: Recipe, src: str, settings: MeasureSettings, rows: list[Row], stages: list[dict],
-                    report: dict) -> str:
+def report_markdown(recipe: Recipe, settings: MeasureSettings, rows: list[Row], report: dict) -> str:
     window_note = f"{settings.eval_windows} windows of up to {settings.window} tokens"
     lines = [
         f"# graphopt optimize: {recipe.name}",
         "",
-        f"Source: `{src}`. Recipe: {recipe.description}.",
+        f"Source: `{report['src']}`. Recipe: {recipe.description}.",
         "",
         f"Machine: {report['machine']['platform']}, onnxruntime {report['machine']['onnxruntime']}, "
         f"1-minute load average {report['machine']['load_average_1min']} when the report was written "
@@ -482,7 +451,7 @@ def report_markdown(recipe: Recipe, src: str, settings: MeasureSettings, rows: l
     if any(row.kind == "reference" for row in rows):
         lines += ["", "Reference tools (in italics) ran on the same machine in the same run."]
     lines += ["", "## Stages", ""]
-    for stage in stages:
+    for stage in report["stages"]:
         lines.append(f"- `{stage['stage']}`: {stage['seconds']} s"
                      + (f"; {json.dumps(stage['figures'])}" if stage["figures"] else ""))
     lines += ["", f"Total: {report['seconds']} s.", ""]

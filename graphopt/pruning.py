@@ -39,7 +39,7 @@ from graphopt.passes import _prune_common as common
 from graphopt.passes.prune_channels import PruneChannelsPass, intermediate_size
 from graphopt.passes.prune_heads import PruneHeadsPass, head_layout
 from graphopt.passes.prune_layers import PruneLayersPass
-from graphopt.steps import Step, StepConfig, StepOutput, run_step
+from graphopt.steps import Step, StepConfig, StepOutput, check_choice, run_step
 
 logger = logging.getLogger(__name__)
 
@@ -146,11 +146,6 @@ def plan_channels(fraction: float, importance: Importance, shapes: Shapes, layer
     return keep
 
 
-def plan_layers(count: int, importance: Importance, shapes: Shapes) -> list[int]:
-    """The ``count`` layers that change the residual stream least (``PruneStep`` checks that one stays)."""
-    return sorted(np.argsort(importance.layers, kind="stable")[:count].tolist())
-
-
 def removed_parameters(plan: Plan, shapes: Shapes) -> int:
     removed = sum(shapes.layer_cost[index] for index in plan.drop)
     for index, kept in plan.heads.items():
@@ -242,10 +237,8 @@ class PruneConfig(StepConfig):
         if alone and len(given) > 1:
             other = next(name for name in given if name != alone[0])
             raise GraphoptError(f"give --{alone[0].replace('_', '-')} alone, not with --{other.replace('_', '-')}")
-        if self.importance not in IMPORTANCE:
-            raise GraphoptError(f"--importance must be one of {', '.join(IMPORTANCE)}, got {self.importance!r}")
-        if self.split not in SPLITS:
-            raise GraphoptError(f"--split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        check_choice("--importance", self.importance, IMPORTANCE)
+        check_choice("--split", self.split, SPLITS)
         if self.keep_where not in KEEP_WHERE:
             raise GraphoptError(f"unknown layer choice {self.keep_where!r} ({' or '.join(KEEP_WHERE)})")
 
@@ -312,7 +305,8 @@ class PruneStep(Step):
             scores = measured_importance(source.model_path, model, calibration_sequences(source.path, calib))
         if config.params is not None:
             return plan_for_parameters(config.params, config.split, scores, shapes)
-        drop = plan_layers(config.layers, scores, shapes) if config.layers else []
+        # The layers that change the residual stream least (PruneStep checks that one stays).
+        drop = sorted(np.argsort(scores.layers, kind="stable")[:config.layers].tolist()) if config.layers else []
         kept = [index for index in range(layer_count) if index not in drop]
         return Plan(plan_heads(config.heads, scores, shapes, kept) if config.heads else {},
                     plan_channels(config.channels, scores, shapes, kept) if config.channels else {}, drop)

@@ -21,17 +21,25 @@ import onnx_ir as ir
 
 from graphopt import ir as graph_io
 from graphopt.calibration import CalibrationSpec, calibration_sequences
+from graphopt.capture import capture
+from graphopt.cpu_kernels import default_block_size
 from graphopt.errors import GraphoptError
-from graphopt.evaluate import sequences_perplexity
+from graphopt.evaluate import DEFAULT_TEXT, evaluate, fitting_window, sequences_perplexity
 from graphopt.modeldir import ModelDir
+from graphopt.passes.pack_matmulnbits import PackMatMulNBitsPass
 from graphopt.passes.quantize_common import QUANTIZABLE_OPS, check_patterns, is_gated_down, linear_sites, quantized_ops
+from graphopt.passes.quantize_embedding import EmbeddingQuantizePass
+from graphopt.passes.quantize_qdq import QDQQuantizePass, per_channel_weight
+from graphopt.passes.quantize_weights import WeightOnlyQuantizePass, snap_to_grid
+from graphopt.passes.rotate import RMS_NORMS, OnlineHadamardPass, RotateResidualPass
+from graphopt.passes.smooth_quant import SmoothQuantPass
+from graphopt.passes.targets import TARGETS
 from graphopt.ranges import METHODS as CALIBRATION_METHODS
 from graphopt.ranges import QuantParams, RangeCollector, fake_quantize, quantization_parameters
-from graphopt.steps import Step, StepConfig, StepOutput, run_step
+from graphopt.steps import Step, StepConfig, StepOutput, check_choice, run_step
 
 logger = logging.getLogger(__name__)
 
-SCHEMES = ("w8a8", "int8", "int4")
 # The bits of each --head / --embedding choice (None: kept in float).
 _BITS = {"auto": 8, "float": None, "int8": 8, "int4": 4}
 HEAD_CHOICES = EMBEDDING_CHOICES = tuple(_BITS)
@@ -107,12 +115,10 @@ class QuantizeConfig(StepConfig):
         if unsupported:
             raise GraphoptError(f"cannot quantize op type {unsupported[0]}: these passes quantize "
                                 f"{', '.join(QUANTIZABLE_OPS)} with a constant weight")
-        if self.embedding not in EMBEDDING_CHOICES:
-            raise GraphoptError(f"--embedding must be one of {', '.join(EMBEDDING_CHOICES)}")
+        check_choice("--embedding", self.embedding, EMBEDDING_CHOICES)
         if scheme == "w8a8" and self.embedding in ("int8", "int4"):
             raise GraphoptError("--embedding int8/int4 needs weight-only quantization (--activations none)")
-        if self.head not in HEAD_CHOICES:
-            raise GraphoptError(f"--head must be one of {', '.join(HEAD_CHOICES)}")
+        check_choice("--head", self.head, HEAD_CHOICES)
         if scheme == "w8a8" and self.head == "int4":
             raise GraphoptError("--head int4 needs weight-only quantization (--activations none)")
         if scheme != "w8a8" and self.smooth is not None:
@@ -125,16 +131,13 @@ class QuantizeConfig(StepConfig):
             raise GraphoptError("--max-ppl-increase applies to W8A8 (sites kept float) and int4 (linears kept int8)")
         if self.method != "rtn" and scheme == "w8a8":
             raise GraphoptError(f"--method {self.method} applies to weight-only quantization")
-        if self.down_proj not in DOWN_PROJ:
-            raise GraphoptError(f"--down-proj must be one of {', '.join(DOWN_PROJ)}, got {self.down_proj!r}")
-        if self.rotation not in ROTATIONS:
-            raise GraphoptError(f"--rotation must be one of {', '.join(ROTATIONS)}, got {self.rotation!r}")
+        check_choice("--down-proj", self.down_proj, DOWN_PROJ)
+        check_choice("--rotation", self.rotation, ROTATIONS)
         if self.max_ppl_increase is not None and self.max_ppl_increase < 0:
             raise GraphoptError("--max-ppl-increase is a percentage of at least 0")
-        if self.block_size is not None and self.block_size not in BLOCK_SIZES:
-            raise GraphoptError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size}")
-        if self.method not in METHODS:
-            raise GraphoptError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.block_size is not None:
+            check_choice("--block-size", self.block_size, BLOCK_SIZES)
+        check_choice("--method", self.method, METHODS)
         if (self.calib.text or self.calib.npz) and not self.needs_calibration:
             raise GraphoptError(f"--calib-text/--calib-npz: weight-only {self.method} quantization uses no calibration "
                                 "data; it applies to W8A8 (--activations int8), --method gptq and --max-ppl-increase")
@@ -176,15 +179,11 @@ class QuantizeConfig(StepConfig):
     @property
     def weight_block_size(self) -> int:
         """The block size of weight-only quantization: the user's, else the CPU kernels' default for the bits."""
-        from graphopt.cpu_kernels import default_block_size
-
         return self.block_size or default_block_size(8 if self.weights == "int8" else 4)
 
     @property
     def head_block_size(self) -> int | None:
         """The LM head's block size: the user's --block-size, else the CPU kernels' default for the head's bits."""
-        from graphopt.cpu_kernels import default_block_size
-
         bits = self.head_bits()
         return None if bits is None else self.block_size or default_block_size(bits, head=True)
 
@@ -209,17 +208,9 @@ def refuse_quantized(directory: ModelDir, model: ir.Model) -> None:
 def collect(model_path: pathlib.Path, names: list[str], sequences: list[list[int]],
             update: Callable[[str, np.ndarray], None]) -> None:
     """Stream each sequence's activations ``names`` through ``update(name, values)``; nothing is kept."""
-    from graphopt.capture import capture
-
     for activations in capture(model_path, names, sequences):
         for name, values in activations.items():
             update(name, values)
-
-
-def activation_ranges(model_path: pathlib.Path, names: list[str], sequences: list[list[int]]) -> dict[str, RangeCollector]:
-    collectors = {name: RangeCollector(name) for name in names}
-    collect(model_path, names, sequences, lambda name, values: collectors[name].update(values))
-    return collectors
 
 
 def channel_absmax(model_path: pathlib.Path, names: list[str], sequences: list[list[int]]) -> dict[str, np.ndarray]:
@@ -256,8 +247,6 @@ def site_errors(model: ir.Model, model_path: pathlib.Path, params: dict[str, Qua
     Absolute, not relative: what a site adds to the residual stream is what hurts, and a site with
     large outputs (down_proj on outlier channels) hurts more at the same relative error.
     """
-    from graphopt.passes.quantize_qdq import per_channel_weight
-
     sites = linear_sites(model.graph, head=head)
     weights = {}
     for site in sites:
@@ -321,8 +310,6 @@ def _rotate(config: QuantizeConfig, model: ir.Model, source: ModelDir) -> dict:
     rotation would move off it; a graph the pass refuses (a family whose norms also sit elsewhere,
     e.g. Gemma 3's sandwich norms) is left unrotated.
     """
-    from graphopt.passes.rotate import RMS_NORMS, OnlineHadamardPass, RotateResidualPass
-
     wanted = config.rotation
     if wanted == "auto":
         fused = any(node.op_type in RMS_NORMS for node in model.graph)
@@ -355,8 +342,6 @@ def _down_proj(config: QuantizeConfig, source: ModelDir) -> str:
     """``auto``: weight-only int8, unless the graph is fused for a target without ONNX Runtime's contrib ops."""
     if config.down_proj != "auto":
         return config.down_proj
-    from graphopt.passes.targets import TARGETS
-
     target = TARGETS.get((source.manifest.fusion or {}).get("target"))
     return "w8a8" if target is not None and not target.contrib_ops else "int8-weights"
 
@@ -369,8 +354,6 @@ def quantize(model_dir: str | pathlib.Path, output: str | pathlib.Path, config: 
 
 def measure_perplexity(reference: pathlib.Path, quantized: pathlib.Path, max_windows: int) -> dict:
     """Perplexity of both models on the default evaluation text, and their agreement."""
-    from graphopt.evaluate import DEFAULT_TEXT, evaluate, fitting_window
-
     window = fitting_window(ModelDir.open(reference))
     logger.info("measuring perplexity on %s (%d windows of %d)", DEFAULT_TEXT.name, max_windows, window)
     float_result = evaluate(reference, DEFAULT_TEXT, window=window, max_windows=max_windows)
@@ -383,16 +366,12 @@ def measure_perplexity(reference: pathlib.Path, quantized: pathlib.Path, max_win
 
 def _stage(model: ir.Model, scratch: pathlib.Path, name: str) -> pathlib.Path:
     """Save an intermediate model in the scratch directory (removed before the rename)."""
-    path = scratch / f"stage-{name}.onnx"
-    ir.save(model, str(path), external_data=f"stage-{name}.onnx.data", size_threshold_bytes=1024)
-    return path
+    graph_io.save(model, scratch / f"stage-{name}.onnx")
+    return scratch / f"stage-{name}.onnx"
 
 
 def _w8a8(model_path: pathlib.Path, model: ir.Model, config: QuantizeConfig, sequences, scratch: pathlib.Path):
     """``model_path``: where ``model`` (as it is now) can be run for calibration."""
-    from graphopt.passes.quantize_qdq import QDQQuantizePass
-    from graphopt.passes.smooth_quant import SmoothQuantPass
-
     head = config.head != "float"
     extra: dict = {}
     names = sorted({site.activation.name for site in linear_sites(model.graph, head=head)})
@@ -403,7 +382,8 @@ def _w8a8(model_path: pathlib.Path, model: ir.Model, config: QuantizeConfig, seq
         extra["smooth_folded"] = smooth.counts
         model_path = _stage(model, scratch, "smoothed")
     logger.info(f"collecting {config.calibration} ranges of {len(names)} activations")
-    collectors = activation_ranges(model_path, names, sequences)
+    collectors = {name: RangeCollector(name) for name in names}
+    collect(model_path, names, sequences, lambda name, values: collectors[name].update(values))
     params = {name: quantization_parameters(*collector.range(config.calibration, config.percentile, config.symmetric),
                                             symmetric=config.symmetric)
               for name, collector in collectors.items()}
@@ -418,8 +398,6 @@ def _w8a8(model_path: pathlib.Path, model: ir.Model, config: QuantizeConfig, seq
     qdq(model)
     counts = dict(qdq.counts)
     if down and config.down_proj == "int8-weights":
-        from graphopt.passes.quantize_weights import WeightOnlyQuantizePass
-
         # Only the down projections are float sites now (QDQ took the rest): int8 weights, activations
         # quantized per block at run time inside MatMulNBits, so the first token's outliers survive.
         others = [site.name for site in linear_sites(model.graph) if site.name not in down]
@@ -443,8 +421,6 @@ def awq_factors(model_path: pathlib.Path, model: ir.Model, config: QuantizeConfi
     over its linears; alpha 0 (no scaling) is a candidate, so the search never makes the calibration
     error worse. Returns ``({activation: s}, {activation: alpha})`` for the activations that scale.
     """
-    from graphopt.passes.quantize_weights import snap_to_grid
-
     bits = 8 if config.scheme == "int8" else 4
     grid = config.error_grid
     groups: dict[str, list] = {}
@@ -480,8 +456,6 @@ def _awq_scale(magnitude: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def _weight_pass(config: QuantizeConfig, layer_hessians, site_bits: dict[str, int]):
-    from graphopt.passes.quantize_weights import WeightOnlyQuantizePass
-
     return WeightOnlyQuantizePass(8 if config.scheme == "int8" else 4, config.weight_block_size, config.method,
                                   config.exclude, config.head_bits(), layer_hessians if config.method == "gptq" else None,
                                   act_order=config.act_order, head_block_size=config.head_block_size,
@@ -493,27 +467,48 @@ def _int8_linears(model_path: pathlib.Path, model: ir.Model, config: QuantizeCon
     """The int4 linears to keep int8 so the calibration perplexity rises at most ``max_ppl_increase`` %.
 
     Ranked by the output error their int4 rounding causes on the calibration tokens,
-    ``trace(dW^T H dW)`` with ``H = sum x x^T`` of the linear's input (GPTQ ranked on its MSE grid),
-    then kept int8 in doubling counts (1, 2, 4, ...) until the quantized model meets the bound, and the
-    count bisected between the last miss and that (to 1/32 of the linears).
+    ``trace(dW^T H dW)`` with ``H = sum x x^T`` of the linear's input (GPTQ ranked on its MSE grid).
     """
-    from graphopt.passes.quantize_weights import snap_to_grid
-
-    grid = config.error_grid
     errors = {}
     for site in linear_sites(model.graph, config.exclude, head=False):
         weight = site.weight()
-        delta = (weight - snap_to_grid(weight, 4, config.weight_block_size, grid)).astype(np.float64)
+        delta = (weight - snap_to_grid(weight, 4, config.weight_block_size, config.error_grid)).astype(np.float64)
         errors[site.name] = float(np.sum((layer_hessians[site.activation.name] @ delta) * delta))
-    ranked = sorted(errors, key=lambda name: -errors[name])
+
+    def quantize_keeping(candidate: ir.Model, kept: list[str]) -> None:
+        _weight_pass(config, layer_hessians, {name: 8 for name in kept})(candidate)
+
+    return _keep_fewest(sorted(errors, key=lambda name: -errors[name]), quantize_keeping, "int8", model_path,
+                        config, sequences, scratch, extra, bisect=True)
+
+
+def _sensitive_sites(model, model_path, params, config, sequences, scratch, extra) -> list[str]:
+    """Names of the sites to keep in float so the calibration perplexity rises at most ``max_ppl_increase`` %."""
+    head = config.head != "float"
+    errors = site_errors(model, model_path, params, sequences[:2], head, config.reduce_range)
+
+    def quantize_keeping(candidate: ir.Model, kept: list[str]) -> None:
+        QDQQuantizePass(params, [*config.exclude, *kept], head=head, reduce_range=config.reduce_range)(candidate)
+
+    ranked = [name for name in sorted(errors, key=lambda name: -errors[name]) if name not in config.exclude]
+    return _keep_fewest(ranked, quantize_keeping, "in float", model_path, config, sequences, scratch, extra)
+
+
+def _keep_fewest(ranked: list[str], quantize_keeping: Callable[[ir.Model, list[str]], None], kept_as: str,
+                 model_path: pathlib.Path, config: QuantizeConfig, sequences, scratch: pathlib.Path, extra: dict,
+                 bisect: bool = False) -> list[str]:
+    """The shortest head of ``ranked`` to keep out of the quantization (``quantize_keeping(model, kept)``
+    quantizes a fresh copy of ``model_path``) for the calibration perplexity to rise at most
+    ``max_ppl_increase`` %: counts 0, 1, 2, 4, ... until one meets the bound, then with ``bisect`` the
+    count bisected between the last miss and that (to 1/32 of the list)."""
     baseline = sequences_perplexity(model_path, sequences)
     extra["calibration_perplexity_float"] = round(baseline, 4)
 
     def perplexity_with(count: int) -> float:
         candidate = graph_io.load(model_path)
-        _weight_pass(config, layer_hessians, {name: 8 for name in ranked[:count]})(candidate)
+        quantize_keeping(candidate, ranked[:count])
         perplexity = sequences_perplexity(_stage(candidate, scratch, "candidate"), sequences)
-        logger.info(f"{count} linear(s) kept int8: calibration perplexity {perplexity:.3f} "
+        logger.info(f"{count} layer(s) kept {kept_as}: calibration perplexity {perplexity:.3f} "
                     f"({100 * (perplexity / baseline - 1):+.2f}%)")
         return perplexity
 
@@ -526,8 +521,8 @@ def _int8_linears(model_path: pathlib.Path, model: ir.Model, config: QuantizeCon
         missed, count = count, min(len(ranked), max(1, 2 * count))
         perplexity = perplexity_with(count)
     if not meets(perplexity):
-        logger.warning(f"--max-ppl-increase {config.max_ppl_increase:g}: not met even with every linear int8")
-    while meets(perplexity) and missed >= 0 and count - missed > max(1, len(ranked) // 32):
+        logger.warning(f"--max-ppl-increase {config.max_ppl_increase:g}: not met even with every layer kept {kept_as}")
+    while bisect and meets(perplexity) and missed >= 0 and count - missed > max(1, len(ranked) // 32):
         middle = (missed + count) // 2
         trial = perplexity_with(middle)
         if meets(trial):
@@ -538,38 +533,12 @@ def _int8_linears(model_path: pathlib.Path, model: ir.Model, config: QuantizeCon
     return ranked[:count]
 
 
-def _sensitive_sites(model, model_path, params, config, sequences, scratch, extra) -> list[str]:
-    """Names of the sites to keep in float so the calibration perplexity rises at most ``max_ppl_increase`` %."""
-    from graphopt.passes.quantize_qdq import QDQQuantizePass
-
-    head = config.head != "float"
-    baseline = sequences_perplexity(model_path, sequences)
-    errors = site_errors(model, model_path, params, sequences[:2], head, config.reduce_range)
-    ranked = [name for name in sorted(errors, key=lambda name: -errors[name]) if name not in config.exclude]
-    extra["calibration_perplexity_float"] = round(baseline, 4)
-    kept: list[str] = []
-    count = 0
-    while True:
-        candidate = graph_io.load(model_path)
-        QDQQuantizePass(params, [*config.exclude, *kept], head=head, reduce_range=config.reduce_range)(candidate)
-        perplexity = sequences_perplexity(_stage(candidate, scratch, "candidate"), sequences)
-        increase = 100 * (perplexity / baseline - 1)
-        logger.info(f"{len(kept)} layer(s) kept in float: calibration perplexity {perplexity:.3f} ({increase:+.2f}%)")
-        if increase <= config.max_ppl_increase or count >= len(ranked):
-            extra["calibration_perplexity_quantized"] = round(perplexity, 4)
-            return kept
-        count = max(1, count * 2)
-        kept = ranked[:count]
-
-
 def _weight_only(model_path: pathlib.Path, model: ir.Model, config: QuantizeConfig, sequences, scratch: pathlib.Path):
     """``model_path``: where ``model`` (as it is now) can be run for calibration."""
     bits = 8 if config.scheme == "int8" else 4
     head_bits = config.head_bits()
     extra: dict = {}
     if config.awq:
-        from graphopt.passes.smooth_quant import SmoothQuantPass
-
         factors, alphas = awq_factors(model_path, model, config, sequences)
         scaling = SmoothQuantPass(0.0, {}, factors=factors)
         scaling(model)
@@ -599,15 +568,11 @@ def _weight_only(model_path: pathlib.Path, model: ir.Model, config: QuantizeConf
         extra["weight_error_max"] = {worst: round(errors[worst], 6)}
     embedding_bits = config.embedding_bits()
     if embedding_bits is not None:
-        from graphopt.passes.quantize_embedding import EmbeddingQuantizePass
-
         embedding = EmbeddingQuantizePass(embedding_bits, config.head_block_size or config.weight_block_size)
         embedding(model)
         counts.update(embedding.counts)
     if config.pack:
         # Last: packing needs every linear's final MatMulNBits (and the embedding's shared codes) in place.
-        from graphopt.passes.pack_matmulnbits import PackMatMulNBitsPass
-
         packer = PackMatMulNBitsPass()
         packer(model)
         extra["packed"] = packer.counts

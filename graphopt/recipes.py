@@ -2,9 +2,8 @@
 
 A recipe is a list of stages run in order, each turning the model directory the stage before wrote
 into a new one (``export``, ``prune``, ``fuse``, ``convert``, ``quantize``), checking it
-(``validate``) or building the draft for speculative decoding beside it (``draft``). The stage
-kinds and what each calls are in ``graphopt.optimize.STAGES``; parameters are the keyword
-arguments of those calls. Every ordering constraint is written next to the stage it binds.
+(``validate``) or building the draft for speculative decoding beside it (``draft``). Model stages
+are the registered steps (:data:`STEPS`); every stage's parameters are its config type's fields.
 
 The ordering constraints common to all recipes:
 
@@ -29,7 +28,6 @@ The ordering constraints common to all recipes:
 from __future__ import annotations
 
 import dataclasses
-import logging
 import pathlib
 from typing import Any, Mapping
 
@@ -43,8 +41,6 @@ from graphopt.pruning import PruneStep
 from graphopt.quantization import QuantizeStep
 from graphopt.steps import Step, StepConfig, StepRecord, run_step
 from graphopt.vocabulary import VocabularyStep
-
-logger = logging.getLogger(__name__)
 
 # The registry of model-directory steps: the CLI commands, `graphopt optimize` and `graphopt draft`
 # all run these through graphopt.steps.run_step. A new step is one line here.
@@ -110,10 +106,10 @@ class Stage:
         arguments = ", ".join(f"{key}={value}" for key, value in self.parameters.items())
         return f"{self.kind}({arguments})"
 
-    def config(self, where: str = "") -> StepConfig:
+    def config(self) -> StepConfig:
         """The stage's typed, validated parameters (a registered step's config, or a pipeline stage's)."""
         config_type = STEPS[self.kind].config_type if self.kind in STEPS else STAGE_CONFIGS[self.kind]
-        return config_type.from_parameters(dict(self.parameters), where=where)
+        return config_type.from_parameters(dict(self.parameters))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,28 +262,15 @@ def check_order(recipe: Recipe) -> None:
 def check_parameters(recipe: Recipe) -> None:
     """Every stage's parameters are valid before anything runs (a typo or a bad value fails in a second)."""
     for stage in recipe.stages:
-        where = f"recipe {recipe.name}: stage {stage.describe()}: "
         try:
-            stage.config(where)
-        except TypeError as error:
-            raise GraphoptError(f"{where}{error}") from None
-        except GraphoptError as error:
-            message = str(error)
-            raise GraphoptError(message if message.startswith(where) else f"{where}{message}") from None
+            stage.config()
+        except (TypeError, GraphoptError) as error:
+            raise GraphoptError(f"recipe {recipe.name}: stage {stage.describe()}: {error}") from None
 
 
 def run_stage(stage: Stage, source: ModelDir, output: pathlib.Path) -> StepRecord:
     """One registered step's stage on ``source`` into ``output``."""
     return run_step(STEPS[stage.kind], source.path, output, stage.config())
-
-
-def run_stages(stages: tuple[Stage, ...], source: ModelDir, work: pathlib.Path, label: str = "") -> ModelDir:
-    """Registered steps one after the other, each into its own folder under ``work``; the last one's directory."""
-    current = source
-    for index, stage in enumerate(stages, start=1):
-        logger.info("%s[%d/%d] %s", f"{label}: " if label else "", index, len(stages), stage.describe())
-        current = run_stage(stage, current, work / f"{index:02d}-{stage.kind}").output
-    return current
 
 
 def describe(recipe: Recipe) -> str:

@@ -63,21 +63,12 @@ def sha256_of(path: pathlib.Path) -> str:
     return digest.hexdigest()
 
 
-def cached_path(name: str) -> pathlib.Path:
-    entry = _entry(name)
-    return graphopt_home() / "models" / entry.name / pathlib.PurePosixPath(entry.member).name
-
-
-def _entry(name: str) -> RegistryEntry:
-    if name not in REGISTRY:
-        raise GraphoptError(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name]
-
-
 def fetch(name: str) -> pathlib.Path:
     """Download a registry model into the cache (once), verify its checksum, return its path."""
-    entry = _entry(name)
-    target = cached_path(name)
+    if name not in REGISTRY:
+        raise GraphoptError(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    entry = REGISTRY[name]
+    target = graphopt_home() / "models" / entry.name / pathlib.PurePosixPath(entry.member).name
     if target.is_file() and (not entry.sha256 or sha256_of(target) == entry.sha256):
         logger.info("%s already cached at %s", name, target)
         return target

@@ -2,17 +2,10 @@
 
 A step (fuse, quantize, prune, convert, ...) declares its name and its typed parameters (a frozen
 ``StepConfig`` that defaults and validates every field once, in ``__post_init__``), may refuse a
-source it cannot take (``refuse``), and rewrites the loaded graph (``run``). :func:`run_step` owns
-everything else, the same way for every step and every caller (CLI commands, `graphopt optimize`,
-`graphopt draft`):
-
-1. open the source (validated, see :class:`graphopt.modeldir.ModelDir`) and refuse an output that
-   cannot be written, before any work;
-2. the step's own refusal, then load the graph and run the step;
-3. write into a scratch directory beside the output, run the step's numeric check on what was
-   written, append one :class:`~graphopt.manifest.LineageStep` and rename into place (atomic).
-
-Steps register in :data:`graphopt.registry.STEPS`; progress is reported through ``logging``.
+source it cannot take (``refuse``) and rewrites the loaded graph (``run``). :func:`run_step` does
+the rest for every caller (CLI commands, `graphopt optimize`, `graphopt draft`): open and check
+the source and the output before any work, write atomically, run the step's numeric check, append
+one lineage step. Steps register in :data:`graphopt.recipes.STEPS`; progress goes through ``logging``.
 """
 
 from __future__ import annotations
@@ -51,6 +44,12 @@ class StepConfig:
         if unknown:
             raise GraphoptError(f"{where}unknown parameter {unknown[0]!r}; this step takes {', '.join(sorted(names))}")
         return cls(**parameters)
+
+
+def check_choice(option: str, value: Any, choices) -> None:
+    """A one-line ``GraphoptError`` naming ``option`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise GraphoptError(f"{option} must be one of {', '.join(map(str, choices))}, got {value!r}")
 
 
 def _jsonable(value: Any) -> Any:
@@ -94,11 +93,7 @@ class Step:
         raise NotImplementedError
 
     def check(self, source: ModelDir, written: ModelDir, config: StepConfig) -> dict[str, Any]:
-        """Numeric check of the written model against the source; figures for the lineage.
-
-        Raises:
-            ValidationError: the written model does not compute what it should.
-        """
+        """Numeric check of the written model against the source (figures for the lineage); ValidationError if it fails."""
         return {}
 
 

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import pathlib
 
+from graphopt.evaluate import forward_chunks
+from graphopt.runtime.decoder import Decoder
+from graphopt.runtime.session import make_session
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -104,10 +108,6 @@ def chunked_logits(model_path, optimization: str, ids: list[int], splits: tuple[
     ``optimization="disable"`` is the reference a rewrite is compared with (ONNX Runtime's own
     graph rewrites off).
     """
-    from graphopt.evaluate import forward_chunks
-    from graphopt.runtime.decoder import Decoder
-    from graphopt.runtime.session import make_session
-
     return forward_chunks(Decoder(model_path, session=make_session(model_path, optimization=optimization)), ids, splits)
 
 

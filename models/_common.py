@@ -3,6 +3,47 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+
+def head_dim(config) -> int:
+    """The attention head width: ``config.head_dim`` where the family sets it, else hidden / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def shape_facts(config, family: str, **overrides) -> dict:
+    """The shape facts graphopt.json records for a family's ``config`` (``overrides``: what it does differently)."""
+    return {
+        "family": family,
+        "model_type": config.model_type,
+        "layers": config.num_hidden_layers,
+        "heads": config.num_attention_heads,
+        "kv_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        "head_dim": head_dim(config),
+        "hidden_size": config.hidden_size,
+        "intermediate_size": getattr(config, "intermediate_size", None),
+        "vocab_size": config.vocab_size,
+        "max_positions": config.max_position_embeddings,
+        "tied_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
+        **overrides,
+    }
+
+
+class CachedDecoder(nn.Module):
+    """Decoder with an explicit KV cache: (ids, mask, positions, past...) -> (logits, present...).
+
+    The family modules subclass it; it holds the checkpoint (``hf``) and its attention shape.
+    """
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        config = self.config = hf_model.config
+        self.hf = hf_model
+        self.num_layers = config.num_hidden_layers
+        self.num_heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = head_dim(config)
+        self.eps = getattr(config, "rms_norm_eps", None)
 
 
 def causal_mask(attention_mask: torch.Tensor, seq_len: int, past_len: torch.Tensor | int, dtype: torch.dtype) -> torch.Tensor:

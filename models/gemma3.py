@@ -18,7 +18,7 @@ from torch import nn
 
 from graphopt.errors import UnsupportedModelError
 from graphopt.models import WeightNames
-from graphopt.models._common import attend, causal_mask, repeat_kv
+from graphopt.models._common import CachedDecoder, attend, causal_mask, repeat_kv, shape_facts
 from graphopt.models._window import apply_rope, rope_tables, sliding_causal_mask
 
 MODEL_TYPES = ("gemma3_text",)
@@ -38,17 +38,10 @@ def _softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     return x if not cap else torch.tanh(x / cap) * cap
 
 
-class Gemma3Decoder(nn.Module):
-    """Decoder with an explicit KV cache: (ids, mask, positions, past...) -> (logits, present...)."""
-
+class Gemma3Decoder(CachedDecoder):
     def __init__(self, hf_model: nn.Module):
-        super().__init__()
+        super().__init__(hf_model)
         config = hf_model.config
-        self.hf = hf_model
-        self.num_heads = config.num_attention_heads
-        self.kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
-        self.eps = config.rms_norm_eps
         self.layer_types = list(config.layer_types)
         self.window = config.sliding_window
         self.scale = float(config.query_pre_attn_scalar) ** -0.5
@@ -112,19 +105,7 @@ class Gemma3Decoder(nn.Module):
 
 def describe(config) -> dict:
     """The shape facts graphopt.json records for this family."""
-    return {
-        "family": "gemma3",
-        "model_type": config.model_type,
-        "layers": config.num_hidden_layers,
-        "heads": config.num_attention_heads,
-        "kv_heads": config.num_key_value_heads,
-        "head_dim": config.head_dim,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "vocab_size": config.vocab_size,
-        "max_positions": config.max_position_embeddings,
-        "tied_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
-    }
+    return shape_facts(config, "gemma3")
 
 
 def build(hf_model: nn.Module) -> nn.Module:

@@ -10,25 +10,14 @@ import torch
 from torch import nn
 
 from graphopt.models import WeightNames
-from graphopt.models._common import attend, causal_mask
+from graphopt.models._common import CachedDecoder, attend, causal_mask, shape_facts
 
 MODEL_TYPES = ("gpt2",)
 WEIGHT_NAMES = WeightNames("transformer.h", {
     "attn.c_attn": "qkv", "attn.c_proj": "o", "mlp.c_fc": "up", "mlp.c_proj": "down"})
 
 
-class GPT2Decoder(nn.Module):
-    """Decoder with an explicit KV cache: (ids, mask, positions, past...) -> (logits, present...)."""
-
-    def __init__(self, hf_model: nn.Module):
-        super().__init__()
-        config = hf_model.config
-        self.config = config
-        self.num_layers = config.n_layer
-        self.num_heads = config.n_head
-        self.head_dim = config.n_embd // config.n_head
-        self.hf = hf_model
-
+class GPT2Decoder(CachedDecoder):
     def forward(self, input_ids, attention_mask, position_ids, past_key_values):
         transformer = self.hf.transformer
         hidden = transformer.wte(input_ids) + transformer.wpe(position_ids)
@@ -62,19 +51,8 @@ class GPT2Decoder(nn.Module):
 
 def describe(config) -> dict:
     """The shape facts graphopt.json records for this family."""
-    return {
-        "family": "gpt2",
-        "model_type": config.model_type,
-        "layers": config.n_layer,
-        "heads": config.n_head,
-        "kv_heads": config.n_head,
-        "head_dim": config.n_embd // config.n_head,
-        "hidden_size": config.n_embd,
-        "intermediate_size": config.n_inner or 4 * config.n_embd,
-        "vocab_size": config.vocab_size,
-        "max_positions": config.n_positions,
-        "tied_embeddings": bool(getattr(config, "tie_word_embeddings", True)),
-    }
+    return shape_facts(config, "gpt2", intermediate_size=config.n_inner or 4 * config.n_embd,
+                       tied_embeddings=bool(getattr(config, "tie_word_embeddings", True)))
 
 
 def build(hf_model: nn.Module) -> nn.Module:

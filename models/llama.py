@@ -12,7 +12,7 @@ from torch import nn
 
 from graphopt.errors import UnsupportedModelError
 from graphopt.models import WeightNames
-from graphopt.models._common import attend, causal_mask, repeat_kv
+from graphopt.models._common import CachedDecoder, attend, causal_mask, repeat_kv, shape_facts
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 WEIGHT_NAMES = WeightNames("model.layers", {
@@ -30,19 +30,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-class LlamaDecoder(nn.Module):
-    """Decoder with an explicit KV cache: (ids, mask, positions, past...) -> (logits, present...)."""
-
+class LlamaDecoder(CachedDecoder):
     def __init__(self, hf_model: nn.Module):
-        super().__init__()
-        config = hf_model.config
-        self.config = config
-        self.num_layers = config.num_hidden_layers
-        self.num_heads = config.num_attention_heads
-        self.kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
-        self.eps = config.rms_norm_eps
-        self.hf = hf_model
+        super().__init__(hf_model)
         rotary = hf_model.model.rotary_emb
         self.register_buffer("inv_freq", rotary.inv_freq.detach().float().clone(), persistent=False)
         self.rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))
@@ -99,20 +89,7 @@ class LlamaDecoder(nn.Module):
 
 def describe(config) -> dict:
     """The shape facts graphopt.json records for this family."""
-    heads = config.num_attention_heads
-    return {
-        "family": "llama",
-        "model_type": config.model_type,
-        "layers": config.num_hidden_layers,
-        "heads": heads,
-        "kv_heads": config.num_key_value_heads,
-        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "vocab_size": config.vocab_size,
-        "max_positions": config.max_position_embeddings,
-        "tied_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
-    }
+    return shape_facts(config, "llama")
 
 
 # RoPE types whose frequencies change with the sequence length: the export bakes one table in.

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from graphopt.models import WeightNames
-from graphopt.models._common import attend, causal_mask, repeat_kv
+from graphopt.models._common import CachedDecoder, attend, causal_mask, repeat_kv, shape_facts
 from graphopt.models._window import apply_rope, rope_tables, sliding_causal_mask
 
 MODEL_TYPES = ("phi3",)
@@ -29,21 +29,10 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * (x * torch.rsqrt(variance + eps))
 
 
-def _head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-class Phi3Decoder(nn.Module):
-    """Decoder with an explicit KV cache: (ids, mask, positions, past...) -> (logits, present...)."""
-
+class Phi3Decoder(CachedDecoder):
     def __init__(self, hf_model: nn.Module):
-        super().__init__()
+        super().__init__(hf_model)
         config = hf_model.config
-        self.hf = hf_model
-        self.num_heads = config.num_attention_heads
-        self.kv_heads = config.num_key_value_heads
-        self.head_dim = _head_dim(config)
-        self.eps = config.rms_norm_eps
         self.window = getattr(config, "sliding_window", None)
         rotary = hf_model.model.rotary_emb
         self.rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))
@@ -114,20 +103,7 @@ def describe(config) -> dict:
     extra = {}
     if rope.get("rope_type") == "longrope":
         extra["longrope_recompute_at"] = int(rope["original_max_position_embeddings"]) + 1
-    return {
-        "extra": extra,
-        "family": "phi3",
-        "model_type": config.model_type,
-        "layers": config.num_hidden_layers,
-        "heads": config.num_attention_heads,
-        "kv_heads": config.num_key_value_heads,
-        "head_dim": _head_dim(config),
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "vocab_size": config.vocab_size,
-        "max_positions": config.max_position_embeddings,
-        "tied_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
-    }
+    return shape_facts(config, "phi3", extra=extra)
 
 
 def build(hf_model: nn.Module) -> nn.Module:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from graphopt.commands import default
-from graphopt.convert import DTYPES, ConvertConfig
+from graphopt.commands import default, report_step
+from graphopt.convert import DTYPES, ConvertConfig, convert
 
 
 @click.command("convert")
@@ -22,9 +22,6 @@ def command(model_dir: str, output: str, dtype: str, keep_softmax: bool, force: 
 
     Example: graphopt convert smollm2-fused -o smollm2-fp16 --dtype fp16
     """
-    from graphopt.commands import report_step
-    from graphopt.convert import convert
-
     converted = convert(model_dir, output, dtype=dtype, keep_softmax=keep_softmax, force=force, validate=validate)
     report_step(converted.manifest.lineage[-1])
     click.echo(str(converted.path))

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import click
+
+from graphopt.commands import say
 
 
 @click.command("distill")
@@ -68,11 +71,6 @@ def command(student, teacher, output, force, tokens, max_minutes, device, lr, wa
 
     Example: graphopt distill smollm2-pruned --teacher smollm2 -o smollm2-healed --max-minutes 10
     """
-    import os
-
-    import click as click_module
-
-    from graphopt.commands import say
     from graphopt.distill import DEFAULT_MAX_MINUTES, DistillConfig, distill, plot_loss
 
     if int(os.environ.get("RANK", "0")) != 0:
@@ -101,4 +99,4 @@ def command(student, teacher, output, force, tokens, max_minutes, device, lr, wa
         say(f"  next: graphopt quantize {result.model_dir.path} -o OUT --weights {quantize}{method}{block} --head {head}")
     if plot:
         plot_loss(figures["loss_curve"], plot)
-    click_module.echo(str(result.model_dir.path))
+    click.echo(str(result.model_dir.path))

@@ -6,19 +6,16 @@ import json
 
 import click
 
+from graphopt.drafting import build_draft
+from graphopt.errors import GraphoptError
+from graphopt.recipes import DRAFT_RECIPES
 from graphopt.runtime.session import EXECUTION_PROVIDERS
-
-
-def _recipe_names() -> list[str]:
-    from graphopt.recipes import DRAFT_RECIPES
-
-    return ["auto", *DRAFT_RECIPES]
 
 
 @click.command("draft")
 @click.argument("target", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(), help="The draft model directory to write.")
-@click.option("--recipe", type=click.Choice(_recipe_names()), default="auto", show_default=True,
+@click.option("--recipe", type=click.Choice(["auto", *DRAFT_RECIPES]), default="auto", show_default=True,
               help="How to shrink the target; auto builds the candidates and keeps the fastest end to end.")
 @click.option("--ep", type=click.Choice(list(EXECUTION_PROVIDERS)), default="cpu", show_default=True,
               help="Execution provider on which auto measures the candidates.")
@@ -28,11 +25,7 @@ def _recipe_names() -> list[str]:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 def command(target, output, recipe, ep, distill_minutes, force, as_json):
     """Build a draft model for `graphopt generate TARGET --draft OUTPUT`."""
-    from graphopt.drafting import build_draft
-
     if distill_minutes is not None and distill_minutes < 0:
-        from graphopt.errors import GraphoptError
-
         raise GraphoptError(f"--distill-minutes must be at least 0, got {distill_minutes}")
     draft, report = build_draft(target, output, recipe=recipe, force=force, ep=ep, distill_minutes=distill_minutes)
     report = {"draft": str(draft.path), **report, "size_bytes": draft.size_bytes(),

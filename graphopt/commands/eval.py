@@ -6,7 +6,7 @@ import json
 
 import click
 
-from graphopt.evaluate import DEFAULT_TEXT
+from graphopt.evaluate import DEFAULT_TEXT, evaluate
 from graphopt.runtime.session import EXECUTION_PROVIDERS
 
 
@@ -26,8 +26,6 @@ from graphopt.runtime.session import EXECUTION_PROVIDERS
 def command(model_dir: str, text: str, window: int, reference: str | None, max_windows: int | None, ep: str,
             as_json: bool) -> None:
     """Perplexity of MODEL_DIR on a text (and agreement with --reference)."""
-    from graphopt.evaluate import evaluate
-
     result = evaluate(model_dir, text, window=window, reference_dir=reference, max_windows=max_windows, ep=ep)
     if as_json:
         click.echo(json.dumps({**result.to_json(), "text": str(text)}))

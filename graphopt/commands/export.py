@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import pathlib
+import tempfile
+
 import click
 
 from graphopt import sources
-from graphopt.export import DEFAULT_OPSET
+from graphopt.commands import report_step
+from graphopt.export import DEFAULT_OPSET, export
+from graphopt.fusion import fuse
+from graphopt.modeldir import check_output
 from graphopt.passes.targets import TARGETS
 
 
@@ -26,9 +32,6 @@ from graphopt.passes.targets import TARGETS
 def command(src: str, output: str, force: bool, validate: bool, tolerance: float, opset: int,
             fuse_target: str | None, keep_quantization: bool) -> None:
     """Export SRC (a registry name, a Hugging Face checkpoint directory or a .gguf file) to OUTPUT."""
-    from graphopt.commands import report_step
-    from graphopt.export import export
-
     if keep_quantization:
         from graphopt.gguf_import import export_keeping_quantization
 
@@ -48,13 +51,6 @@ def _export_fused(src, output, force, validate, tolerance, opset, target):
 
     ``fuse`` writes OUTPUT atomically, so a failure anywhere leaves OUTPUT as it was.
     """
-    import pathlib
-    import tempfile
-
-    from graphopt.export import export
-    from graphopt.fusion import fuse
-    from graphopt.modeldir import check_output
-
     target_path = check_output(output, force, sources=[src])
     target_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{target_path.name}.", suffix=".export", dir=target_path.parent) as scratch:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from graphopt.commands import default
-from graphopt.fusion import FuseConfig
+from graphopt.commands import default, report_step, say
+from graphopt.fusion import FuseConfig, fuse
 from graphopt.passes.targets import TARGETS
 
 
@@ -24,9 +24,6 @@ from graphopt.passes.targets import TARGETS
 def command(model_dir: str, output: str, target: str, explain: bool, require: bool, force: bool, validate: bool,
             pack_qkv: bool) -> None:
     """Fuse attention, norms and GELU of MODEL_DIR for TARGET into OUTPUT."""
-    from graphopt.commands import report_step, say
-    from graphopt.fusion import fuse
-
     fused, counts = fuse(model_dir, output, target, require=require, explain=explain, force=force, validate=validate,
                          pack_qkv=pack_qkv)
     if not counts:

@@ -12,8 +12,10 @@ import sys
 
 import click
 
+from graphopt.runtime import Generator, Sampling
 from graphopt.runtime.device import CACHES
 from graphopt.runtime.session import EXECUTION_PROVIDERS
+from graphopt.runtime.speculative import SpeculativeGenerator
 
 
 @click.command("generate")
@@ -44,9 +46,6 @@ from graphopt.runtime.session import EXECUTION_PROVIDERS
 def command(model_dir, prompt, chat, greedy, temperature, top_k, top_p, seed, max_new_tokens, ep, draft_dir, gamma,
             draft_ep, cache, cuda_graph, as_json):
     """Generate text after PROMPT with the model in MODEL_DIR."""
-    from graphopt.runtime import Generator, Sampling
-    from graphopt.runtime.speculative import SpeculativeGenerator
-
     if greedy and temperature > 0:
         raise click.UsageError("--greedy and --temperature > 0 contradict each other")
     if draft_dir is None and draft_ep is not None:

@@ -8,14 +8,13 @@ import json
 import click
 
 from graphopt import interop
+from graphopt.ir import parameter_count
 from graphopt.modeldir import ModelDir
 
 
 def summarize(model_dir: ModelDir) -> dict:
     """Facts about a model directory, read from its graph (without loading weights) and manifest."""
     import onnx
-
-    from graphopt.ir import parameter_count
 
     model = onnx.load(str(model_dir.model_path), load_external_data=False)
     ops = collections.Counter(

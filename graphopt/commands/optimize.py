@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
+import pathlib
+
 import click
 
 from graphopt import sources
 from graphopt.commands import default
-from graphopt.optimize import MeasureSettings
-from graphopt.recipes import DEFAULT_RECIPE
+from graphopt.optimize import MeasureSettings, optimize, table
+from graphopt.recipes import DEFAULT_RECIPE, RECIPES, describe
 
 
 def _list_recipes(ctx, _parameter, value) -> None:
     if not value or ctx.resilient_parsing:
         return
-    from graphopt.recipes import RECIPES, describe
-
     for recipe in RECIPES.values():
         click.echo(describe(recipe))
     ctx.exit(0)
@@ -48,10 +48,6 @@ def command(src: str, output: str, recipe: str, force: bool, tokens: int, eval_w
 
     Example: graphopt optimize -o smollm2-opt --recipe cpu-int4
     """
-    import pathlib
-
-    from graphopt.optimize import optimize, table
-
     settings = MeasureSettings(tokens=tokens, eval_windows=eval_windows, window=window, reference_tools=reference,
                                with_peers=with_peers)
     out = optimize(src, output, recipe, force=force, settings=settings, keep_draft=keep_draft)

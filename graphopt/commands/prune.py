@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from graphopt.commands import default
-from graphopt.commands._options import calibration_options, calibration_spec
-from graphopt.pruning import IMPORTANCE, SPLITS, PruneConfig
+from graphopt.commands import calibration_options, calibration_spec, default, report_step
+from graphopt.errors import GraphoptError
+from graphopt.pruning import IMPORTANCE, SPLITS, PruneConfig, prune
 
 
 @click.command("prune")
@@ -31,10 +31,6 @@ def command(model_dir, output, force, seed, **options) -> None:
 
     Example: graphopt prune smollm2 -o smollm2-pruned --params 0.25
     """
-    from graphopt.commands import report_step
-    from graphopt.errors import GraphoptError
-    from graphopt.pruning import prune
-
     if all(options[name] is None for name in ("heads", "channels", "layers", "params")):
         raise GraphoptError("say what to remove: --heads F, --channels F, --layers N or --params F")
     # The options left in ``options`` are PruneConfig fields of the same names.

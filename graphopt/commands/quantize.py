@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import click
 
-from graphopt.commands import default
-from graphopt.commands._options import calibration_options, calibration_spec
+from graphopt.commands import calibration_options, calibration_spec, default, report_step
 from graphopt.evaluate import DEFAULT_TEXT
 from graphopt.quantization import (BLOCK_SIZES, DOWN_PROJ, EMBEDDING_CHOICES, HEAD_CHOICES, METHODS, ROTATIONS,
-                                   QuantizeConfig)
+                                   QuantizeConfig, quantize)
 from graphopt.ranges import METHODS as CALIBRATION_METHODS
 
 
@@ -99,9 +98,6 @@ def command(model_dir, output, force, block_size, exclude, op_types, seed, measu
     model samples itself): --weights int8 --activations int8; on a fused graph it rotates the
     residual stream first and runs the down projections as weight-only int8.
     """
-    from graphopt.commands import report_step
-    from graphopt.quantization import quantize
-
     # The options left in ``options`` are QuantizeConfig fields of the same names.
     config = QuantizeConfig(calib=calibration_spec(options, seed), block_size=int(block_size) if block_size else None,
                             exclude=tuple(exclude), op_types=tuple(op_types.split(",")),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from graphopt.commands import default
-from graphopt.vocabulary import VocabularyConfig
+from graphopt.commands import default, report_step
+from graphopt.vocabulary import VocabularyConfig, restrict_vocabulary
 
 
 @click.command("vocabulary")
@@ -28,9 +28,6 @@ def command(model_dir: str, output: str, size: int, counts: str | None, sample_t
 
     Example: graphopt vocabulary draft-fused -o draft-8k && graphopt quantize draft-8k --weights int8 -o draft
     """
-    from graphopt.commands import report_step
-    from graphopt.vocabulary import restrict_vocabulary
-
     record = restrict_vocabulary(model_dir, output, size=size, counts=counts, sample_tokens=sample_tokens, seed=seed,
                                  force=force)
     report_step(record.step)
