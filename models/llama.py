@@ -113,7 +113,8 @@ def fit_sliding_window(config) -> None:
         config.max_position_embeddings = min(config.max_position_embeddings, sliding)
 
 
-def build(hf_model: nn.Module) -> nn.Module:
+def build(hf_model: nn.Module, decoder: type[LlamaDecoder] = LlamaDecoder) -> nn.Module:
+    """The exportable decoder (``decoder``: a Llama-layout family's subclass)."""
     check_rope(hf_model.config)
     fit_sliding_window(hf_model.config)
-    return LlamaDecoder(hf_model)
+    return decoder(hf_model)

@@ -39,6 +39,4 @@ def describe(config) -> dict:
 
 
 def build(hf_model: nn.Module) -> nn.Module:
-    llama.check_rope(hf_model.config)
-    llama.fit_sliding_window(hf_model.config)
-    return SmolLM3Decoder(hf_model)
+    return llama.build(hf_model, SmolLM3Decoder)

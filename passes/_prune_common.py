@@ -325,34 +325,22 @@ class Resizer:
             _set_dims(value, changes)
 
     # One method per op family; each records the output changes.
+    _HANDLERS = {**{op: "_elementwise" for op in (*_ELEMENTWISE, *_NORMS)}, "ReduceMean": "_reduce",
+                 "ReduceSum": "_reduce", "Transpose": "_transpose", "Reshape": "_reshape", "Expand": "_expand",
+                 "Unsqueeze": "_unsqueeze", **{op: "_along_axis" for op in ("Slice", "Concat", "Split", "Gather")},
+                 "MatMul": "_matmul", "Shape": "_shape", "RotaryEmbedding": "_rotary",
+                 **{op: "_fused_attention" for op in FUSED_ATTENTION}}
+
     def _visit(self, node: ir.Node) -> None:
-        op = node.op_type
-        if op in _ELEMENTWISE or op in _NORMS:
-            self._elementwise(node)
-        elif op in ("ReduceMean", "ReduceSum"):
-            self._reduce(node)
-        elif op == "Transpose":
-            perm = node.attributes["perm"].value
-            source = self.changes.get(node.inputs[0], {})
-            self._set(node.outputs[0], {new: source[old] for new, old in enumerate(perm) if old in source})
-        elif op == "Reshape":
-            self._reshape(node)
-        elif op == "Expand":
-            self._expand(node)
-        elif op == "Unsqueeze":
-            self._unsqueeze(node)
-        elif op in ("Slice", "Concat", "Split", "Gather"):
-            self._along_axis(node)
-        elif op == "MatMul":
-            self._matmul(node)
-        elif op == "Shape":
-            self._shape(node)
-        elif op == "RotaryEmbedding":
-            self._rotary(node)
-        elif op in FUSED_ATTENTION:
-            self._fused_attention(node)
-        else:
-            raise PruneError(f"cannot prune through {op} node '{node.name}' (a pruned axis reaches it)")
+        handler = self._HANDLERS.get(node.op_type)
+        if handler is None:
+            raise PruneError(f"cannot prune through {node.op_type} node '{node.name}' (a pruned axis reaches it)")
+        getattr(self, handler)(node)
+
+    def _transpose(self, node: ir.Node) -> None:
+        perm = node.attributes["perm"].value
+        source = self.changes.get(node.inputs[0], {})
+        self._set(node.outputs[0], {new: source[old] for new, old in enumerate(perm) if old in source})
 
     def _set(self, value: ir.Value, changes: Changes) -> None:
         self.changes[value] = changes
