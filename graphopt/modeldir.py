@@ -5,9 +5,8 @@ A model directory may come from a stranger, so opening one checks it (:meth:`Mod
 typed, valid manifest (:mod:`graphopt.manifest`), a graph whose inputs, outputs and vocabulary
 agree with it, external data that is present, of the right size and inside the folder, tokenizer
 files that parse and are not links out of the folder. Every failure is one line
-(``GraphoptError``). This module needs no torch; the graph check uses ``onnx`` when it is
-installed (the torch-free runtime may run without it, and then relies on ONNX Runtime's own
-load errors).
+(``GraphoptError``). This module needs neither torch nor onnx: the graph check reads the file's
+header itself (:mod:`graphopt.onnx_header`), also in the torch-free runtime.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from typing import Iterable, Iterator
 
 from graphopt import interop
 from graphopt import manifest as manifest_io
+from graphopt import onnx_header
 from graphopt.errors import GraphoptError
 from graphopt.manifest import LineageStep, Manifest
 
@@ -110,34 +110,28 @@ def _check_inside(root: pathlib.Path, path: pathlib.Path) -> None:
 
 def check_graph(directory: ModelDir) -> None:
     """The graph against the manifest, and every external-data file present, sized and inside the folder."""
-    try:
-        import onnx
-    except ImportError:  # the torch-free runtime without onnx: ONNX Runtime's load errors stand in
-        return
     path = directory.model_path
     try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as error:  # protobuf raises DecodeError, RuntimeWarning and others for a damaged file
-        raise GraphoptError(f"{path}: damaged, not a readable ONNX model ({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+        header = onnx_header.read(path.read_bytes())
+    except (ValueError, OSError) as error:
+        raise GraphoptError(f"{path}: damaged, not a readable ONNX model ({error})") from None
     manifest = directory.manifest
-    inputs = [value.name for value in proto.graph.input]
-    outputs = [value.name for value in proto.graph.output]
-    if inputs != manifest.inputs or outputs != manifest.outputs:
-        raise GraphoptError(f"{path}: the graph's inputs/outputs ({len(inputs)}/{len(outputs)}) do not match "
-                            f"{MANIFEST_FILE} ({manifest.layers} layers)")
-    logits_shape = proto.graph.output[0].type.tensor_type.shape.dim
-    vocab = logits_shape[-1].dim_value if logits_shape else 0
-    if vocab and vocab != manifest.vocab_size:
-        raise GraphoptError(f"{path}: the graph's logits have {vocab} entries, {MANIFEST_FILE} says vocab_size "
-                            f"{manifest.vocab_size}")
+    if header.inputs != manifest.inputs or header.outputs != manifest.outputs:
+        raise GraphoptError(f"{path}: the graph's inputs/outputs ({len(header.inputs)}/{len(header.outputs)}) do not "
+                            f"match {MANIFEST_FILE} ({manifest.layers} layers)")
+    if header.logits_width and header.logits_width != manifest.vocab_size:
+        raise GraphoptError(f"{path}: the graph's logits have {header.logits_width} entries, {MANIFEST_FILE} says "
+                            f"vocab_size {manifest.vocab_size}")
     needed: dict[str, int] = {}
-    for tensor in _external_tensors(proto.graph):
-        entries = {entry.key: entry.value for entry in tensor.external_data}
-        location = entries.get("location", "")
+    for tensor in header.external:
+        location = tensor.entries.get("location", "")
         parts = pathlib.PurePosixPath(location.replace("\\", "/")).parts
         if not location or pathlib.PurePath(location).is_absolute() or ".." in parts:
             raise GraphoptError(f"{path}: weight {tensor.name} points outside the model directory ({location!r})")
-        end = int(entries.get("offset", 0) or 0) + int(entries.get("length", 0) or 0)
+        try:
+            end = int(tensor.entries.get("offset", 0) or 0) + int(tensor.entries.get("length", 0) or 0)
+        except ValueError:
+            raise GraphoptError(f"{path}: damaged, weight {tensor.name} has a non-numeric offset or length") from None
         needed[location] = max(needed.get(location, 0), end)
     for location, end in needed.items():
         file = directory.path / location
@@ -147,18 +141,6 @@ def check_graph(directory: ModelDir) -> None:
         size = file.stat().st_size
         if size < end:
             raise GraphoptError(f"{directory.path}: damaged, {location} is truncated ({size:,} of {end:,} bytes)")
-
-
-def _external_tensors(graph) -> Iterator:
-    import onnx
-
-    for tensor in graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            yield tensor
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.HasField("t") and attribute.t.data_location == onnx.TensorProto.EXTERNAL:
-                yield attribute.t
 
 
 def check_output(path: str | os.PathLike, force: bool, sources: Iterable[str | os.PathLike | None] = ()) -> pathlib.Path:
