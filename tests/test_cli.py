@@ -37,6 +37,21 @@ def test_generate_json_greedy_is_deterministic(tiny_llama_dir):
     assert payload["provider"] == "CPUExecutionProvider"
 
 
+def test_generate_imports_no_graph_rewriting_stack(tiny_llama_dir):
+    """Commands load lazily: `graphopt generate` runs without onnx, onnx_ir, torch or transformers
+    (onnx's import alone cost 0.6 s of start-up)."""
+    import subprocess
+    import sys
+
+    code = (f"import runpy, sys\nsys.argv = ['graphopt', 'generate', {str(tiny_llama_dir)!r}, '--prompt', 'hi', "
+            "'--max-new-tokens', '2']\ntry:\n    runpy.run_module('graphopt', run_name='__main__')\n"
+            "except SystemExit as exit:\n    assert exit.code in (0, None), exit.code\n"
+            "print(sorted(name for name in ('onnx', 'onnx_ir', 'torch', 'transformers') if name in sys.modules))")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip().splitlines()[-1] == "[]", completed.stdout
+
+
 def test_generate_sampling_follows_the_seed(tiny_llama_dir):
     options = ["--prompt", "Once", "--temperature", "1.0", "--top-p", "0.9", "--top-k", "50", "--max-new-tokens", "16", "--json"]
     same = [json.loads(run("generate", tiny_llama_dir, *options, "--seed", "7").output)["token_ids"] for _ in range(2)]
