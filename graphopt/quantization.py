@@ -508,7 +508,7 @@ def _keep_fewest(ranked: list[str], quantize_keeping: Callable[[ir.Model, list[s
         candidate = graph_io.load(model_path)
         quantize_keeping(candidate, ranked[:count])
         perplexity = sequences_perplexity(_stage(candidate, scratch, "candidate"), sequences)
-        logger.info(f"{count} layer(s) kept {kept_as}: calibration perplexity {perplexity:.3f} "
+        logger.info(f"{count} linear(s) kept {kept_as}: calibration perplexity {perplexity:.3f} "
                     f"({100 * (perplexity / baseline - 1):+.2f}%)")
         return perplexity
 
@@ -521,7 +521,7 @@ def _keep_fewest(ranked: list[str], quantize_keeping: Callable[[ir.Model, list[s
         missed, count = count, min(len(ranked), max(1, 2 * count))
         perplexity = perplexity_with(count)
     if not meets(perplexity):
-        logger.warning(f"--max-ppl-increase {config.max_ppl_increase:g}: not met even with every layer kept {kept_as}")
+        logger.warning(f"--max-ppl-increase {config.max_ppl_increase:g}: not met even with every linear kept {kept_as}")
     while bisect and meets(perplexity) and missed >= 0 and count - missed > max(1, len(ranked) // 32):
         middle = (missed + count) // 2
         trial = perplexity_with(middle)
