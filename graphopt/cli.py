@@ -49,8 +49,8 @@ class UserError(click.ClickException):
 
 
 # Each command's module under graphopt.commands, imported when the command runs (or --help lists
-# them): `graphopt generate` and `serve` then never import the graph-rewriting stack (onnx_ir
-# imports onnx, whose ml_dtypes extension alone costs 0.6 s of start-up here).
+# them): `graphopt generate` then never imports the graph-rewriting stack (onnx_ir imports onnx,
+# whose ml_dtypes extension alone costs 0.6 s of start-up here).
 COMMANDS = ("convert", "distill", "draft", "eval", "export", "fetch", "fuse", "generate", "inspect", "optimize", "prune",
             "quantize", "serve", "vocabulary")
 
