@@ -11,6 +11,7 @@ import onnx_ir as ir
 
 logger = logging.getLogger(__name__)
 
+
 def load(path: str | os.PathLike) -> ir.Model:
     """Load a model with its external data resolved relative to its own directory."""
     return ir.load(str(path))
