@@ -25,10 +25,9 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import _basics, pattern
 
-from graphopt.passes.fuse_attention import (_BSNH_TO_BNSH, CONTRIB_DOMAIN, GroupQueryAttentionFusion, _ancestors,
-                                            _attend_on_cache,
-                                            _check_causal_mask, _check_scale, _constant, _heads, _reshaped, _rotate,
-                                            _scalar)
+from graphopt.passes._attention_common import (_BSNH_TO_BNSH, CONTRIB_DOMAIN, GroupQueryAttentionFusion, _ancestors,
+                                               _attend_on_cache, _check_causal_mask, _check_scale, _constant, _heads,
+                                               _reshaped, _rotate, _scalar)
 
 
 def _rope(op, x, cos, sin, partial: bool):
