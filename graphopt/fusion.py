@@ -22,6 +22,7 @@ from graphopt.passes.fuse_attention import CONTRIB_DOMAIN, FuseAttention, fused_
 from graphopt.passes.fuse_gelu import FuseGelu
 from graphopt.passes.fuse_norm import FuseNormalization
 from graphopt.passes.fuse_rotary import FuseRotaryEmbedding
+from graphopt.passes.pack_matmulnbits import PackMatMulNBitsPass
 from graphopt.passes.targets import TARGETS, Target, get_target
 from graphopt.steps import Step, StepConfig, StepOutput, run_step
 
@@ -50,9 +51,11 @@ class ConvertOpset(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=True)
 
 
-def pipeline(target: Target | str, max_positions: int | None, pack_qkv: bool = False) -> list[ir.passes.PassBase]:
+def pipeline(target: Target | str, max_positions: int | None, pack_qkv: bool = False,
+             pack_gate_up: bool = False) -> list[ir.passes.PassBase]:
     """The passes for ``target``, in order. ``max_positions`` sizes the rotary caches of GQA;
-    ``pack_qkv`` makes GQA's query, key and value projections one MatMul."""
+    ``pack_qkv`` makes GQA's query, key and value projections one MatMul, ``pack_gate_up`` the MLP's
+    gate and up projections one MatMul and a Split."""
     spec = get_target(target)
     passes: list[ir.passes.PassBase] = []
     if spec.opset:
@@ -70,6 +73,8 @@ def pipeline(target: Target | str, max_positions: int | None, pack_qkv: bool = F
         # The mask and rotary subgraphs the fused ops no longer read; the rewriter inserts new
         # nodes at the match root, so sort to keep the graph topologically ordered.
         RemoveUnusedNodesPass(),
+        # After the clean-up: the projections the attention rules replaced are gone by then.
+        *([PackMatMulNBitsPass("MatMul")] if pack_gate_up else []),
         TopologicalSortPass(),
     ]
     return passes
@@ -84,7 +89,7 @@ class FusionResult:
 
 
 def fuse_model(model: ir.Model, target: str, layers: int, max_positions: int | None = None,
-               explain: bool = False, pack_qkv: bool = False) -> FusionResult:
+               explain: bool = False, pack_qkv: bool = False, pack_gate_up: bool = False) -> FusionResult:
     """Run ``target``'s pipeline on ``model`` in place; counts per produced op, only where nonzero.
 
     ``explain`` adds why each rule that matched nothing did not match (and why attention did not
@@ -93,8 +98,11 @@ def fuse_model(model: ir.Model, target: str, layers: int, max_positions: int | N
     counts: collections.Counter[str] = collections.Counter()
     modified = False
     rule_passes: list[RulePass] = []
-    for step in pipeline(target, max_positions, pack_qkv):
+    for step in pipeline(target, max_positions, pack_qkv, pack_gate_up):
         result = step(model)
+        if isinstance(step, PackMatMulNBitsPass):  # counted by the Splits it made
+            counts["Split"] += sum(count for kind, count in step.counts.items() if kind.endswith("+ Split"))
+            modified = modified or result.modified
         # The clean-up passes only remove what these made unused: they do not count as a change.
         if isinstance(step, (RulePass, ConvertOpset)):
             counts.update(step.counts)
@@ -115,13 +123,14 @@ def fuse_model(model: ir.Model, target: str, layers: int, max_positions: int | N
 @dataclasses.dataclass(frozen=True)
 class FuseConfig(StepConfig):
     """``graphopt fuse``'s parameters. ``tolerance`` bounds the max |logits diff| to the source, checked on
-    ONNX Runtime's CPU provider (every fused op has a CPU kernel). ``pack_qkv`` loses the per-projection
-    weight names, so prune and quantize with ``--exclude`` before it."""
+    ONNX Runtime's CPU provider (every fused op has a CPU kernel). ``pack_qkv`` and ``pack_gate_up`` lose
+    the per-projection weight names, so prune and quantize with ``--exclude`` before them."""
 
     target: str = "cpu"
     require: bool = False
     explain: bool = False
     pack_qkv: bool = False
+    pack_gate_up: bool = False
     validate: bool = True
     tolerance: float = 1e-3
 
@@ -151,7 +160,7 @@ class FuseStep(Step):
         logger.info("fusing %s for %s", source.path, config.target)
         nodes_before = len(model.graph)
         result = fuse_model(model, config.target, manifest.layers, manifest.max_positions, explain=config.explain,
-                            pack_qkv=config.pack_qkv)
+                            pack_qkv=config.pack_qkv, pack_gate_up=config.pack_gate_up)
         for line in result.explanations:
             logger.info("  explain: %s", line)
         if config.require and result.attention_layers < manifest.layers:

@@ -1,4 +1,4 @@
-"""Sibling MatMulNBits on one input  =>  one MatMulNBits with their weights side by side (+ Split, or GQA's packed query).
+"""Sibling MatMulNBits (or float MatMuls) on one input  =>  one with their weights side by side (+ Split, or GQA's packed query).
 
 A decoder layer reads its normalized hidden state three times for q, k and v and twice for gate
 and up. Each MatMulNBits call pays fixed costs on top of reading its weights: ONNX Runtime's
@@ -13,9 +13,16 @@ call. Packed, the layer pays them once per input instead of five times.
   last axis that gives each old output back.
 * ``affine`` sites (quantize_weights.integer_affine) are plain MatMulNBits with zero points on a
   shared ``[x, block sums of x]`` input: they pack like any other.
+* ``PackMatMulNBitsPass("MatMul")`` packs float ``MatMul`` siblings with constant ``[K, N]``
+  weights instead, joined along N, + Split, leaving the q/k/v that feed GroupQueryAttention alone
+  (``graphopt fuse --pack-gate-up``: gate/up of a float graph, whose q/k/v ``--pack-qkv`` packs at
+  fusion). On a GPU each one-row product is a kernel launch that costs more than reading its
+  weights, and the Split is a cheaper kernel than the MatMul it replaces.
 
 Exact: each output column of MatMulNBits reads only its own row of ``B``, its scales and its zero
-points, so rows concatenated along N compute the same numbers (asserted bitwise in the tests).
+points (a MatMul's column its own weight column), so weights concatenated along N compute the same
+numbers (asserted bitwise in the tests for MatMulNBits; a float MatMul's kernel may sum in another
+order at another width).
 Siblings pack only when they agree on K, bits, block size, accuracy level and zero-point
 presence, have constant weights and no ``g_idx`` or bias. The pass walks the main graph only (the
 decoders graphopt writes have no subgraphs or functions).
@@ -50,7 +57,10 @@ def _constant(value: ir.Value | None) -> np.ndarray | None:
 
 
 def packable_signature(node: ir.Node) -> tuple | None:
-    """What siblings must share to be packed, or None when this MatMulNBits cannot be packed."""
+    """What siblings must share to be packed, or None when this MatMulNBits (or MatMul) cannot be packed."""
+    if node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
+        weight = _constant(node.inputs[1])
+        return None if weight is None or weight.ndim != 2 else ("MatMul", weight.shape[0], weight.dtype)
     if node.op_type != "MatMulNBits" or node.domain != CONTRIB_DOMAIN or len(node.inputs) > 4:
         return None
     weight, scales = node.inputs[1], node.inputs[2]
@@ -89,10 +99,12 @@ def merged_name(names: list[str], separator: str) -> str:
 
 
 class PackMatMulNBitsPass(ir.passes.InPlacePass):
-    """Pack sibling MatMulNBits (see the module docstring); ``counts`` says what was packed."""
+    """Pack sibling MatMulNBits, or with ``op_type="MatMul"`` float MatMuls (see the module docstring);
+    ``counts`` says what was packed."""
 
-    def __init__(self):
+    def __init__(self, op_type: str = "MatMulNBits"):
         super().__init__()
+        self.op_type = op_type
         self.counts: dict[str, int] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -100,7 +112,7 @@ class PackMatMulNBitsPass(ir.passes.InPlacePass):
         graph = model.graph
         groups: dict[tuple, list[ir.Node]] = collections.defaultdict(list)
         for node in graph:
-            signature = packable_signature(node)
+            signature = packable_signature(node) if node.op_type == self.op_type else None
             if signature is not None and node.inputs[0] is not None:
                 groups[(id(node.inputs[0]), signature)].append(node)
         for nodes in groups.values():
@@ -113,8 +125,9 @@ class PackMatMulNBitsPass(ir.passes.InPlacePass):
         remaining = list(siblings)
         trio = self._attention_trio(remaining)
         if trio is not None:
-            self._pack(graph, trio, attention=True)
-            self.counts["q/k/v into GroupQueryAttention"] += 1
+            if self.op_type == "MatMulNBits":
+                self._pack(graph, trio, attention=True)
+                self.counts["q/k/v into GroupQueryAttention"] += 1
             remaining = [node for node in remaining if node not in trio]
         if len(remaining) >= 2:
             self._pack(graph, remaining, attention=False)
@@ -140,21 +153,27 @@ class PackMatMulNBitsPass(ir.passes.InPlacePass):
 
     def _pack(self, graph: ir.Graph, siblings: list[ir.Node], attention: bool) -> None:
         first = siblings[0]
-        widths = [_attribute(node, "N") for node in siblings]
-        weight = np.concatenate([_constant(node.inputs[1]) for node in siblings], axis=0)
-        scales = np.concatenate([_constant(node.inputs[2]) for node in siblings], axis=0)
         names = [node.inputs[1].name or f"weight{index}" for index, node in enumerate(siblings)]
-        inputs = [first.inputs[0],
-                  add_initializer(graph, merged_name(names, "."), weight),
-                  add_initializer(graph, merged_name([node.inputs[2].name or "" for node in siblings], "."), scales)]
-        if len(first.inputs) > 3 and first.inputs[3] is not None:
-            zero_points = np.concatenate([_constant(node.inputs[3]) for node in siblings], axis=0)
-            inputs.append(add_initializer(graph, merged_name([node.inputs[3].name or "" for node in siblings], "."),
-                                          zero_points))
-        attributes = {name: attribute.value for name, attribute in first.attributes.items()}
-        attributes["N"] = sum(widths)
-        packed = ir.node("MatMulNBits", inputs, attributes=attributes, domain=CONTRIB_DOMAIN,
-                         name=merged_name([node.name or "" for node in siblings], "/"))
+        name = merged_name([node.name or "" for node in siblings], "/")
+        if first.op_type == "MatMul":
+            weights = [_constant(node.inputs[1]) for node in siblings]
+            widths = [weight.shape[1] for weight in weights]
+            packed = ir.node("MatMul", [first.inputs[0], add_initializer(graph, merged_name(names, "."),
+                                                                         np.concatenate(weights, axis=1))], name=name)
+        else:
+            widths = [_attribute(node, "N") for node in siblings]
+            weight = np.concatenate([_constant(node.inputs[1]) for node in siblings], axis=0)
+            scales = np.concatenate([_constant(node.inputs[2]) for node in siblings], axis=0)
+            inputs = [first.inputs[0],
+                      add_initializer(graph, merged_name(names, "."), weight),
+                      add_initializer(graph, merged_name([node.inputs[2].name or "" for node in siblings], "."), scales)]
+            if len(first.inputs) > 3 and first.inputs[3] is not None:
+                zero_points = np.concatenate([_constant(node.inputs[3]) for node in siblings], axis=0)
+                inputs.append(add_initializer(graph, merged_name([node.inputs[3].name or "" for node in siblings], "."),
+                                              zero_points))
+            attributes = {key: attribute.value for key, attribute in first.attributes.items()}
+            attributes["N"] = sum(widths)
+            packed = ir.node("MatMulNBits", inputs, attributes=attributes, domain=CONTRIB_DOMAIN, name=name)
         node_tag(packed, RULE)
         graph.insert_before(first, packed)
         output = packed.outputs[0]

@@ -137,3 +137,45 @@ def test_quantize_defaults_pack_and_use_the_kernel_block_size(fused_dir, tmp_pat
     ids = np.random.default_rng(7).integers(0, 300, size=12).tolist()
     for before, after in zip(_logits(plain.model_path, "all", ids, (8, 9)), _logits(result.model_path, "all", ids, (8, 9))):
         np.testing.assert_allclose(after, before, atol=1e-4)
+
+
+@pytest.mark.parametrize("pack_qkv", [False, True])
+def test_fuse_packs_float_gate_up(tiny_llama_dir, fused_dir, tmp_path, pack_qkv):
+    """``graphopt fuse --pack-gate-up``: gate/up of a float graph become one MatMul + Split; q/k/v stay as
+    ``--pack-qkv`` left them; logits equal the unpacked fused graph's (float sums, to 1e-6 of their scale)."""
+    from graphopt.fusion import fuse
+
+    reference = fuse(tiny_llama_dir, tmp_path / "qkv", "cpu", pack_qkv=True)[0].path if pack_qkv else fused_dir
+    packed, fusion_counts = fuse(tiny_llama_dir, tmp_path / "packed", "cpu", pack_qkv=pack_qkv, pack_gate_up=True)
+    before, after = counts(graph_io.load(reference / "model.onnx")), counts(graph_io.load(packed.path / "model.onnx"))
+    layers = after["GroupQueryAttention"]
+    assert fusion_counts["Split"] == layers and after["Split"] == before["Split"] + layers
+    assert after["MatMul"] == before["MatMul"] - layers
+    model = graph_io.load(packed.path / "model.onnx")
+    for node in model.graph:
+        if node.op_type == "GroupQueryAttention":  # q/k/v: one packed input, or three MatMuls, never a Split
+            assert [value.producer().op_type for value in node.inputs[:3] if value is not None] == \
+                ["MatMul"] * (1 if pack_qkv else 3)
+        if node.op_type == "Split":
+            assert node.inputs[0].producer().name.endswith("/mlp/gate_up_proj/MatMul")
+    assert packed.manifest.lineage[-1].parameters["pack_gate_up"] is True
+    ids = np.random.default_rng(2).integers(0, 300, size=16).tolist()
+    expected = _logits(reference / "model.onnx", "all", ids, (9, 10, 14))
+    result = _logits(packed.path / "model.onnx", "all", ids, (9, 10, 14))
+    for want, got in zip(expected, result):
+        np.testing.assert_allclose(got, want, atol=1e-6 * np.abs(want).max(), rtol=0)
+
+
+def test_float_packing_leaves_matmulnbits_and_quantize_leaves_float(fused_dir):
+    """Each kind packs only its own op: MatMulNBits siblings for quantize, float MatMuls for fuse."""
+    model = graph_io.load(fused_dir / "model.onnx")
+    assert not PackMatMulNBitsPass()(model).modified  # float graph: nothing for the MatMulNBits kind
+    model = quantized(fused_dir, 4, exclude=["*gate_proj*", "*up_proj*"])
+    nbits = counts(model)["MatMulNBits"]
+    packer = PackMatMulNBitsPass("MatMul")
+    packer(model)  # float gate and up (kept out of quantization) pack; the MatMulNBits q/k/v do not
+    assert packer.counts == {"2 siblings + Split": counts(model)["GroupQueryAttention"]}
+    assert counts(model)["MatMulNBits"] == nbits
+    for node in model.graph:
+        if node.op_type == "GroupQueryAttention":
+            assert [value.producer().op_type for value in node.inputs[:3]] == ["MatMulNBits"] * 3

@@ -82,7 +82,8 @@ def build_variants(src: str, work: pathlib.Path, skip_export: bool, errors: dict
                                             "draft-fp16-fused", "draft-fp32-fused-packed", "draft-fp16-fused-packed",
                                             "fp16-fused-packed-argmax", "int8-fused-packed", "int4-fused-packed",
                                             "fp16-int8-packed", "fp16-int4-packed", "fp16-int8-packed-argmax",
-                                            "fp16-int4-packed-argmax")}
+                                            "fp16-int4-packed-argmax", "fp32-fused-packed-gu", "fp16-fused-packed-gu",
+                                            "fp16-fused-packed-gu-argmax")}
     if draft is not None:
         paths["draft-fp32"] = draft
     if not (skip_export and (paths["fp32"] / "model.onnx").is_file()):
@@ -107,6 +108,13 @@ def build_variants(src: str, work: pathlib.Path, skip_export: bool, errors: dict
         # The packed fp16 graph plus an on-device ArgMax output (passes/greedy_head.py).
         ("fp16-fused-packed-argmax", lambda: _with_greedy_head(paths["fp16-fused-packed"],
                                                                paths["fp16-fused-packed-argmax"])),
+        # q/k/v and gate/up packed (graphopt fuse --pack-qkv --pack-gate-up): one GEMM fewer per layer, a Split more.
+        ("fp32-fused-packed-gu", lambda: fuse(paths["fp32"], paths["fp32-fused-packed-gu"], "cuda", require=True,
+                                              force=True, pack_qkv=True, pack_gate_up=True)),
+        ("fp16-fused-packed-gu", lambda: convert(paths["fp32-fused-packed-gu"], paths["fp16-fused-packed-gu"],
+                                                 dtype="fp16", force=True)),
+        ("fp16-fused-packed-gu-argmax", lambda: _with_greedy_head(paths["fp16-fused-packed-gu"],
+                                                                  paths["fp16-fused-packed-gu-argmax"])),
         ("draft-fp32-fused-packed", lambda: fuse(paths["draft-fp32"], paths["draft-fp32-fused-packed"], "cuda",
                                                  require=True, force=True, pack_qkv=True)),
         ("draft-fp16-fused-packed", lambda: convert(paths["draft-fp32-fused-packed"], paths["draft-fp16-fused-packed"],
@@ -232,12 +240,15 @@ def main() -> None:
             errors["onnxruntime-genai"] = f"{type(error).__name__}: {error}"
             log(f"FAILED onnxruntime-genai: {traceback.format_exc()}")
     # Last: the profiler (CUPTI) stays attached to the process.
-    if "profile" in stages and "fp16-fused-packed-argmax" in paths:
+    for label, name in (("fp16 qkv + argmax", "fp16-fused-packed-argmax"),
+                        ("fp16 qkv + gate/up + argmax", "fp16-fused-packed-gu-argmax")):
+        if "profile" not in stages or name not in paths:
+            continue
         try:
-            rows += profile_rows(paths["fp16-fused-packed-argmax"], prompt_ids, args)
+            rows += profile_rows(paths[name], prompt_ids, args, label=label)
         except Exception as error:
-            errors["profile"] = f"{type(error).__name__}: {error}"
-            log(f"FAILED profile: {traceback.format_exc()}")
+            errors[f"profile {label}"] = f"{type(error).__name__}: {error}"
+            log(f"FAILED profile {label}: {traceback.format_exc()}")
     if "transformers" in stages and args.ep == "cuda":
         try:
             rows += transformers_rows(args.src, prompt_ids, reference_tokens, args)
@@ -286,6 +297,8 @@ def graphopt_rows(paths, reference, prompt_ids, reference_tokens, errors, args) 
                # GroupQueryAttention's memory-efficient kernel instead of flash attention (read at session start).
                ("fp16 qkv + argmax, no flash attention, static + graph", "fp16-fused-packed-argmax", "static", True,
                 {"ORT_DISABLE_FLASH_ATTENTION": "1"}),
+               ("fp16 fused qkv + gate/up + device argmax, static + graph", "fp16-fused-packed-gu-argmax", "static",
+                True),
                ("int8 weight-only (RTN) fp16 qkv + argmax, static + graph", "fp16-int8-packed-argmax", "static", True),
                ("int4 weight-only (RTN) fp16 qkv + argmax, static + graph", "fp16-int4-packed-argmax", "static", True)]
     plans = graphed if args.brief else [
@@ -347,7 +360,7 @@ def _environment(variables: dict[str, str] | None = None):
                 os.environ[name] = value
 
 
-def profile_rows(path, prompt_ids, args, steps: int = 32) -> list[dict]:
+def profile_rows(path, prompt_ids, args, steps: int = 32, label: str = "fp16 qkv + argmax") -> list[dict]:
     """Where a decode step's time goes: CUDA kernels per step (CUPTI, through torch.profiler, which records
     every kernel of the process, ONNX Runtime's too) on the eager static-cache step, then the graphed
     step's wall time split into its host parts (three input copies, the run, the 8-byte token read)."""
@@ -378,7 +391,7 @@ def profile_rows(path, prompt_ids, args, steps: int = 32) -> list[dict]:
     table = sorted(((name, len(times) / steps, sum(times) / steps) for name, times in kernels.items()),
                    key=lambda item: -item[2])
     per_step_us = sum(item[2] for item in table)
-    log(f"profile (eager static step, {steps} steps): {sum(item[1] for item in table):.0f} kernels and copies a "
+    log(f"profile {label} (eager static step, {steps} steps): {sum(item[1] for item in table):.0f} kernels and copies a "
         f"step, {per_step_us:.0f} us of device time, {eager_ms * 1e3:.0f} us wall")
     for name, count, micros in table[:30]:
         log(f"  {micros:8.1f} us  {count:6.1f}x  {name[:110]}")
@@ -415,7 +428,7 @@ def profile_rows(path, prompt_ids, args, steps: int = 32) -> list[dict]:
     split = {name: micros / counted for name, micros in parts.items()}
     log("graphed step, us: " + ", ".join(f"{name} {micros:.1f}" for name, micros in split.items())
         + f"; total {sum(split.values()):.1f}")
-    return [{"variant": "profile: fp16 qkv + argmax, eager static step", "profile": True, "steps": steps,
+    return [{"variant": f"profile: {label}, eager static step", "profile": True, "steps": steps,
              "eager_step_us": eager_ms * 1e3, "device_us_per_step": per_step_us,
              "kernels_per_step": sum(item[1] for item in table),
              "kernels": [{"name": name, "per_step": count, "us_per_step": micros} for name, count, micros in table],

@@ -185,7 +185,7 @@ def plot(edges: dict[str, set[str]], path: pathlib.Path) -> None:
     axes.axis("off")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=130)
+    figure.savefig(path, dpi=80)
     plt.close(figure)
 
 

@@ -21,11 +21,13 @@ from graphopt.passes.targets import TARGETS
               help="Compare fused and source logits on CPU (prefill, decode, multi-token on cache).")
 @click.option("--pack-qkv", is_flag=True,
               help="One MatMul for the query, key and value projections (cpu/cuda): fewer kernels per layer on a GPU.")
+@click.option("--pack-gate-up", is_flag=True,
+              help="One MatMul and a Split for sibling projections on one input (the MLP's gate and up).")
 def command(model_dir: str, output: str, target: str, explain: bool, require: bool, force: bool, validate: bool,
-            pack_qkv: bool) -> None:
+            pack_qkv: bool, pack_gate_up: bool) -> None:
     """Fuse attention, norms and GELU of MODEL_DIR for TARGET into OUTPUT."""
     fused, counts = fuse(model_dir, output, target, require=require, explain=explain, force=force, validate=validate,
-                         pack_qkv=pack_qkv)
+                         pack_qkv=pack_qkv, pack_gate_up=pack_gate_up)
     if not counts:
         say("  nothing fused (model unchanged)")
     report_step(fused.manifest.lineage[-1])
