@@ -181,6 +181,10 @@ class FuseStep(Step):
                 # GroupQueryAttention masks by length and takes positions from the cache length.
                 "attention_mask": "right padding only" if uses_gqa else "any 0/1 mask",
                 "position_ids": "must equal cache positions" if uses_gqa else "any",
+                # GroupQueryAttention takes positions from the mask; a runtime need not feed them anew
+                # when no node reads them (phi3's LongRoPE switch does).
+                "reads_position_ids": any(value is not None and value.name == "position_ids"
+                                          for node in model.graph for value in node.inputs),
                 "max_positions": manifest.max_positions if uses_gqa else None,
             }
         figures = {"nodes_before": nodes_before, "nodes_after": len(model.graph),

@@ -215,6 +215,9 @@ def test_phi3_gqa_switches_longrope_caches(fused_dirs):
     assert store_rotary_tables(stored) == 4  # cos and sin, short and long
     where = next(node for node in stored.graph if node.op_type == "Where" and node.inputs[1].const_value is not None)
     assert where.inputs[1].shape == where.inputs[2].shape == ir.Shape([256, 8])  # partial: rotary_dim 16 of 32
+    # The switch reads position_ids, so the static cache keeps feeding them (gemma3_text's graph does not).
+    assert ModelDir.open(fused_dirs("phi3", "cpu")).manifest.fusion["reads_position_ids"] is True
+    assert ModelDir.open(fused_dirs("gemma3_text", "cpu")).manifest.fusion["reads_position_ids"] is False
 
 
 @pytest.mark.parametrize("family", FAMILIES)

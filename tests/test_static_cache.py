@@ -71,6 +71,22 @@ def test_static_cache_matches_the_growing_cache(request, directory):
     _close(growing.forward(ids[30:]), static.forward(ids[30:]))
 
 
+def test_positions_are_not_fed_where_no_node_reads_them(fused_llama_dir):
+    """Fusion records whether the graph reads position_ids (GroupQueryAttention takes positions from the
+    mask); the static cache then leaves their buffer alone, with the same logits as one that feeds them."""
+    directory = ModelDir.open(fused_llama_dir)
+    assert directory.manifest.fusion["reads_position_ids"] is False
+    feeding = directory.manifest.replace(fusion={**directory.manifest.fusion, "reads_position_ids": True})
+    skipping, fed = (StaticCacheDecoder(directory.model_path, ep="cpu", capacity=16, manifest=manifest)
+                     for manifest in (directory.manifest, feeding))
+    ids = np.random.default_rng(3).integers(0, 300, size=12).tolist()
+    _close(fed.forward(ids[:4]), skipping.forward(ids[:4]))
+    for token in ids[4:]:
+        _close(fed.forward([token]), skipping.forward([token]))
+    assert not skipping._bindings[1]["positions"].numpy().any()
+    assert fed._bindings[1]["positions"].numpy()[0, 0] == 11
+
+
 def test_warm_up_leaves_what_the_cache_holds(fused_llama_dir):
     """The throwaway steps that capture a CUDA graph (run here on CPU) write past the held tokens only."""
     path = ModelDir.open(fused_llama_dir).model_path

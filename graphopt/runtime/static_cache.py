@@ -112,6 +112,9 @@ class StaticCacheDecoder(Decoder):
         self.cuda_graph = cuda_graph and self.device == "cuda"
         # GroupQueryAttention's rotary tables cover max_positions; the capacity may not exceed them.
         self.max_positions = int((manifest.fusion or {}).get("max_positions") or manifest.max_positions)
+        # A graph that reads no position_ids (GroupQueryAttention's own positions) gets them bound once:
+        # one host-to-device copy fewer per step (manifests from before graphopt recorded it: fed).
+        self._feeds_positions = (manifest.fusion or {}).get("reads_position_ids", True)
         outputs = {meta.name: meta for meta in self.session.get_outputs()}
         self._logits_dtype = {"tensor(float16)": np.float16}.get(outputs["logits"].type, np.float32)
         self._vocab = outputs["logits"].shape[2]
@@ -303,7 +306,8 @@ class StaticCacheDecoder(Decoder):
     def _run_fixed(self, fixed: dict, ids: np.ndarray, start: int, greedy: bool = False) -> np.ndarray:
         """``ids`` through a fixed binding: inputs updated in place, then run (or replay its graph)."""
         fixed["ids"].update_inplace(ids)
-        fixed["positions"].update_inplace(np.arange(start, start + ids.shape[1], dtype=np.int64).reshape(1, -1))
+        if self._feeds_positions:
+            fixed["positions"].update_inplace(np.arange(start, start + ids.shape[1], dtype=np.int64).reshape(1, -1))
         self._step_mask.update_inplace(self._mask)
         self.session.run_with_iobinding(fixed["binding"], fixed["options"])
         result = fixed["tokens" if greedy else "logits"].numpy()[0]
