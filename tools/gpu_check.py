@@ -412,7 +412,8 @@ def profile_rows(path, prompt_ids, args, steps: int = 32, label: str = "fp16 qkv
         marks = [time.perf_counter()]
         fixed["ids"].update_inplace(ids)
         marks.append(time.perf_counter())
-        fixed["positions"].update_inplace(np.full((1, 1), start, dtype=np.int64))
+        if decoder._feeds_positions:  # as the decoder's own step: not for a graph that reads none
+            fixed["positions"].update_inplace(np.full((1, 1), start, dtype=np.int64))
         marks.append(time.perf_counter())
         decoder._step_mask.update_inplace(decoder._mask)
         marks.append(time.perf_counter())
