@@ -274,6 +274,16 @@ def test_greedy_head_gives_the_argmax_without_the_logits(fused_llama_dir, tmp_pa
     for start, stop in ((0, 4), (4, 5), (5, 7), (7, 10), (10, 11)):  # eager prompt, step, 2, 3 (bindings), step
         expected = plain.forward(ids[start:stop]).argmax(-1)
         np.testing.assert_array_equal(greedy.forward_greedy(ids[start:stop]), expected)
+    # One-token steps write their argmax into their own input buffer: the next greedy step needs no copy.
+    step = greedy._bindings[1]
+    assert step["tokens"] is step["ids"]
+    token = int(greedy.forward_greedy([int(ids[11])])[-1])
+    assert step["holds"] == token == int(step["ids"].numpy()[0, 0])
+    expected = plain.forward([int(ids[11])]).argmax(-1)[-1]
+    assert token == expected and int(greedy.forward_greedy([token])[-1]) == plain.forward([token]).argmax(-1)[-1]
+    greedy.forward([3])
+    plain.forward([3])
+    assert step["holds"] is None  # a logits step's argmax was not read back: the next step copies its token
     reference = Generator(fused_llama_dir).generate([5, 6, 7], max_new_tokens=16, stop_on_eos=False)
     assert Generator(headed).generate([5, 6, 7], max_new_tokens=16, stop_on_eos=False).token_ids == reference.token_ids
     speculative = SpeculativeGenerator(headed, headed, gamma=2, cache="static")

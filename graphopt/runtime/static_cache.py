@@ -186,7 +186,9 @@ class StaticCacheDecoder(Decoder):
         binding.bind_ortvalue_output("logits", logits)
         tokens = None
         if self.greedy_output:
-            tokens = self._fixed((1, count), np.int64)
+            # One token: the argmax lands in the step's own input buffer, so a greedy loop feeds the
+            # next step without a host-to-device copy (the step reads its input before it writes it).
+            tokens = ids if count == 1 else self._fixed((1, count), np.int64)
             binding.bind_ortvalue_output(GREEDY_OUTPUT, tokens)
         self._bind_cache(binding)
         # New addresses need a new graph: a fresh id, captured now (warm_up) rather than in the
@@ -195,7 +197,7 @@ class StaticCacheDecoder(Decoder):
         options = self._ort.RunOptions()
         options.add_run_config_entry("gpu_graph_id", str(self._graph_id) if self.cuda_graph else "-1")
         return {"ids": ids, "positions": positions, "logits": logits, "tokens": tokens, "binding": binding,
-                "options": options}
+                "options": options, "holds": None}
 
     @property
     def graphed_lengths(self) -> list[int]:
@@ -305,12 +307,16 @@ class StaticCacheDecoder(Decoder):
 
     def _run_fixed(self, fixed: dict, ids: np.ndarray, start: int, greedy: bool = False) -> np.ndarray:
         """``ids`` through a fixed binding: inputs updated in place, then run (or replay its graph)."""
-        fixed["ids"].update_inplace(ids)
+        # "holds": the token the input buffer is known to hold (the last greedy step's argmax).
+        if fixed["holds"] is None or ids.shape[1] != 1 or int(ids[0, 0]) != fixed["holds"]:
+            fixed["ids"].update_inplace(ids)
         if self._feeds_positions:
             fixed["positions"].update_inplace(np.arange(start, start + ids.shape[1], dtype=np.int64).reshape(1, -1))
         self._step_mask.update_inplace(self._mask)
         self.session.run_with_iobinding(fixed["binding"], fixed["options"])
         result = fixed["tokens" if greedy else "logits"].numpy()[0]
+        # The argmax now sits in the input buffer of an aliased binding: known when it was read back.
+        fixed["holds"] = int(result[-1]) if greedy and fixed["tokens"] is fixed["ids"] else None
         # On the CPU that array is a view of the bound buffer, which the next run overwrites.
         return result.copy() if self.device == "cpu" else result
 
