@@ -410,7 +410,8 @@ def profile_rows(path, prompt_ids, args, steps: int = 32, label: str = "fp16 qkv
         start = decoder._length
         decoder._mask[0, start] = 1
         marks = [time.perf_counter()]
-        fixed["ids"].update_inplace(ids)
+        if fixed["tokens"] is not fixed["ids"]:  # a greedy-head step finds its token in place (static_cache)
+            fixed["ids"].update_inplace(ids)
         marks.append(time.perf_counter())
         if decoder._feeds_positions:  # as the decoder's own step: not for a graph that reads none
             fixed["positions"].update_inplace(np.full((1, 1), start, dtype=np.int64))
