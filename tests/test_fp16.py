@@ -109,13 +109,17 @@ def test_runtime_decodes_on_a_float16_cache(tiny_llama_dir, fp16_llama):
 
 
 def test_fused_then_fp16_runs_on_cpu(tiny_llama_dir, tmp_path):
-    """The cuda-fp16 recipe's order: fused GroupQueryAttention graph, then float16 (ORT CPU runs it)."""
+    """The cuda-fp16 recipe's order and fuse parameters (packed q/k/v and gate/up): fused GroupQueryAttention
+    graph, then float16 (ORT CPU runs it)."""
     from graphopt.fusion import fuse
+    from graphopt.recipes import get_recipe
 
-    fused, _counts = fuse(tiny_llama_dir, tmp_path / "fused", "cuda")
+    parameters = next(stage.parameters for stage in get_recipe("cuda-fp16").stages if stage.kind == "fuse")
+    fused, _counts = fuse(tiny_llama_dir, tmp_path / "fused", **parameters)
     converted = convert(fused.path, tmp_path / "fp16")
     ops = collections.Counter(node.op_type for node in graph_ir.load(converted.model_path).graph)
     assert ops["GroupQueryAttention"] == 2 and ops["Pow"] == 0
+    assert ops["Split"] == 2 and ops["MatMul"] == 2 * 4 + 1  # per layer qkv, o, gate_up, down; the head
     figures = converted.manifest.lineage[-1].figures
     assert figures["argmax_agreement"] == 1.0
 
