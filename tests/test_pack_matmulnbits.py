@@ -159,6 +159,9 @@ def test_fuse_packs_float_gate_up(tiny_llama_dir, fused_dir, tmp_path, pack_qkv)
         if node.op_type == "Split":
             assert node.inputs[0].producer().name.endswith("/mlp/gate_up_proj/MatMul")
     assert packed.manifest.lineage[-1].parameters["pack_gate_up"] is True
+    assert not PackMatMulNBitsPass("MatMul")(model).modified  # idempotent: nothing left to pack
+    _register_ort_onnx_domain_ops()
+    onnx.checker.check_model(str(packed.path / "model.onnx"), full_check=True)
     ids = np.random.default_rng(2).integers(0, 300, size=16).tolist()
     expected = _logits(reference / "model.onnx", "all", ids, (9, 10, 14))
     result = _logits(packed.path / "model.onnx", "all", ids, (9, 10, 14))
