@@ -33,6 +33,7 @@ MANIFEST_FILE = "graphopt.json"
 REPORT_FILE = "report.json"  # marks a `graphopt optimize` output
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json", "vocab.json", "merges.txt")
+TOKENIZER_JSON = "tokenizer.json"
 JSON_TOKENIZER_FILES = tuple(name for name in TOKENIZER_FILES if name.endswith(".json"))
 
 
@@ -44,8 +45,12 @@ class ModelDir:
         self._manifest = manifest
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "ModelDir":
-        """Open and check an existing model directory (see the module docstring); GraphoptError says what is wrong."""
+    def open(cls, path: str | os.PathLike, parse_tokenizer: bool = True) -> "ModelDir":
+        """Open and check an existing model directory (see the module docstring); GraphoptError says what is wrong.
+
+        ``parse_tokenizer=False`` leaves ``tokenizer.json`` (the largest JSON file, ~30 ms to parse) to
+        the caller that loads it anyway (``graphopt.runtime.Tokenizer``, with the same one-line error).
+        """
         directory = cls(path)
         if not directory.path.exists():
             raise GraphoptError(f"{directory.path}: no such directory")
@@ -59,7 +64,7 @@ class ModelDir:
             raise GraphoptError(f"{directory.path}: not a graphopt model directory (no {manifest.model_file})")
         _check_inside(directory.path, directory.model_path)
         for file in directory.tokenizer_files():
-            if file.name in JSON_TOKENIZER_FILES:
+            if file.name in JSON_TOKENIZER_FILES and (parse_tokenizer or file.name != TOKENIZER_JSON):
                 try:
                     json.loads(file.read_text(encoding="utf-8"))
                 except (ValueError, OSError) as error:

@@ -224,6 +224,24 @@ def test_damaged_model_directory_is_one_line_exit_2(tiny_llama_dir, tmp_path, da
     assert "hunter2" not in result.output
 
 
+
+def test_runtime_parses_tokenizer_json_once(tiny_llama_dir, tmp_path):
+    """The runtime opens the directory without parsing tokenizer.json (its Tokenizer parses it, with the
+    same one-line error); the other JSON files are still checked on opening."""
+    from graphopt.runtime import Generator
+
+    model = copy_model(tiny_llama_dir, tmp_path / "model")
+    _garbage("tokenizer.json")(model)
+    with pytest.raises(GraphoptError, match="tokenizer.json: damaged"):
+        ModelDir.open(model)
+    ModelDir.open(model, parse_tokenizer=False)
+    with pytest.raises(GraphoptError, match="tokenizer.json: damaged"):
+        Generator(model)
+    shutil.copy(tiny_llama_dir / "tokenizer.json", model / "tokenizer.json")
+    _garbage("tokenizer_config.json")(model)
+    with pytest.raises(GraphoptError, match="tokenizer_config.json: damaged"):
+        ModelDir.open(model, parse_tokenizer=False)
+
 # -- 7. inputs that used to crash -------------------------------------------------------------------
 
 def test_prompt_that_is_not_utf8(tiny_llama_dir):

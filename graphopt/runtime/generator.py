@@ -81,12 +81,12 @@ class Generator:
 
     def __init__(self, model_dir: str | os.PathLike, ep: str = "cpu", threads: int | None = None,
                  cache: str = "auto", cuda_graph: bool = True, spinning: bool | str = True, graph_tokens: int = 1):
-        self.model_dir = ModelDir.open(model_dir)
+        self.model_dir = ModelDir.open(model_dir, parse_tokenizer=False)  # parsed once, by the Tokenizer
         self.manifest = self.model_dir.manifest
+        self.tokenizer = Tokenizer(self.model_dir.path)
         self.decoder = open_decoder(self.model_dir.model_path, ep=ep, threads=threads, cache=cache,
                                     cuda_graph=cuda_graph, spinning=spinning, manifest=self.manifest,
                                     graph_tokens=graph_tokens)
-        self.tokenizer = Tokenizer(self.model_dir.path)
         self.eos_token_ids = set(self.manifest.eos_token_ids)
         self.max_positions = self.manifest.max_positions
         # LongRoPE (phi3): at this sequence length transformers' generate recomputes the cache with the

@@ -15,8 +15,8 @@ import pathlib
 from typing import Any
 
 from graphopt.errors import GraphoptError
+from graphopt.modeldir import TOKENIZER_JSON
 
-TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 CHAT_TEMPLATE = "chat_template.jinja"
 MIN_JINJA2 = (3, 1, 6)
@@ -35,7 +35,7 @@ class Tokenizer:
         try:
             self._tokenizer = _Tokenizer.from_file(str(path))
         except Exception as error:  # tokenizers raises a bare Exception for a malformed file
-            raise GraphoptError(f"{path}: not a readable tokenizer ({_first_line(error)})") from None
+            raise GraphoptError(f"{path}: damaged, not a readable tokenizer ({_first_line(error)})") from None
         self.config = read_json(directory / TOKENIZER_CONFIG) if (directory / TOKENIZER_CONFIG).is_file() else {}
         template_path = directory / CHAT_TEMPLATE
         template = _read_text(template_path) if template_path.is_file() else self.config.get("chat_template")
