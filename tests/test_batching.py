@@ -221,3 +221,71 @@ def test_whole_prompts_without_chunks_or_reuse_still_agree(fused_llama_dir):
     batch = engine.generate([BatchRequest(tuple(prompt), 12) for prompt in prompts])
     assert [sequence.token_ids for sequence in batch] == alone
     assert engine.stats.prefix_reused_tokens == 0 and engine.stats.prefill_chunks == engine.stats.prefills == 4
+
+
+def test_greedy_steps_take_the_graphs_argmax_and_mixed_steps_the_logits(fused_llama_dir):
+    """The served graph carries ``next_token``: all-greedy steps read it, a step with a sampled row reads
+    the logits; a greedy request decodes the same either way, beside a sampled one and after it ends."""
+    generator = Generator(fused_llama_dir)
+    greedy_prompt, sampled_prompt = _prompts(2, seed=5)
+    sampling = Sampling(temperature=0.8, seed=3)
+    expected_greedy = generator.generate(greedy_prompt, max_new_tokens=20).token_ids
+    expected_sampled = generator.generate(sampled_prompt, max_new_tokens=6, sampling=sampling).token_ids
+    engine = BatchEngine(fused_llama_dir, max_batch=2, context=96)
+    assert engine._greedy_output
+    greedy, sampled = engine.generate([BatchRequest(tuple(greedy_prompt), 20),
+                                       BatchRequest(tuple(sampled_prompt), 6, sampling)])
+    assert greedy.token_ids == expected_greedy
+    assert sampled.token_ids == expected_sampled
+    assert {greedy for _, greedy in engine._decode_bindings} == {True, False}
+
+
+def _llama_style_tokenizer():
+    """A SentencePiece-like tokenizer (Metaspace, byte fallback, a leading space stripped), as Llama 2's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{byte:02X}>" for byte in range(256)]
+    pieces += ["\u2581", *"abcdefghij .,!", "\u2581a", "\u2581the", "he", "ll", "o\u2581"]
+    tokenizer = Tokenizer(models.BPE(vocab={piece: index for index, piece in enumerate(pieces)}, merges=[],
+                                     unk_token="<unk>", byte_fallback=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           decoders.Strip(" ", 1, 0)])
+    tokenizer.add_special_tokens(["<s>", "</s>"])
+    return tokenizer
+
+
+@pytest.mark.parametrize("style", ["byte-level", "sentencepiece"])
+def test_text_stream_is_the_decoded_text(fused_llama_dir, style):
+    """Token by token, ``TextStream.text`` equals decoding every id so far wherever that decode ends in a
+    whole character (it ends in U+FFFD while a character's bytes are still arriving). Byte-level: random ids
+    (special tokens, lone and invalid bytes). SentencePiece: valid text (its byte fallback replaces a whole
+    run of byte pieces when any of it is invalid, so random bytes decode differently by context for any
+    reader) with special tokens between words."""
+    from graphopt.runtime.tokenizer import TextStream, Tokenizer
+
+    rng = np.random.default_rng(0)
+    if style == "byte-level":
+        raw = Tokenizer(fused_llama_dir)._tokenizer
+        sequences = [rng.integers(0, raw.get_vocab_size(), size=60).tolist() for _ in range(40)]
+    else:
+        raw = _llama_style_tokenizer()
+        words = ["the", "hello", "café", "naïve", "你好", "世界", "🙂", "abc", "—", "!"]
+        sequences = []
+        for _ in range(40):
+            ids = []
+            for word in rng.choice(words, size=12):
+                ids += raw.encode(" " + str(word)).ids + ([raw.token_to_id("</s>")] if rng.random() < 0.2 else [])
+            sequences.append(ids)
+    held = 0
+    for ids in sequences:
+        stream = TextStream(raw)
+        for count, token in enumerate(ids, 1):
+            text = stream.push(token)
+            decoded = raw.decode(ids[:count], skip_special_tokens=True)
+            if decoded.endswith("\ufffd"):
+                held += 1
+            else:
+                assert text == decoded, (ids[:count], text, decoded)
+        assert raw.decode(ids, skip_special_tokens=True).startswith(stream.text)
+    assert held > 0  # characters were split across ids

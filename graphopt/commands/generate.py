@@ -57,15 +57,13 @@ def command(model_dir, prompt, chat, greedy, temperature, top_k, top_p, seed, ma
         generator = SpeculativeGenerator(model_dir, draft_dir, gamma=gamma, ep=ep, draft_ep=draft_ep, cache=cache,
                                          cuda_graph=cuda_graph)
     prompt_ids = generator.encode_prompt(prompt, chat=chat)
-    streamed: list[int] = []
+    text_stream = generator.tokenizer.stream()  # complete characters only, a few ids decoded per token
     printed = ""
 
     def stream(token: int) -> None:
         nonlocal printed
-        streamed.append(token)
-        text = generator.tokenizer.decode(streamed)
-        # Print only complete characters: a partial UTF-8 sequence decodes to U+FFFD.
-        if not text.endswith("\ufffd"):
+        text = text_stream.push(token)
+        if len(text) > len(printed):
             sys.stdout.write(text[len(printed):])
             sys.stdout.flush()
             printed = text

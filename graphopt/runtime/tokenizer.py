@@ -62,6 +62,10 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def stream(self) -> "TextStream":
+        """The text of generated ids, given one at a time (:class:`TextStream`)."""
+        return TextStream(self._tokenizer)
+
     def token_to_id(self, token: str) -> int | None:
         return self._tokenizer.token_to_id(token)
 
@@ -142,3 +146,28 @@ def _raise_template_error(message: str):
     import jinja2
 
     raise jinja2.exceptions.TemplateError(message)
+
+
+class TextStream:
+    """The text of a growing list of token ids, fed one id at a time (special tokens skipped).
+
+    ``tokenizers.decoders.DecodeStream`` decodes only the last few ids for each new one, where
+    decoding the whole list again costs time in proportion to its length (SmolLM2: 23 us a token at
+    128 tokens, 0.7 ms a step for 32 sequences). ``text`` is ``decode(ids)`` except while the last
+    ids hold an incomplete UTF-8 character, which ``decode`` shows as U+FFFD and ``text`` leaves out
+    until it completes.
+    """
+
+    def __init__(self, tokenizer):
+        from tokenizers.decoders import DecodeStream
+
+        self._tokenizer = tokenizer
+        self._stream = DecodeStream(skip_special_tokens=True)
+        self.text = ""
+
+    def push(self, token_id: int) -> str:
+        """``text`` after ``token_id``."""
+        chunk = self._stream.step(self._tokenizer, int(token_id))
+        if chunk is not None:
+            self.text += chunk
+        return self.text
