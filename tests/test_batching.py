@@ -39,14 +39,19 @@ def _prompts(count: int, seed: int = 0) -> list[list[int]]:
     return [rng.integers(3, 300, size=int(length)).tolist() for length in rng.integers(2, 40, size=count)]
 
 
+@pytest.mark.parametrize("fixed", [False, True], ids=["busy-rows", "fixed-step"])
 @pytest.mark.parametrize("directory", ["fused_llama_dir", "int8_llama_dir"])
-def test_batched_greedy_equals_alone_with_staggered_arrivals_and_a_cancellation(request, directory):
+def test_batched_greedy_equals_alone_with_staggered_arrivals_and_a_cancellation(request, directory, fixed):
+    """fixed-step: every slot every step through fixed buffers, the step a CUDA GPU captures as a graph
+    (on the CPU the same bindings run without one)."""
     model_dir = request.getfixturevalue(directory)
     generator = Generator(model_dir)
     prompts = _prompts(7)
     lengths = [24, 9, 30, 16, 5, 20, 12]
     alone = [generator.generate(prompt, max_new_tokens=count).token_ids for prompt, count in zip(prompts, lengths)]
     engine = BatchEngine(model_dir, max_batch=3, context=96)
+    if fixed:
+        engine._fix_step(graph=False)
     sequences = {}
 
     def submit(index):
@@ -223,7 +228,8 @@ def test_whole_prompts_without_chunks_or_reuse_still_agree(fused_llama_dir):
     assert engine.stats.prefix_reused_tokens == 0 and engine.stats.prefill_chunks == engine.stats.prefills == 4
 
 
-def test_greedy_steps_take_the_graphs_argmax_and_mixed_steps_the_logits(fused_llama_dir):
+@pytest.mark.parametrize("fixed", [False, True], ids=["busy-rows", "fixed-step"])
+def test_greedy_steps_take_the_graphs_argmax_and_mixed_steps_the_logits(fused_llama_dir, fixed):
     """The served graph carries ``next_token``: all-greedy steps read it, a step with a sampled row reads
     the logits; a greedy request decodes the same either way, beside a sampled one and after it ends."""
     generator = Generator(fused_llama_dir)
@@ -231,13 +237,16 @@ def test_greedy_steps_take_the_graphs_argmax_and_mixed_steps_the_logits(fused_ll
     sampling = Sampling(temperature=0.8, seed=3)
     expected_greedy = generator.generate(greedy_prompt, max_new_tokens=20).token_ids
     expected_sampled = generator.generate(sampled_prompt, max_new_tokens=6, sampling=sampling).token_ids
-    engine = BatchEngine(fused_llama_dir, max_batch=2, context=96)
+    engine = BatchEngine(fused_llama_dir, max_batch=3, context=96)
     assert engine._greedy_output
+    if fixed:
+        engine._fix_step(graph=False)
     greedy, sampled = engine.generate([BatchRequest(tuple(greedy_prompt), 20),
                                        BatchRequest(tuple(sampled_prompt), 6, sampling)])
     assert greedy.token_ids == expected_greedy
     assert sampled.token_ids == expected_sampled
-    assert {greedy for _, greedy in engine._decode_bindings} == {True, False}
+    if not fixed:
+        assert {greedy for _, greedy in engine._decode_bindings} == {True, False}
 
 
 def _llama_style_tokenizer():

@@ -484,11 +484,20 @@ def batched_rows(path, prompt_ids, reference_tokens, args) -> list[dict]:
     """
     from graphopt.runtime.batching import BatchEngine, BatchRequest
 
-    engine = BatchEngine(path, ep=args.ep, max_batch=32, context=len(prompt_ids) + args.tokens + 8)
     request = BatchRequest(tuple(prompt_ids), max_new_tokens=args.tokens, stop_on_eos=False)
     rows = []
+    for cuda_graph in (True, False):
+        engine = BatchEngine(path, ep=args.ep, max_batch=32, context=len(prompt_ids) + args.tokens + 8,
+                             cuda_graph=cuda_graph)
+        rows += _engine_rows(engine, request, reference_tokens, "graphed step" if cuda_graph else "eager steps")
+        del engine
+    return rows
+
+
+def _engine_rows(engine, request, reference_tokens, how: str) -> list[dict]:
+    rows = []
     for batch in (1, 8, 32):
-        log(f"timing batching engine, batch {batch}")
+        log(f"timing batching engine ({how}), batch {batch}")
         engine.generate([request] * batch)  # warm-up: the shapes of this batch
         best = None
         for _ in range(2):
@@ -500,7 +509,7 @@ def batched_rows(path, prompt_ids, reference_tokens, args) -> list[dict]:
             figures = (produced / seconds, engine.stats.decode_tokens / max(engine.stats.decode_s, 1e-9), sequences)
             best = figures if best is None or figures[0] > best[0] else best
         agree = min(agreeing_prefix(sequence.token_ids, reference_tokens) for sequence in best[2])
-        rows.append({"variant": f"graphopt batching engine fp16 qkv, batch {batch}", "provider": engine.provider,
+        rows.append({"variant": f"graphopt batching engine fp16 qkv, {how}, batch {batch}", "provider": engine.provider,
                      "batch": batch, "greedy_tokens_agreeing": agree, "aggregate_tokens_per_s": best[0],
                      "decode_only_tokens_per_s": best[1], "includes_prefill": True})
     return rows

@@ -202,6 +202,9 @@ class BatchEngine:
         prefix_cache: positions of the last prompt kept to be copied into new slots that share them
             (0: off; CPU only).
         on_step: called after every decode step with (batch size, seconds): for metrics.
+        cuda_graph: on CUDA, decode steps run every slot through fixed device buffers, captured once
+            as a CUDA graph and replayed (prefill pieces run outside it); False: eager steps of the
+            busy rows only.
 
     Example:
         >>> engine = BatchEngine("smollm2-int8", max_batch=8).start()
@@ -212,7 +215,7 @@ class BatchEngine:
     def __init__(self, model_dir: str | os.PathLike, ep: str = "cpu", max_batch: int = 8, max_queue: int = 64,
                  context: int | None = None, threads: int | None = None, spinning: bool = True,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, prefix_cache: int = DEFAULT_PREFIX_CACHE,
-                 on_step: Callable[[int, float], None] | None = None):
+                 on_step: Callable[[int, float], None] | None = None, cuda_graph: bool = True):
         if max_batch < 1:
             raise GraphoptError("max_batch must be at least 1")
         if max_queue < 0:
@@ -227,7 +230,7 @@ class BatchEngine:
 
         self._ort = ort
         self.manifest = self.model_dir.manifest
-        self.session = make_session(model_path, ep=ep, threads=threads, spinning=spinning,
+        self.session = make_session(model_path, ep=ep, threads=threads, spinning=spinning, cuda_graph=cuda_graph,
                                     model_bytes=_last_token_graph(model_path))
         self.provider = self.session.get_providers()[0]
         self.device = DEVICE_OF_PROVIDER.get(self.provider, "cpu")
@@ -277,6 +280,11 @@ class BatchEngine:
         self._prefix_tokens: tuple[int, ...] = ()
         self._prefix = [np.zeros((shape[0], self.prefix_cache, shape[2]), dtype)
                         for _, shape, _, dtype, _ in self._cache] if self.prefix_cache else []
+        self._eager = ort.RunOptions()  # outside any CUDA graph: prefill pieces, unfixed steps
+        self._eager.add_run_config_entry("gpu_graph_id", "-1")
+        self._fixed_step = None
+        if cuda_graph and self.device == "cuda":
+            self._fix_step(graph=True)
         self.tokenizer = Tokenizer(self.model_dir.path)
         self.eos_token_ids = frozenset(self.manifest.eos_token_ids)
         self.on_step = on_step
@@ -462,6 +470,32 @@ class BatchEngine:
             binding.bind_input(past, self.device, 0, dtype, [rows, *shape], address)
             binding.bind_output(present, self.device, 0, dtype, [rows, *shape], address)
 
+    def _fix_step(self, graph: bool) -> None:
+        """Decode steps through fixed buffers on the session's device: every slot every step (free slots
+        and entering prompts as the dummies they already are), inputs updated in place, logits and
+        argmax in buffers of their own; with ``graph``, ONNX Runtime captures that step once as a CUDA
+        graph and replays it (the batch's row count no longer changes the shapes). One launch a step
+        instead of ~400 makes a step on a GPU cost about what one sequence's graphed step costs."""
+        rows, ort = self.max_batch, self._ort
+        shapes = {"input_ids": ((rows, 1), np.int64), "attention_mask": ((rows, self.context), np.int64),
+                  "logits": ((rows, 1, self._vocab), self._logits_type)}
+        if self._has_positions:
+            shapes["position_ids"] = ((rows, 1), np.int64)
+        if self._greedy_output:
+            shapes[GREEDY_OUTPUT] = ((rows, 1), np.int64)
+        buffers = {name: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), self.device, 0)
+                   for name, (shape, dtype) in shapes.items()}
+        binding = self.session.io_binding()
+        for name, value in buffers.items():
+            if name in ("logits", GREEDY_OUTPUT):
+                binding.bind_ortvalue_output(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
+        self._bind_cache(binding, 0, rows)
+        options = ort.RunOptions()
+        options.add_run_config_entry("gpu_graph_id", "1" if graph else "-1")
+        self._fixed_step = binding, options, buffers
+
     def _reuse_prefix(self, sequence: Sequence) -> None:
         """Copy the positions ``sequence``'s prompt shares with the last prompt into its slot."""
         if not self.prefix_cache:
@@ -505,7 +539,7 @@ class BatchEngine:
             binding.bind_cpu_input("position_ids", np.arange(start, end, dtype=np.int64).reshape(1, -1))
         binding.bind_output("logits", "cpu")
         self._bind_cache(binding, sequence.slot, 1)
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, self._eager)
         sequence.prefilled = end
         seconds = time.perf_counter() - started
         self.stats.prefill_chunks += 1
@@ -523,7 +557,7 @@ class BatchEngine:
         started = time.perf_counter()
         with self._condition:
             holders = [sequence for sequence in self._slots if sequence is not None]
-        rows = max(sequence.slot for sequence in running) + 1
+        rows = self.max_batch if self._fixed_step else max(sequence.slot for sequence in running) + 1
         ids = np.zeros((rows, 1), dtype=np.int64)
         positions = np.zeros((rows, 1), dtype=np.int64)
         mask = np.zeros((rows, self.context), dtype=np.int64)
@@ -539,22 +573,32 @@ class BatchEngine:
             positions[sequence.slot, 0] = position
             mask[sequence.slot, :position + 1] = 1
         greedy = self._greedy_output and all(sequence.request.sampling.greedy for sequence in running)
-        # One binding per row count and output, bound once: the cache rows (60 bindings for SmolLM2, ~0.8
-        # ms a step on the CPU) and a host array the step's ids (or logits) land in.
-        binding, result = self._decode_bindings.get((rows, greedy), (None, None))
-        if binding is None:
-            binding = self.session.io_binding()
-            result = np.empty((rows, 1), np.int64) if greedy else np.empty((rows, 1, self._vocab), self._logits_type)
-            binding.bind_output(GREEDY_OUTPUT if greedy else "logits", "cpu", 0, result.dtype, list(result.shape),
-                                result.ctypes.data)
-            self._bind_cache(binding, 0, rows)
-            self._decode_bindings[rows, greedy] = binding, result
-        binding.bind_cpu_input("input_ids", ids)
-        binding.bind_cpu_input("attention_mask", mask)
-        if self._has_positions:
-            binding.bind_cpu_input("position_ids", positions)
-        self.session.run_with_iobinding(binding)
-        result = result[:, -1]
+        if self._fixed_step:
+            binding, options, buffers = self._fixed_step
+            buffers["input_ids"].update_inplace(ids)
+            buffers["attention_mask"].update_inplace(mask)
+            if self._has_positions:
+                buffers["position_ids"].update_inplace(positions)
+            self.session.run_with_iobinding(binding, options)
+            result = buffers[GREEDY_OUTPUT if greedy else "logits"].numpy()[:, -1]
+        else:
+            # One binding per row count and output, bound once: the cache rows (60 bindings for SmolLM2,
+            # ~0.8 ms a step on the CPU) and a host array the step's ids (or logits) land in.
+            binding, result = self._decode_bindings.get((rows, greedy), (None, None))
+            if binding is None:
+                binding = self.session.io_binding()
+                result = np.empty((rows, 1), np.int64) if greedy else \
+                    np.empty((rows, 1, self._vocab), self._logits_type)
+                binding.bind_output(GREEDY_OUTPUT if greedy else "logits", "cpu", 0, result.dtype,
+                                    list(result.shape), result.ctypes.data)
+                self._bind_cache(binding, 0, rows)
+                self._decode_bindings[rows, greedy] = binding, result
+            binding.bind_cpu_input("input_ids", ids)
+            binding.bind_cpu_input("attention_mask", mask)
+            if self._has_positions:
+                binding.bind_cpu_input("position_ids", positions)
+            self.session.run_with_iobinding(binding, self._eager)
+            result = result[:, -1]
         seconds = time.perf_counter() - started
         self.stats.steps += 1
         self.stats.busy_s += seconds
