@@ -298,3 +298,20 @@ def test_text_stream_is_the_decoded_text(fused_llama_dir, style):
                 assert text == decoded, (ids[:count], text, decoded)
         assert raw.decode(ids, skip_special_tokens=True).startswith(stream.text)
     assert held > 0  # characters were split across ids
+
+
+@pytest.mark.parametrize("directory", ["fused_llama_dir", "int8_llama_dir"])
+def test_fresh_prompts_enter_together_and_decode_what_alone_decodes(request, directory):
+    """Prompts that arrive together run as one right-padded first-prompt batch (what the engine does on a
+    GPU; forced here on the CPU): each row's own length in the mask, its own last token's logits. A
+    one-token prompt still enters alone (GroupQueryAttention's one-token path, as `generate` runs it)."""
+    model_dir = request.getfixturevalue(directory)
+    generator = Generator(model_dir)
+    prompts = _prompts(5, seed=6) + [[7]]
+    alone = [generator.generate(prompt, max_new_tokens=12).token_ids for prompt in prompts]
+    engine = BatchEngine(model_dir, max_batch=6, context=96)
+    assert engine._has_last_positions and not engine._batch_prompts  # on the CPU: off by default
+    engine._batch_prompts = True
+    sequences = engine.generate([BatchRequest(tuple(prompt), 12) for prompt in prompts])
+    assert [sequence.token_ids for sequence in sequences] == alone
+    assert engine.stats.prefills == 6 and engine.stats.prefill_chunks == 2

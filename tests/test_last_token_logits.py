@@ -53,3 +53,23 @@ def test_graph_without_a_matmul_head_is_left_alone():
     node = ir.Node("", "Relu", [x], outputs=[ir.Value(name="logits")])
     graph = ir.Graph([x], node.outputs, nodes=[node], opset_imports={"": 18})
     assert not LastTokenLogitsPass()(ir.Model(graph, ir_version=9)).modified
+
+
+def test_positions_input_picks_each_rows_position(fused_dir):
+    """With ``positions``, row r's logits are the full graph's at the position the input names (here a
+    batch of two copies of one prompt, asked for different positions)."""
+    path = ModelDir.open(fused_dir).model_path
+    model = ir.load(str(path))
+    assert LastTokenLogitsPass(positions="last_positions")(model).modified
+    assert not LastTokenLogitsPass(positions="last_positions")(model).modified
+    full = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+    gathered = ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feeds = _feeds(full, 9)
+    expected = full.run(["logits"], feeds)[0][0]
+    batch = {name: np.concatenate([value, value]) for name, value in feeds.items()}
+    got = gathered.run(["logits"], {**batch, "last_positions": np.array([8, 3], dtype=np.int64)})[0]
+    assert got.shape == (2, 1, expected.shape[-1])
+    np.testing.assert_allclose(got[0, 0], expected[8], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got[1, 0], expected[3], rtol=0, atol=1e-5)
