@@ -490,6 +490,9 @@ def batched_rows(path, prompt_ids, reference_tokens, args) -> list[dict]:
         engine = BatchEngine(path, ep=args.ep, max_batch=32, context=len(prompt_ids) + args.tokens + 8,
                              cuda_graph=cuda_graph)
         rows += _engine_rows(engine, request, reference_tokens, "graphed step" if cuda_graph else "eager steps")
+        if cuda_graph and engine._batch_prompts:  # the same engine with its prompts entering one at a time
+            engine._batch_prompts = False
+            rows += _engine_rows(engine, request, reference_tokens, "graphed, prompts alone")
         del engine
     return rows
 
@@ -501,17 +504,21 @@ def _engine_rows(engine, request, reference_tokens, how: str) -> list[dict]:
         engine.generate([request] * batch)  # warm-up: the shapes of this batch
         best = None
         for _ in range(2):
-            engine.stats.decode_s = engine.stats.decode_tokens = 0
+            engine.stats.decode_s = engine.stats.decode_tokens = engine.stats.prefill_s = 0
+            engine.stats.prefill_chunks = 0
             started = time.perf_counter()
             sequences = engine.generate([request] * batch)
             seconds = time.perf_counter() - started
             produced = sum(len(sequence.token_ids) for sequence in sequences)
-            figures = (produced / seconds, engine.stats.decode_tokens / max(engine.stats.decode_s, 1e-9), sequences)
+            figures = (produced / seconds, engine.stats.decode_tokens / max(engine.stats.decode_s, 1e-9), sequences,
+                       engine.stats.prefill_s, engine.stats.prefill_chunks, seconds)
             best = figures if best is None or figures[0] > best[0] else best
+        log(f"  {best[0]:.0f} tokens/s: {best[5] * 1e3:.0f} ms, prefill {best[3] * 1e3:.1f} ms in {best[4]} runs")
         agree = min(agreeing_prefix(sequence.token_ids, reference_tokens) for sequence in best[2])
         rows.append({"variant": f"graphopt batching engine fp16 qkv, {how}, batch {batch}", "provider": engine.provider,
                      "batch": batch, "greedy_tokens_agreeing": agree, "aggregate_tokens_per_s": best[0],
-                     "decode_only_tokens_per_s": best[1], "includes_prefill": True})
+                     "decode_only_tokens_per_s": best[1], "includes_prefill": True,
+                     "prefill_ms": best[3] * 1e3, "prefill_runs": best[4], "wall_ms": best[5] * 1e3})
     return rows
 
 
