@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from graphopt.errors import GraphoptError
+from graphopt.convert import convert
 from graphopt.fusion import fuse
 from graphopt.quantization import QuantizeConfig, quantize
 from graphopt.runtime import Generator, Sampling
@@ -34,13 +35,19 @@ def int8_llama_dir(fused_llama_dir, tmp_path_factory):
     return output
 
 
+@pytest.fixture(scope="module")
+def fp16_llama_dir(fused_llama_dir, tmp_path_factory):
+    """float16 with float32 logits: the served graph's last-token slice and argmax go before the head's Cast."""
+    return convert(fused_llama_dir, tmp_path_factory.mktemp("batching") / "fp16").path
+
+
 def _prompts(count: int, seed: int = 0) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return [rng.integers(3, 300, size=int(length)).tolist() for length in rng.integers(2, 40, size=count)]
 
 
 @pytest.mark.parametrize("fixed", [False, True], ids=["busy-rows", "fixed-step"])
-@pytest.mark.parametrize("directory", ["fused_llama_dir", "int8_llama_dir"])
+@pytest.mark.parametrize("directory", ["fused_llama_dir", "int8_llama_dir", "fp16_llama_dir"])
 def test_batched_greedy_equals_alone_with_staggered_arrivals_and_a_cancellation(request, directory, fixed):
     """fixed-step: every slot every step through fixed buffers, the step a CUDA GPU captures as a graph
     (on the CPU the same bindings run without one)."""
@@ -50,6 +57,7 @@ def test_batched_greedy_equals_alone_with_staggered_arrivals_and_a_cancellation(
     lengths = [24, 9, 30, 16, 5, 20, 12]
     alone = [generator.generate(prompt, max_new_tokens=count).token_ids for prompt, count in zip(prompts, lengths)]
     engine = BatchEngine(model_dir, max_batch=3, context=96)
+    assert engine._greedy_output  # the served graph has the argmax (float16 too)
     if fixed:
         engine._fix_step(graph=False)
     sequences = {}
@@ -299,19 +307,3 @@ def test_text_stream_is_the_decoded_text(fused_llama_dir, style):
         assert raw.decode(ids, skip_special_tokens=True).startswith(stream.text)
     assert held > 0  # characters were split across ids
 
-
-@pytest.mark.parametrize("directory", ["fused_llama_dir", "int8_llama_dir"])
-def test_fresh_prompts_enter_together_and_decode_what_alone_decodes(request, directory):
-    """Prompts that arrive together run as one right-padded first-prompt batch (what the engine does on a
-    GPU; forced here on the CPU): each row's own length in the mask, its own last token's logits. A
-    one-token prompt still enters alone (GroupQueryAttention's one-token path, as `generate` runs it)."""
-    model_dir = request.getfixturevalue(directory)
-    generator = Generator(model_dir)
-    prompts = _prompts(5, seed=6) + [[7]]
-    alone = [generator.generate(prompt, max_new_tokens=12).token_ids for prompt in prompts]
-    engine = BatchEngine(model_dir, max_batch=6, context=96)
-    assert engine._has_last_positions and not engine._batch_prompts  # on the CPU: off by default
-    engine._batch_prompts = True
-    sequences = engine.generate([BatchRequest(tuple(prompt), 12) for prompt in prompts])
-    assert [sequence.token_ids for sequence in sequences] == alone
-    assert engine.stats.prefills == 6 and engine.stats.prefill_chunks == 2

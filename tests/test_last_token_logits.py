@@ -7,6 +7,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
+from graphopt.convert import convert
 from graphopt.fusion import fuse
 from graphopt.modeldir import ModelDir
 from graphopt.passes.last_token_logits import LastTokenLogitsPass
@@ -19,6 +20,11 @@ def fused_dir(tiny_llama_dir, tmp_path_factory):
     return output
 
 
+@pytest.fixture(scope="module")
+def fused_fp16_dir(fused_dir, tmp_path_factory):
+    return convert(fused_dir, tmp_path_factory.mktemp("last_token") / "fp16").path
+
+
 def _feeds(session, length):
     rng = np.random.default_rng(0)
     feeds = {"input_ids": rng.integers(3, 300, size=(1, length)).astype(np.int64),
@@ -27,12 +33,16 @@ def _feeds(session, length):
         if meta.name == "position_ids":
             feeds[meta.name] = np.arange(length, dtype=np.int64).reshape(1, -1)
         elif meta.name.startswith("past_key_values."):
-            feeds[meta.name] = np.zeros((1, meta.shape[1], 0, meta.shape[3]), dtype=np.float32)
+            feeds[meta.name] = np.zeros((1, meta.shape[1], 0, meta.shape[3]),
+                                        dtype=np.float16 if meta.type == "tensor(float16)" else np.float32)
     return feeds
 
 
-def test_logits_of_the_last_position_are_unchanged(fused_dir):
-    path = ModelDir.open(fused_dir).model_path
+@pytest.mark.parametrize("directory", ["fused_dir", "fused_fp16_dir"])
+def test_logits_of_the_last_position_are_unchanged(request, directory):
+    """float16: the head is a MatMul, then a Cast to float32 logits (convert_fp16): the slice goes before it;
+    same tolerance as float32 (each output row of the MatMul reads only its own input row)."""
+    path = ModelDir.open(request.getfixturevalue(directory)).model_path
     model = ir.load(str(path))
     result = LastTokenLogitsPass()(model)
     assert result.modified
@@ -53,23 +63,3 @@ def test_graph_without_a_matmul_head_is_left_alone():
     node = ir.Node("", "Relu", [x], outputs=[ir.Value(name="logits")])
     graph = ir.Graph([x], node.outputs, nodes=[node], opset_imports={"": 18})
     assert not LastTokenLogitsPass()(ir.Model(graph, ir_version=9)).modified
-
-
-def test_positions_input_picks_each_rows_position(fused_dir):
-    """With ``positions``, row r's logits are the full graph's at the position the input names (here a
-    batch of two copies of one prompt, asked for different positions)."""
-    path = ModelDir.open(fused_dir).model_path
-    model = ir.load(str(path))
-    assert LastTokenLogitsPass(positions="last_positions")(model).modified
-    assert not LastTokenLogitsPass(positions="last_positions")(model).modified
-    full = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
-    gathered = ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
-    feeds = _feeds(full, 9)
-    expected = full.run(["logits"], feeds)[0][0]
-    batch = {name: np.concatenate([value, value]) for name, value in feeds.items()}
-    got = gathered.run(["logits"], {**batch, "last_positions": np.array([8, 3], dtype=np.int64)})[0]
-    assert got.shape == (2, 1, expected.shape[-1])
-    np.testing.assert_allclose(got[0, 0], expected[8], rtol=0, atol=1e-5)
-    np.testing.assert_allclose(got[1, 0], expected[3], rtol=0, atol=1e-5)

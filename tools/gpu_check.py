@@ -490,9 +490,6 @@ def batched_rows(path, prompt_ids, reference_tokens, args) -> list[dict]:
         engine = BatchEngine(path, ep=args.ep, max_batch=32, context=len(prompt_ids) + args.tokens + 8,
                              cuda_graph=cuda_graph)
         rows += _engine_rows(engine, request, reference_tokens, "graphed step" if cuda_graph else "eager steps")
-        if cuda_graph and engine._batch_prompts:  # the same engine with its prompts entering one at a time
-            engine._batch_prompts = False
-            rows += _engine_rows(engine, request, reference_tokens, "graphed, prompts alone")
         del engine
     return rows
 

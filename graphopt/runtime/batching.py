@@ -82,8 +82,6 @@ DEFAULT_CONTEXT = 2048
 DEFAULT_PREFILL_CHUNK = 64
 # Positions of the last prompt kept for prefix reuse (SmolLM2: 46 KB per position).
 DEFAULT_PREFIX_CACHE = 256
-# The served graph's input naming each row's position whose logits come back (passes/last_token_logits.py).
-LAST_POSITIONS = "graphopt_last_positions"
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
@@ -256,11 +254,6 @@ class BatchEngine:
         logits = next(meta for meta in self.session.get_outputs() if meta.name == "logits")
         self._vocab, self._logits_type = logits.shape[-1], _NUMPY_TYPES[logits.type]
         self._has_positions = "position_ids" in inputs
-        self._has_last_positions = LAST_POSITIONS in inputs
-        # Fresh prompts that enter together run as one right-padded batch (GroupQueryAttention's
-        # first-prompt path takes a batch): on a GPU, where a prefill costs its launches more than its
-        # rows; on the CPU a row of padding costs what a row of prompt does.
-        self._batch_prompts = self._has_last_positions and self.device != "cpu"
         self.past_names = [name for name in inputs if name.startswith("past_key_values.")]
         self.present_names = ["present." + name[len("past_key_values."):] for name in self.past_names]
         # GroupQueryAttention's rotary tables cover max_positions; a slot may not hold more.
@@ -410,12 +403,6 @@ class BatchEngine:
             self._decode(decoding)
         # With nothing decoding, nothing waits on a prompt: it enters whole.
         budget = self.prefill_chunk if decoding and self.prefill_chunk else None
-        if budget is None and self._batch_prompts:
-            for group in _consecutive_slots([sequence for sequence in entering
-                                             if sequence.prefilled == 0 and sequence.prompt_length > 1]):
-                if len(group) > 1:
-                    self._prefill_together(group)
-            entering = [sequence for sequence in entering if not sequence.token_ids]
         for sequence in entering:
             if budget is not None and budget <= 0:
                 break
@@ -509,8 +496,6 @@ class BatchEngine:
             shapes["position_ids"] = ((rows, 1), np.int64)
         if self._greedy_output:
             shapes[GREEDY_OUTPUT] = ((rows, 1), np.int64)
-        if self._has_last_positions:
-            shapes[LAST_POSITIONS] = ((rows,), np.int64)  # zeros: one token a row
         buffers = {name: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), self.device, 0)
                    for name, (shape, dtype) in shapes.items()}
         binding = self.session.io_binding()
@@ -565,8 +550,6 @@ class BatchEngine:
         binding.bind_cpu_input("attention_mask", np.ones((1, end), dtype=np.int64))
         if self._has_positions:
             binding.bind_cpu_input("position_ids", np.arange(start, end, dtype=np.int64).reshape(1, -1))
-        if self._has_last_positions:
-            binding.bind_cpu_input(LAST_POSITIONS, np.array([count - 1], dtype=np.int64))
         binding.bind_output("logits", "cpu")
         self._bind_cache(binding, sequence.slot, 1)
         self.session.run_with_iobinding(binding, self._eager)
@@ -582,39 +565,6 @@ class BatchEngine:
         self.stats.prefills += 1
         self._remember_prefix(sequence)
         self._accept(sequence, choose(logits, sequence.request.sampling, sequence._rng))
-
-    def _prefill_together(self, group: list[Sequence]) -> None:
-        """Whole fresh prompts in consecutive slots as one right-padded batch: each row's mask holds its own
-        length, so GroupQueryAttention writes and attends only its own positions, and each row's logits
-        come from its own last token."""
-        started = time.perf_counter()
-        lengths = [sequence.prompt_length for sequence in group]
-        width = max(lengths)
-        ids = np.zeros((len(group), width), dtype=np.int64)
-        mask = np.zeros((len(group), width), dtype=np.int64)
-        for row, sequence in enumerate(group):
-            ids[row, :lengths[row]] = sequence.request.prompt_ids
-            mask[row, :lengths[row]] = 1
-        binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", ids)
-        binding.bind_cpu_input("attention_mask", mask)
-        if self._has_positions:
-            binding.bind_cpu_input("position_ids", np.tile(np.arange(width, dtype=np.int64), (len(group), 1)))
-        binding.bind_cpu_input(LAST_POSITIONS, np.asarray(lengths, dtype=np.int64) - 1)
-        binding.bind_output("logits", "cpu")
-        self._bind_cache(binding, group[0].slot, len(group))
-        self.session.run_with_iobinding(binding, self._eager)
-        logits = binding.get_outputs()[0].numpy()[:, -1].astype(np.float32)
-        seconds = time.perf_counter() - started
-        self.stats.prefill_chunks += 1
-        self.stats.prefills += len(group)
-        self.stats.prefill_tokens += sum(lengths)
-        self.stats.prefill_s += seconds
-        self.stats.busy_s += seconds
-        for row, sequence in enumerate(group):
-            sequence.prefilled = lengths[row]
-            self._remember_prefix(sequence)
-            self._accept(sequence, choose(logits[row], sequence.request.sampling, sequence._rng))
 
     def _decode(self, running: list[Sequence]) -> None:
         started = time.perf_counter()
@@ -647,7 +597,7 @@ class BatchEngine:
         else:
             # One binding per row count and output, bound once: the cache rows (60 bindings for SmolLM2,
             # ~0.8 ms a step on the CPU) and a host array the step's ids (or logits) land in.
-            binding, result, _ = self._decode_bindings.get((rows, greedy), (None, None, None))
+            binding, result = self._decode_bindings.get((rows, greedy), (None, None))
             if binding is None:
                 binding = self.session.io_binding()
                 result = np.empty((rows, 1), np.int64) if greedy else \
@@ -655,10 +605,7 @@ class BatchEngine:
                 binding.bind_output(GREEDY_OUTPUT if greedy else "logits", "cpu", 0, result.dtype,
                                     list(result.shape), result.ctypes.data)
                 self._bind_cache(binding, 0, rows)
-                zeros = np.zeros(rows, dtype=np.int64)  # the logits' position: one token a row, its own
-                if self._has_last_positions:
-                    binding.bind_cpu_input(LAST_POSITIONS, zeros)
-                self._decode_bindings[rows, greedy] = binding, result, zeros  # the arrays stay bound
+                self._decode_bindings[rows, greedy] = binding, result
             binding.bind_cpu_input("input_ids", ids)
             binding.bind_cpu_input("attention_mask", mask)
             if self._has_positions:
@@ -749,17 +696,6 @@ def require_batchable(model_dir: str | os.PathLike) -> ModelDir:
     return directory
 
 
-def _consecutive_slots(sequences: list[Sequence]) -> list[list[Sequence]]:
-    """``sequences`` by slot, in runs of consecutive slots (what one cache binding of several rows covers)."""
-    groups: list[list[Sequence]] = []
-    for sequence in sorted(sequences, key=lambda sequence: sequence.slot):
-        if groups and groups[-1][-1].slot + 1 == sequence.slot:
-            groups[-1].append(sequence)
-        else:
-            groups.append([sequence])
-    return groups
-
-
 def _common_prefix(first: SequenceType[int], second: SequenceType[int], limit: int) -> int:
     """How many leading tokens ``first`` and ``second`` share, at most ``limit``."""
     count = 0
@@ -771,15 +707,15 @@ def _common_prefix(first: SequenceType[int], second: SequenceType[int], limit: i
 
 
 def _last_token_graph(model_path: os.PathLike) -> bytes | None:
-    """The decoder graph with logits for one position a row (input ``LAST_POSITIONS``) and their argmax
-    (``next_token``; weights stay in their files), or None where the LM head is not a plain MatMul."""
+    """The decoder graph with logits for the last position only and their argmax (``next_token``; weights
+    stay in their files), or None where the LM head is not a plain MatMul."""
     import onnx_ir as ir
 
     from graphopt.passes.greedy_head import AddGreedyHead
     from graphopt.passes.last_token_logits import LastTokenLogitsPass
 
     model = ir.load(os.fspath(model_path))
-    if not LastTokenLogitsPass(positions=LAST_POSITIONS)(model).modified:
+    if not LastTokenLogitsPass()(model).modified:
         return None
     AddGreedyHead()(model)
     try:
