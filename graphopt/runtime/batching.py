@@ -252,7 +252,8 @@ class BatchEngine:
         self._greedy_output = GREEDY_OUTPUT in {meta.name for meta in self.session.get_outputs()}
         self._decode_bindings: dict[tuple[int, bool], tuple] = {}  # (rows, greedy) -> (IOBinding, output array)
         logits = next(meta for meta in self.session.get_outputs() if meta.name == "logits")
-        self._vocab, self._logits_type = logits.shape[-1], _NUMPY_TYPES[logits.type]
+        self._vocab = logits.shape[-1] if isinstance(logits.shape[-1], int) else self.manifest.vocab_size
+        self._logits_type = _NUMPY_TYPES[logits.type]
         self._has_positions = "position_ids" in inputs
         self.past_names = [name for name in inputs if name.startswith("past_key_values.")]
         self.present_names = ["present." + name[len("past_key_values."):] for name in self.past_names]
