@@ -223,7 +223,8 @@ class BatchEngine:
             raise GraphoptError("max_queue must be at least 0")
         if prefill_chunk < 0 or prefix_cache < 0:
             raise GraphoptError("prefill_chunk and prefix_cache must be at least 0")
-        self.model_dir = require_batchable(model_dir)
+        self.model_dir = require_batchable(model_dir, parse_tokenizer=False)  # parsed once, by the Tokenizer
+        self.tokenizer = Tokenizer(self.model_dir.path)
         model_path = self.model_dir.model_path
         import onnxruntime as ort
 
@@ -299,7 +300,6 @@ class BatchEngine:
         self._fixed_step = None
         if cuda_graph and self.device == "cuda":
             self._fix_step(graph=True)
-        self.tokenizer = Tokenizer(self.model_dir.path)
         self.eos_token_ids = frozenset(self.manifest.eos_token_ids)
         self.on_step = on_step
         self.stats = EngineStats()
@@ -687,10 +687,10 @@ class BatchEngine:
             logger.exception("listener of sequence %d failed", sequence.id)
 
 
-def require_batchable(model_dir: str | os.PathLike) -> ModelDir:
+def require_batchable(model_dir: str | os.PathLike, parse_tokenizer: bool = True) -> ModelDir:
     """The model directory, or GraphoptError (with the command that fixes it) unless it is fused with
-    GroupQueryAttention, which batched decoding needs."""
-    directory = ModelDir.open(model_dir)
+    GroupQueryAttention, which batched decoding needs (``parse_tokenizer``: as ``ModelDir.open``)."""
+    directory = ModelDir.open(model_dir, parse_tokenizer=parse_tokenizer)
     if not fused_with_group_query_attention(directory.manifest):
         raise GraphoptError(f"{directory.path}: batched decoding needs attention fused into GroupQueryAttention "
                             f"(graphopt fuse {directory.path} -o FUSED --target cpu)")
